@@ -1,0 +1,140 @@
+"""The ``ModelAdapter`` protocol and the registry that finds one for a model.
+
+One adapter per model family knows how to turn user inputs into a forward call, which modules are attention
+sites, and how to route their attention into a ``Recorder`` (and restore everything afterwards).
+"""
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from ..errors import UnsupportedModelError
+from .recorder import Recorder
+from .site import Site
+from .tokens import TokenInfo
+
+
+@dataclass
+class TowerInfo:
+    """One attention stack: its layers, heads, KV heads and head size."""
+
+    name: str
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    d_head: int
+    kinds: list[str] = field(default_factory=lambda: ["self"])
+
+
+@dataclass
+class ModelInfo:
+    """What ``attnscope info`` prints: family, adapter, towers, attention implementation, context length."""
+
+    family: str
+    adapter: str
+    towers: list[TowerInfo]
+    sites: list[Site]
+    attn_implementation: str
+    max_positions: int | None = None
+    name: str = ""
+
+    def tower(self, name: str = "text") -> TowerInfo:
+        for t in self.towers:
+            if t.name == name:
+                return t
+        return self.towers[0]
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["sites"] = [str(s) for s in self.sites]
+        return d
+
+
+@dataclass
+class Prepared:
+    """Inputs ready for the forward call, and what the trace should know about their tokens."""
+
+    kwargs: dict[str, Any]
+    tokens: TokenInfo
+
+
+class ModelAdapter:
+    """Base class. Subclasses set ``family`` and implement ``matches``, ``info``, ``prepare``, ``instrument``."""
+
+    family = "base"
+    priority = 0  # higher is tried first
+
+    def __init__(self, module: torch.nn.Module, tokenizer: Any = None, name: str = ""):
+        self.module, self.tokenizer, self.name = module, tokenizer, name
+        self.attention_path = "unknown"  # set by instrument(): how attention was captured
+
+    @classmethod
+    def matches(cls, module: Any) -> bool:
+        raise NotImplementedError
+
+    def info(self) -> ModelInfo:
+        raise NotImplementedError
+
+    def prepare(self, inputs: Any) -> Prepared:
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def instrument(self, recorder: Recorder) -> Iterator[None]:
+        raise NotImplementedError
+        yield
+
+    def sample_inputs(self) -> Any:
+        """A small input of the family's kind, for ``validate`` and ``attnscope info``."""
+        raise NotImplementedError
+
+    def reference_patterns(self, prepared: Prepared) -> dict[Site, list[torch.Tensor]]:
+        """Probabilities per site (one tensor per call) from an independent path, e.g. eager attention."""
+        raise NotImplementedError
+
+    def causal_sites(self) -> set[Site]:
+        """Sites whose attention is causally masked."""
+        return set()
+
+    def run(self, prepared: Prepared) -> Any:
+        with torch.no_grad():
+            return self.module(**prepared.kwargs)
+
+    def sites(self) -> list[Site]:
+        return self.info().sites
+
+    def provenance(self) -> dict:
+        import transformers
+
+        dtype = next(iter(self.module.parameters()), torch.empty(0)).dtype
+        return {"model": self.name or type(self.module).__name__, "adapter": type(self).__name__,
+                "family": self.family, "attention_path": self.attention_path, "dtype": str(dtype),
+                "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+_REGISTRY: list[type[ModelAdapter]] = []
+
+
+def register_adapter(cls: type[ModelAdapter]) -> type[ModelAdapter]:
+    """Class decorator: make an adapter findable by ``adapter_for``."""
+    _REGISTRY.append(cls)
+    _REGISTRY.sort(key=lambda c: -c.priority)
+    return cls
+
+
+def registered_adapters() -> list[type[ModelAdapter]]:
+    from . import adapters  # noqa: F401  (registers the built-in adapters)
+
+    return list(_REGISTRY)
+
+
+def adapter_for(module: Any, tokenizer: Any = None, name: str = "") -> ModelAdapter:
+    """The first registered adapter that matches ``module``; UnsupportedModelError if none does."""
+    for cls in registered_adapters():
+        if cls.matches(module):
+            return cls(module, tokenizer=tokenizer, name=name)
+    raise UnsupportedModelError(
+        "no adapter for this model", expected=f"one of {[c.family for c in _REGISTRY]}",
+        got=type(module).__name__, fix="pass a supported HF/diffusers/TransformerLens/nnsight model")

@@ -1,0 +1,3 @@
+"""Built-in model adapters; importing this package registers them."""
+
+from . import hf_text  # noqa: F401

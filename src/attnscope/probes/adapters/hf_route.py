@@ -1,0 +1,173 @@
+"""Route a transformers model's attention through attnscope without leaving its kernel.
+
+For every attention module that calls ``ALL_ATTENTION_FUNCTIONS`` we register, through
+``transformers.AttentionInterface``, a function named ``attnscope|<impl>`` that runs the model's own
+implementation (SDPA, eager, flash ...) for the output and hands queries, keys and the mask to the recorder on
+the side. The mask function of ``<impl>`` is registered under the same name, so the model builds exactly the mask
+it would have built: outputs stay bit-identical. Implementations we cannot read masks from (flex attention) fall
+back to eager, which the trace records. Everything is restored in ``finally``.
+"""
+
+import contextlib
+import inspect
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ...errors import UnsupportedAttentionError
+from ..recorder import Recorder
+from ..site import Site
+
+PREFIX = "attnscope|"
+_FALLBACK_TO_EAGER = ("flex_attention",)
+_ACTIVE: dict[int, "_Entry"] = {}
+_uses_interface_cache: dict[type, bool] = {}
+
+
+@dataclass
+class _Entry:
+    recorder: Recorder
+    site: Site
+
+
+def uses_attention_interface(module: nn.Module) -> bool:
+    """True when the module's forward dispatches through ``ALL_ATTENTION_FUNCTIONS``."""
+    cls = type(module)
+    if cls not in _uses_interface_cache:
+        try:
+            source = inspect.getsource(cls.forward)
+        except (OSError, TypeError):
+            source = ""
+        _uses_interface_cache[cls] = "ALL_ATTENTION_FUNCTIONS" in source
+    return _uses_interface_cache[cls]
+
+
+def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(qualified name, module) of every attention module, in forward (registration) order."""
+    return [(n, m) for n, m in model.named_modules() if uses_attention_interface(m)]
+
+
+def _module_eager(module: nn.Module):
+    return getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+
+
+def _base_function(impl: str, module: nn.Module):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if impl == "eager":
+        return _module_eager(module)
+    return ALL_ATTENTION_FUNCTIONS[impl]
+
+
+def _attnscope_attention(module, query, key, value, attention_mask, *args, **kwargs):
+    impl = module.config._attn_implementation.removeprefix(PREFIX)
+    out = _base_function(impl, module)(module, query, key, value, attention_mask, *args, **kwargs)
+    entry = _ACTIVE.get(id(module))
+    if entry is not None:
+        scaling = kwargs.get("scaling", args[1] if len(args) > 1 else None)
+        if scaling is None:
+            scaling = query.shape[-1] ** -0.5
+        mask = attention_mask if torch.is_tensor(attention_mask) else None
+        causal_flag = kwargs.get("is_causal", getattr(module, "is_causal", False))
+        is_causal = bool(causal_flag) and mask is None
+        if mask is not None and mask.ndim == 2:  # flash-style padding mask: causality is implied
+            is_causal = bool(causal_flag)
+        entry.recorder.observe_qk(entry.site, query, key, mask, scaling=float(scaling), is_causal=is_causal,
+                                  softcap=kwargs.get("softcap"))
+    return out
+
+
+def _ensure_registered(impl: str) -> str:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    name = PREFIX + impl
+    if name not in AttentionInterface._global_mapping:
+        AttentionInterface.register(name, _attnscope_attention)
+    if impl in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS._global_mapping[impl])
+    return name
+
+
+def _configs_of(modules: list[nn.Module]) -> list:
+    seen, configs = set(), []
+    for m in modules:
+        cfg = getattr(m, "config", None)
+        if cfg is not None and id(cfg) not in seen:
+            seen.add(id(cfg))
+            configs.append(cfg)
+    return configs
+
+
+@contextlib.contextmanager
+def route_attention(model: nn.Module, recorder: Recorder, sites: dict[int, Site],
+                    implementation: str = "auto") -> Iterator[str]:
+    """Install the attnscope attention function on every module in ``sites`` (id(module) -> Site).
+
+    implementation: ``auto`` keeps the model's implementation (eager fallback only where its masks cannot be
+    read); ``eager`` forces eager attention. Yields the attention path, e.g. ``sdpa`` or ``eager (fallback)``.
+    """
+    modules = [m for m in model.modules() if id(m) in sites]
+    configs = _configs_of(modules)
+    originals = [(cfg, cfg._attn_implementation) for cfg in configs]
+    paths = []
+    try:
+        for cfg, impl in originals:
+            impl = impl or "eager"
+            if implementation == "eager" and impl != "eager":
+                impl, path = "eager", f"eager (forced; model ran {cfg._attn_implementation})"
+            elif impl in _FALLBACK_TO_EAGER or impl.startswith("paged"):
+                impl, path = "eager", f"eager (fallback from {cfg._attn_implementation})"
+            else:
+                path = impl
+            if impl != "eager" and impl not in _known_implementations():
+                raise UnsupportedAttentionError("attention implementation not supported for capture",
+                                                expected=sorted(_known_implementations()), got=impl,
+                                                fix="load the model with attn_implementation='sdpa' or 'eager'")
+            cfg._attn_implementation = _ensure_registered(impl)
+            paths.append(path)
+        for m in modules:
+            _ACTIVE[id(m)] = _Entry(recorder, sites[id(m)])
+        yield ", ".join(sorted(set(paths)))
+    finally:
+        for m in modules:
+            _ACTIVE.pop(id(m), None)
+        for cfg, impl in originals:
+            cfg._attn_implementation = impl
+
+
+def _known_implementations() -> set[str]:
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    return {k for k in ALL_ATTENTION_FUNCTIONS._global_mapping if not k.startswith(PREFIX)} | {"eager"}
+
+
+@contextlib.contextmanager
+def eager_reference(model: nn.Module, sites: dict[int, Site]) -> Iterator[dict[Site, list[torch.Tensor]]]:
+    """Switch the given modules to the model's own eager attention and collect the weights they return.
+
+    This is the independent reference ``validate`` compares captured probabilities against.
+    """
+    modules = [m for m in model.modules() if id(m) in sites]
+    originals = [(cfg, cfg._attn_implementation) for cfg in _configs_of(modules)]
+    collected: dict[Site, list[torch.Tensor]] = {}
+    handles = []
+
+    def hook(module, args, output):
+        weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+        if torch.is_tensor(weights):
+            collected.setdefault(sites[id(module)], []).append(weights.detach().float().cpu())
+
+    try:
+        for cfg, _ in originals:
+            cfg._attn_implementation = "eager"
+        handles = [m.register_forward_hook(hook) for m in modules]
+        yield collected
+    finally:
+        for h in handles:
+            h.remove()
+        for cfg, impl in originals:
+            cfg._attn_implementation = impl

@@ -1,0 +1,167 @@
+"""Adapter for transformers text models: GPT-2 class, Llama/Qwen2/Mistral class (GQA, RoPE) and BERT-class encoders.
+
+Example:
+    >>> import torch, transformers
+    >>> from attnscope.probes.adapters.hf_text import HFTextAdapter
+    >>> cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    ...                                num_attention_heads=4, num_key_value_heads=2)
+    >>> adapter = HFTextAdapter(transformers.LlamaForCausalLM(cfg).eval())
+    >>> info = adapter.info()
+    >>> (info.tower().n_layers, info.tower().n_heads, info.tower().n_kv_heads)
+    (2, 4, 2)
+"""
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from ...errors import InputError, InputTooLongError
+from ..adapter import ModelAdapter, ModelInfo, Prepared, TowerInfo, register_adapter
+from ..recorder import Recorder
+from ..site import Site
+from ..tokens import Span, TokenInfo
+from .hf_route import attention_modules, eager_reference, route_attention
+
+SAMPLE_SENTENCES = ["The cat sat on the mat because it was warm.", "Attention is all you need."]
+
+
+def _is_cross(name: str, module: nn.Module) -> bool:
+    return bool(getattr(module, "is_cross_attention", False)) or "cross" in type(module).__name__.lower() \
+        or "crossattention" in name.replace("_", "").lower()
+
+
+def hf_sites(model: nn.Module, tower_of=lambda name: "text") -> dict[int, Site]:
+    """id(attention module) -> Site, numbering layers per (tower, kind) in forward order."""
+    counters: dict[tuple[str, str], int] = {}
+    sites: dict[int, Site] = {}
+    for name, module in attention_modules(model):
+        tower, kind = tower_of(name), "cross" if _is_cross(name, module) else "self"
+        layer = counters.get((tower, kind), 0)
+        counters[(tower, kind)] = layer + 1
+        sites[id(module)] = Site(tower=tower, layer=layer, kind=kind)
+    return sites
+
+
+def tower_info(config: Any, name: str, n_layers: int, kinds: list[str]) -> TowerInfo:
+    n_heads = int(getattr(config, "num_attention_heads", getattr(config, "n_head", 0)))
+    n_kv = int(getattr(config, "num_key_value_heads", None) or n_heads)
+    hidden = int(getattr(config, "hidden_size", getattr(config, "n_embd", 0)))
+    d_head = int(getattr(config, "head_dim", None) or (hidden // max(n_heads, 1)))
+    return TowerInfo(name=name, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv, d_head=d_head, kinds=kinds)
+
+
+def token_info(input_ids: torch.Tensor, tokenizer: Any, attention_mask: torch.Tensor | None) -> TokenInfo:
+    """Ids, strings and special-token spans of a batch (spans from the first item)."""
+    ids = input_ids.tolist()
+    strings = [tokenizer.convert_ids_to_tokens(row) for row in ids] if tokenizer is not None else None
+    spans = []
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    for pos, tok in enumerate(ids[0] if ids else []):
+        spans.append(Span("special" if tok in special else "text", pos, pos + 1,
+                          strings[0][pos] if strings and tok in special else ""))
+    merged: list[Span] = []
+    for s in spans:  # merge neighbouring text positions into one span
+        if merged and s.modality == "text" == merged[-1].modality:
+            merged[-1] = Span("text", merged[-1].start, s.end)
+        else:
+            merged.append(s)
+    padding = attention_mask.tolist() if attention_mask is not None else None
+    return TokenInfo(ids=ids, strings=strings, spans=merged, padding=padding)
+
+
+def tokenize(inputs: Any, tokenizer: Any, device: torch.device, max_positions: int | None) -> dict[str, torch.Tensor]:
+    """Turn text, a list of texts, an id tensor or a dict of tensors into forward kwargs; check the length."""
+    if isinstance(inputs, str) or (isinstance(inputs, list) and inputs and isinstance(inputs[0], str)):
+        if tokenizer is None:
+            raise InputError("text input needs a tokenizer", expected="token ids or a model loaded with a tokenizer",
+                             got="text", fix="use attnscope.load(name) or pass input_ids")
+        kwargs = dict(tokenizer(inputs, return_tensors="pt", padding=True))
+    elif torch.is_tensor(inputs):
+        kwargs = {"input_ids": inputs if inputs.ndim == 2 else inputs[None]}
+    elif isinstance(inputs, dict):
+        kwargs = dict(inputs)
+    else:
+        raise InputError("unsupported input", expected="str, list[str], id tensor or dict of tensors",
+                         got=type(inputs).__name__)
+    length = kwargs["input_ids"].shape[-1] if "input_ids" in kwargs else None
+    if max_positions and length and length > max_positions:
+        raise InputTooLongError("input longer than the model's context", expected=f"<= {max_positions} tokens",
+                                got=f"{length} tokens", fix="shorten the input or select a window")
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in kwargs.items()}
+
+
+def max_positions_of(config: Any) -> int | None:
+    for attr in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(config, attr, None)
+        if value:
+            return int(value)
+    return None
+
+
+def _module_by_id(model: nn.Module, mid: int) -> nn.Module | None:
+    return next((m for m in model.modules() if id(m) == mid), None)
+
+
+def _is_causal(model: nn.Module) -> bool:
+    return any(getattr(m, "is_causal", False) for _, m in attention_modules(model))
+
+
+@register_adapter
+class HFTextAdapter(ModelAdapter):
+    """transformers causal LMs and encoders whose attention dispatches through ``AttentionInterface``."""
+
+    family = "hf-text"
+    priority = 10
+
+    @classmethod
+    def matches(cls, module: Any) -> bool:
+        from transformers import PreTrainedModel
+
+        if not isinstance(module, PreTrainedModel) or hasattr(module.config, "vision_config"):
+            return False
+        return bool(attention_modules(module))
+
+    def _sites(self) -> dict[int, Site]:
+        return hf_sites(self.module)
+
+    def info(self) -> ModelInfo:
+        sites = sorted(self._sites().values())
+        kinds = sorted({s.kind for s in sites})
+        n_layers = sum(1 for s in sites if s.kind == "self")
+        cfg = self.module.config
+        return ModelInfo(family="causal-lm" if _is_causal(self.module) else "encoder", adapter=type(self).__name__,
+                         towers=[tower_info(cfg, "text", n_layers, kinds)], sites=sites,
+                         attn_implementation=str(cfg._attn_implementation), max_positions=max_positions_of(cfg),
+                         name=self.name or getattr(cfg, "_name_or_path", ""))
+
+    def prepare(self, inputs: Any) -> Prepared:
+        device = next(self.module.parameters()).device
+        kwargs = tokenize(inputs, self.tokenizer, device, max_positions_of(self.module.config))
+        return Prepared(kwargs, token_info(kwargs["input_ids"], self.tokenizer, kwargs.get("attention_mask")))
+
+    @contextlib.contextmanager
+    def instrument(self, recorder: Recorder, implementation: str = "auto") -> Iterator[None]:
+        with route_attention(self.module, recorder, self._sites(), implementation) as path:
+            self.attention_path = path
+            yield
+
+    def sample_inputs(self) -> Any:
+        if self.tokenizer is not None:
+            return list(SAMPLE_SENTENCES)
+        vocab = int(getattr(self.module.config, "vocab_size", 50))
+        ids = torch.randint(0, vocab, (2, 12), generator=torch.Generator().manual_seed(0))
+        mask = torch.ones_like(ids)
+        mask[1, -3:] = 0  # a padded second item exercises the masks
+        return {"input_ids": ids, "attention_mask": mask}
+
+    def reference_patterns(self, prepared: Prepared) -> dict[Site, list[torch.Tensor]]:
+        with eager_reference(self.module, self._sites()) as collected:
+            self.run(prepared)
+        return collected
+
+    def causal_sites(self) -> set[Site]:
+        return {site for mid, site in self._sites().items()
+                if getattr(_module_by_id(self.module, mid), "is_causal", False) and site.kind == "self"}

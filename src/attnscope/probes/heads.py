@@ -1,0 +1,109 @@
+"""``HeadSet``: a typed set of (layer, head) pairs, with the ``L3H5,L7H*`` parser the CLI uses.
+
+Example:
+    >>> from attnscope.probes.heads import HeadSet
+    >>> hs = HeadSet.parse("L0H1,L1H*", n_layers=2, n_heads=3)
+    >>> sorted(hs)
+    [(0, 1), (1, 0), (1, 1), (1, 2)]
+    >>> str(hs)
+    'L0H1,L1H0,L1H1,L1H2'
+    >>> hs.heads_in_layer(1)
+    [0, 1, 2]
+"""
+
+import re
+from collections.abc import Iterable, Iterator
+
+from ..errors import HeadSpecError
+
+_TOKEN = re.compile(r"^L(\d+|\*)H(\d+|\*)$", re.IGNORECASE)
+
+
+class HeadSet:
+    """An immutable, sorted set of ``(layer, head)`` pairs."""
+
+    def __init__(self, pairs: Iterable[tuple[int, int]] = ()):
+        cleaned = set()
+        for layer, head in pairs:
+            if int(layer) < 0 or int(head) < 0:
+                raise HeadSpecError("negative head index", expected="layer, head >= 0", got=(layer, head))
+            cleaned.add((int(layer), int(head)))
+        self._pairs = frozenset(cleaned)
+
+    @classmethod
+    def parse(cls, spec: str, n_layers: int | None = None, n_heads: int | None = None) -> "HeadSet":
+        """Parse ``L3H5,L7H*`` (``*`` = every layer or head; needs ``n_layers`` / ``n_heads``).
+
+        Raises HeadSpecError for a malformed token or an index outside ``n_layers`` x ``n_heads``.
+        """
+        if not isinstance(spec, str) or not spec.strip():
+            raise HeadSpecError("empty head spec", expected="e.g. 'L3H5,L7H*'", got=repr(spec))
+        pairs: list[tuple[int, int]] = []
+        for raw in spec.split(","):
+            token = raw.strip()
+            match = _TOKEN.match(token)
+            if not match:
+                raise HeadSpecError(
+                    "malformed head spec", expected="L<layer>H<head> with '*' as wildcard, comma separated",
+                    got=repr(token), fix="write e.g. 'L3H5,L7H*'",
+                )
+            layers = cls._expand(match.group(1), n_layers, "layer", token)
+            heads = cls._expand(match.group(2), n_heads, "head", token)
+            pairs.extend((layer, head) for layer in layers for head in heads)
+        return cls(pairs)
+
+    @staticmethod
+    def _expand(part: str, limit: int | None, name: str, token: str) -> list[int]:
+        if part == "*":
+            if limit is None:
+                raise HeadSpecError(f"wildcard {name} needs the model's size", expected=f"a known number of {name}s",
+                                    got=token, fix="pass n_layers/n_heads or name the index")
+            return list(range(limit))
+        value = int(part)
+        if limit is not None and value >= limit:
+            raise HeadSpecError(f"{name} index out of range in {token!r}", expected=f"{name} < {limit}", got=value,
+                                fix=f"the model has {limit} {name}s, numbered from 0")
+        return [value]
+
+    @classmethod
+    def all(cls, n_layers: int, n_heads: int) -> "HeadSet":
+        return cls((layer, head) for layer in range(n_layers) for head in range(n_heads))
+
+    def heads_in_layer(self, layer: int) -> list[int]:
+        return sorted(h for (l, h) in self._pairs if l == layer)
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted({l for (l, _) in self._pairs})
+
+    def validate(self, n_layers: int, n_heads: int) -> "HeadSet":
+        """Raise HeadSpecError unless every pair fits a model of ``n_layers`` x ``n_heads``."""
+        for layer, head in self:
+            if layer >= n_layers or head >= n_heads:
+                raise HeadSpecError("head out of range", expected=f"layer < {n_layers}, head < {n_heads}",
+                                    got=f"L{layer}H{head}", fix="check `attnscope info --model M`")
+        return self
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return iter(sorted(self._pairs))
+
+    def __len__(self) -> int:
+        return len(self._pairs)
+
+    def __contains__(self, item: object) -> bool:
+        return item in self._pairs
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, HeadSet) and self._pairs == other._pairs
+
+    def __hash__(self) -> int:
+        return hash(self._pairs)
+
+    def __or__(self, other: "HeadSet") -> "HeadSet":
+        return HeadSet(self._pairs | other._pairs)
+
+    def __str__(self) -> str:
+        return ",".join(f"L{l}H{h}" for l, h in self)
+
+    def __repr__(self) -> str:
+        return f"HeadSet({str(self)!r})"

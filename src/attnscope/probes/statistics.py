@@ -1,0 +1,121 @@
+"""Attention probabilities and streaming statistics computed in query chunks under a memory budget.
+
+The n-by-n pattern is never held whole unless it was asked for: each chunk of query rows is turned into
+probabilities, reduced to the requested statistics, and dropped.
+
+Example:
+    >>> import torch
+    >>> from attnscope.probes.statistics import attention_from_qk
+    >>> q = torch.randn(1, 2, 4, 8); k = torch.randn(1, 2, 4, 8)
+    >>> out = attention_from_qk(q, k, None, scaling=8 ** -0.5, is_causal=True, want_probs=True,
+    ...                         stats=("entropy", "topk"), topk=2)
+    >>> out["probs"].shape, out["topk_index"].shape
+    (torch.Size([1, 2, 4, 4]), torch.Size([1, 2, 4, 2]))
+    >>> bool(torch.allclose(out["probs"].sum(-1), torch.ones(1, 2, 4)))
+    True
+"""
+
+import math
+from collections.abc import Sequence
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+
+def _chunk_rows(batch: int, heads: int, n_query: int, n_key: int, budget_mb: float) -> int:
+    per_row = batch * heads * n_key * 4 * 3  # logits, probs and one temporary, float32
+    return max(1, min(n_query, int(budget_mb * 2**20 // max(per_row, 1))))
+
+
+def _expand_kv(key: Tensor, n_heads: int) -> Tensor:
+    groups = n_heads // key.shape[1]
+    return key if groups == 1 else key.repeat_interleave(groups, dim=1)
+
+
+def _mask_rows(mask: Tensor | None, rows: Tensor, heads: Tensor | None) -> Tensor | None:
+    if mask is None:
+        return None
+    if mask.ndim == 2:  # [batch, key] padding mask, 1 = keep
+        return mask[:, None, None, :].bool()
+    m = mask.index_select(-2, rows) if mask.shape[-2] > 1 else mask
+    if heads is not None and m.shape[1] > 1:
+        m = m.index_select(1, heads.to(m.device))
+    return m
+
+
+def statistics_from_probs(probs: Float[Tensor, "batch head query key"], stats: Sequence[str],
+                          mass_spans: Sequence[tuple[int, int]], topk: int,
+                          log_probs: Tensor | None = None) -> dict[str, Tensor]:
+    """Entropy (nats), mass on key spans and top-k keys of each row of ``probs``."""
+    out: dict[str, Tensor] = {}
+    if "entropy" in stats:
+        logp = log_probs if log_probs is not None else torch.log(probs.clamp_min(1e-30))
+        out["entropy"] = -(probs * torch.where(probs > 0, logp, torch.zeros_like(logp))).sum(-1)
+    if "mass" in stats:
+        n_key = probs.shape[-1]
+        cols = [probs[..., max(0, a):min(b, n_key)].sum(-1) for a, b in mass_spans]
+        out["mass"] = torch.stack(cols, -1) if cols else probs.new_zeros(*probs.shape[:-1], 0)
+    if "topk" in stats:
+        k = min(topk, probs.shape[-1])
+        weight, index = probs.topk(k, dim=-1)
+        out["topk_weight"], out["topk_index"] = weight, index.to(torch.int32)
+    return out
+
+
+def attention_from_qk(query: Float[Tensor, "batch head query d_head"], key: Float[Tensor, "batch kv_head key d_head"],
+                      mask: Tensor | None, *, scaling: float, is_causal: bool = False, softcap: float | None = None,
+                      rows: Tensor | None = None, heads: Tensor | None = None, want_probs: bool = True,
+                      stats: Sequence[str] = (), mass_spans: Sequence[tuple[int, int]] = ((0, 1),), topk: int = 5,
+                      budget_mb: float = 64.0) -> dict[str, Tensor]:
+    """Softmax attention rows (as eager attention computes them) and their statistics, chunked over queries.
+
+    mask: None, a boolean mask (True = attend) or an additive float mask broadcastable to
+    ``[batch, head, query, key]``, or a ``[batch, key]`` padding mask. is_causal applies a causal mask aligned to the
+    last query (query i sees keys <= i + key_len - query_len). GQA: key may have fewer heads than query.
+    Returns ``probs`` ``[batch, head', query', key]`` (float32) if asked, and the statistics.
+    """
+    b, n_heads, n_query, _ = query.shape
+    n_key = key.shape[-2]
+    key = _expand_kv(key, n_heads)
+    if heads is not None:
+        heads = heads.to(query.device)
+        query, key = query.index_select(1, heads), key.index_select(1, heads)
+    row_ids = torch.arange(n_query, device=query.device) if rows is None else rows.to(query.device)
+    chunk = _chunk_rows(b, query.shape[1], len(row_ids), n_key, budget_mb)
+    pieces: dict[str, list[Tensor]] = {}
+    key_t = key.transpose(-1, -2).float()
+    for start in range(0, len(row_ids), chunk):
+        ids = row_ids[start:start + chunk]
+        logits = torch.matmul(query.index_select(2, ids).float(), key_t) * scaling
+        if softcap is not None:
+            logits = torch.tanh(logits / softcap) * softcap
+        m = _mask_rows(mask, ids, heads)
+        if m is not None:
+            logits = logits.masked_fill(~m, -math.inf) if m.dtype == torch.bool else logits + m.float()
+        if is_causal:
+            allowed = torch.arange(n_key, device=ids.device)[None, :] <= (ids + n_key - n_query)[:, None]
+            logits = logits.masked_fill(~allowed, -math.inf)
+        lse = torch.logsumexp(logits, -1, keepdim=True)
+        log_probs = logits - lse
+        probs = torch.exp(log_probs).nan_to_num(0.0)  # fully masked rows become zeros, not NaN
+        for name, value in statistics_from_probs(probs, stats, mass_spans, topk, log_probs).items():
+            pieces.setdefault(name, []).append(value)
+        if want_probs:
+            pieces.setdefault("probs", []).append(probs)
+    return {name: torch.cat(parts, 2) for name, parts in pieces.items()}
+
+
+def select_probs(probs: Float[Tensor, "batch head query key"], *, rows: Tensor | None = None,
+                 heads: Tensor | None = None, want_probs: bool = True, stats: Sequence[str] = (),
+                 mass_spans: Sequence[tuple[int, int]] = ((0, 1),), topk: int = 5) -> dict[str, Tensor]:
+    """The same outputs as ``attention_from_qk`` for a path that already has the probabilities."""
+    p = probs.detach().float()
+    if heads is not None:
+        p = p.index_select(1, heads.to(p.device))
+    if rows is not None:
+        p = p.index_select(2, rows.to(p.device))
+    out = statistics_from_probs(p, stats, mass_spans, topk)
+    if want_probs:
+        out["probs"] = p
+    return out

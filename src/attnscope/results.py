@@ -1,0 +1,95 @@
+"""``ResultTable``: a tidy table of analysis results (``analysis, layer, head, metric, value`` + extras), saved as
+parquet with its provenance in the file's metadata.
+
+Example:
+    >>> import tempfile, os
+    >>> from attnscope.results import ResultTable
+    >>> t = ResultTable.from_records([{"analysis": "sinks", "layer": 0, "head": 1, "metric": "mass", "value": 0.5}],
+    ...                              provenance={"model": "tiny"})
+    >>> path = os.path.join(tempfile.mkdtemp(), "r.parquet")
+    >>> ResultTable.load(t.save(path)).provenance["model"]
+    'tiny'
+"""
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from .errors import CorruptResultError
+
+REQUIRED_COLUMNS = ("analysis", "layer", "head", "metric", "value")
+_META_KEY = b"attnscope"
+
+
+class ResultTable:
+    """A pandas DataFrame with the required columns, plus a provenance dict. ``.df`` is the frame."""
+
+    def __init__(self, df: pd.DataFrame, provenance: dict | None = None):
+        missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
+        if missing:
+            raise CorruptResultError("result table lacks required columns", expected=list(REQUIRED_COLUMNS),
+                                     got=list(df.columns), fix=f"add columns {missing}")
+        self.df = df.reset_index(drop=True)
+        self.provenance: dict = dict(provenance or {})
+
+    @classmethod
+    def from_records(cls, records: list[dict], provenance: dict | None = None) -> "ResultTable":
+        df = pd.DataFrame.from_records(records, columns=None if records else list(REQUIRED_COLUMNS))
+        return cls(df, provenance)
+
+    @classmethod
+    def concat(cls, tables: list["ResultTable"]) -> "ResultTable":
+        provenance = {}
+        for table in tables:
+            provenance.update(table.provenance)
+        return cls(pd.concat([t.df for t in tables], ignore_index=True), provenance)
+
+    def save(self, path: str | Path) -> Path:
+        """Write parquet atomically (to ``NAME.part`` then rename)."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        table = pa.Table.from_pandas(self.df, preserve_index=False)
+        meta = dict(table.schema.metadata or {})
+        meta[_META_KEY] = json.dumps({"format": "attnscope.results/1", "provenance": self.provenance}).encode()
+        tmp = path.with_name(path.name + ".part")
+        pq.write_table(table.replace_schema_metadata(meta), tmp)
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ResultTable":
+        """Read a parquet file written by ``save``; raises CorruptResultError for anything else."""
+        import pyarrow.parquet as pq
+
+        path = Path(path)
+        if not path.is_file():
+            raise CorruptResultError("result file not found", expected="an existing .parquet file", got=str(path))
+        try:
+            table = pq.read_table(path)
+            meta = json.loads((table.schema.metadata or {}).get(_META_KEY, b"{}"))
+            df = table.to_pandas()
+        except Exception as exc:
+            raise CorruptResultError("not a readable parquet result file", expected="attnscope ResultTable parquet",
+                                     got=f"{path.name} ({type(exc).__name__})", fix="re-run the analysis") from None
+        return cls(df, meta.get("provenance", {}))
+
+    def top(self, n: int = 10, metric: str | None = None, ascending: bool = False) -> pd.DataFrame:
+        """The ``n`` rows with the largest (or smallest) value, optionally of one metric."""
+        df = self.df if metric is None else self.df[self.df["metric"] == metric]
+        return df.sort_values("value", ascending=ascending).head(n)
+
+    def pivot(self, metric: str | None = None) -> pd.DataFrame:
+        """Layers by heads grid of one metric (mean over other columns)."""
+        df = self.df if metric is None else self.df[self.df["metric"] == metric]
+        return df.pivot_table(index="layer", columns="head", values="value", aggfunc="mean")
+
+    def __len__(self) -> int:
+        return len(self.df)
+
+    def __repr__(self) -> str:
+        analyses = sorted(self.df["analysis"].unique()) if len(self.df) else []
+        return f"ResultTable({len(self.df)} rows, analyses={analyses})"
