@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import AttnscopeError, ModelNotFoundError
+from ..errors import AttnscopeError, ModelNotFoundError, UnsupportedModelError
 
 BUILTIN_MODELS = {
     "minilm": "sentence-transformers/all-MiniLM-L6-v2 (BERT class, 6 layers x 12 heads), shipped by the PyPI "
@@ -123,11 +123,23 @@ def load(name_or_path: Any, *, attn_implementation: str | None = None, **kwargs:
         if not path.is_dir() or not (path / "config.json").is_file() and not (path / "model_index.json").is_file():
             raise ModelNotFoundError("not a model directory", expected="a folder with config.json or "
                                      "model_index.json", got=str(path), fix="point at a saved model folder")
-        return _load_diffusers(path) if _is_diffusers_dir(path) else _load_hf(str(path), attn_implementation)
+        return _load_local(path, attn_implementation)
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise ModelNotFoundError("model path does not exist", expected="an existing directory", got=name,
                                  fix="check the path, or use a built-in name (`attnscope models`)")
     return _load_hub(name, attn_implementation, **kwargs)
+
+
+def _load_local(path: Path, attn_implementation: str | None) -> LoadedModel:
+    try:
+        return _load_diffusers(path) if _is_diffusers_dir(path) else _load_hf(str(path), attn_implementation)
+    except AttnscopeError:
+        raise
+    except Exception as exc:
+        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:240]
+        raise UnsupportedModelError(f"cannot load the model in {path}", expected="a transformers or diffusers "
+                                    "model folder of a supported family", got=reason,
+                                    fix="check config.json, or build the model in Python and pass it") from None
 
 
 def _load_hub(name: str, attn_implementation: str | None, **kwargs: Any) -> LoadedModel:

@@ -1,0 +1,49 @@
+"""The main job: capture attention of the real MiniLM on built-in sentences, summarise it, write results.
+
+Example:
+    >>> from attnscope.demo import run_demo
+    >>> import tempfile
+    >>> summary = run_demo(tempfile.mkdtemp(), quiet=True)
+    >>> round(float(summary.loc[2, "mass:[CLS]"]), 1) >= 0.4
+    True
+"""
+
+from pathlib import Path
+
+import pandas as pd
+
+from .circuits.token_mass import special_token_mass
+from .probes.capture import capture
+from .probes.loading import load
+
+DEMO_SENTENCES = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Attention heads route information between tokens.",
+    "A retrieval head copies the needle from a long context.",
+    "Paris is the capital of France, and Berlin is the capital of Germany.",
+]
+
+
+def run_demo(out_dir: str | Path = "results/demo", model_name: str = "minilm", quiet: bool = False) -> pd.DataFrame:
+    """Capture patterns and streaming statistics, print a per-layer summary, save trace and ResultTable."""
+    out = Path(out_dir)
+    model = load(model_name)
+    trace = capture(model, DEMO_SENTENCES, stats=("entropy",), patterns=True)
+    table = special_token_mass(trace)
+    entropy = trace.stat("entropy")  # [layer, batch, head, query]
+    per_layer = table.df.pivot_table(index="layer", columns="metric", values="value", aggfunc="mean")
+    per_layer["entropy (nats)"] = entropy.mean(dim=(1, 2, 3)).numpy()
+    trace_path = trace.save(out / "trace.safetensors")
+    table_path = table.save(out / "special_token_mass.parquet")
+    if not quiet:
+        info = model.info()
+        tower = info.tower()
+        print(f"attnscope demo: {model.name} ({tower.n_layers} layers x {tower.n_heads} heads, "
+              f"attention path {trace.provenance['attention_path']}), {len(DEMO_SENTENCES)} sentences\n")
+        print("mean attention mass on special tokens, and mean entropy, per layer:")
+        print(per_layer.round(3).to_string())
+        top = table.top(5, metric="mass:[CLS]")
+        print("\nheads with the most mass on [CLS]: "
+              + ", ".join(f"L{r.layer}H{r.head}={r.value:.2f}" for r in top.itertuples()))
+        print(f"\nwrote {trace_path} and {table_path}")
+    return per_layer

@@ -1,0 +1,257 @@
+"""Shared machinery of the diffusers adapters: the SDPA side channel, reference processors, the adapter base.
+
+How capture works (``implementation="auto"``): the model's own attention processors keep computing the output.
+A forward pre-hook on every attention module marks it active (thread-local) while its forward runs; during that
+time the first call of ``torch.nn.functional.scaled_dot_product_attention`` (what every diffusers ``*2_0``
+processor and the native backend of ``attention_dispatch`` call, looked up at call time) is forwarded unchanged
+to the real SDPA, and its query, key, mask and scale go to ``Recorder.observe_qk`` on the side. The legacy
+``AttnProcessor`` path is read from ``get_attention_scores``. Both patches pass through whenever no module is
+active, are reference counted, and are removed in ``finally``: outputs are bit-identical.
+
+``implementation="eager"`` swaps in materialising processors (diffusers' legacy ``AttnProcessor``; our
+``JointReferenceProcessor`` for SD3-style joint attention and q/k-normed modules). That path is also the
+independent reference ``validate`` compares against. Processors are restored in ``finally``.
+
+Example:
+    >>> import torch
+    >>> from attnscope.probes.adapters.diffusers_common import latent_grid
+    >>> latent_grid(12, (8, 6))  # a 2x-downsampled level of an 8x6 latent
+    (4, 3)
+"""
+
+import contextlib
+import inspect
+import math
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ...errors import InputError, UnsupportedAttentionError
+from ..adapter import ModelAdapter, ModelInfo, Prepared, TowerInfo
+from ..recorder import Recorder
+from ..site import Site
+from ..tokens import Span, TokenInfo
+
+_LOCAL = threading.local()
+_LOCK = threading.Lock()
+_PATCH: dict[str, Any] = {"count": 0, "sdpa": None, "scores": []}
+_UNSUPPORTED = ("Sliced", "XFormers", "XLA", "NPU")
+_SDPA_ARGS = ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+
+# --- per-call state ----------------------------------------------------------------------------------------------
+
+@dataclass
+class DenoiserState:
+    """What the denoiser's forward pre-hook learns: latent size, and for pipelines the step and CFG half."""
+
+    patch: int = 1
+    base_hw: tuple[int, int] | None = None
+    step: int | None = None
+    batch_index: Tensor | None = None
+    timestep: float | None = None
+    calls: int = 0
+    track_steps: bool = False
+    cfg: Callable[[], bool] | None = None
+
+    def on_call(self, args: tuple, kwargs: dict) -> None:
+        sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
+        if torch.is_tensor(sample) and sample.ndim == 4:
+            self.base_hw = (sample.shape[-2] // self.patch, sample.shape[-1] // self.patch)
+        t = args[1] if len(args) > 1 else kwargs.get("timestep")
+        self.timestep = float(t.flatten()[0]) if torch.is_tensor(t) and t.numel() else None
+        if not self.track_steps:
+            return
+        self.step, self.calls = self.calls, self.calls + 1
+        batch = sample.shape[0] if torch.is_tensor(sample) else 0
+        use_cfg = bool(self.cfg()) if self.cfg is not None else False
+        # diffusers pipelines concatenate [unconditional, conditional]: keep the second half
+        self.batch_index = torch.arange(batch // 2, batch) if use_cfg and batch % 2 == 0 and batch else None
+
+
+def latent_grid(n_tokens: int, base_hw: tuple[int, int] | None) -> tuple[int, int] | None:
+    """(h, w) of a level with ``n_tokens`` latent tokens: ``base_hw`` halved (rounding up) until it matches."""
+    if base_hw is None:
+        return None
+    h, w = base_hw
+    for _ in range(12):
+        if h * w == n_tokens:
+            return (int(h), int(w))
+        if h * w < n_tokens or (h == 1 and w == 1):
+            break
+        h, w = (h + 1) // 2, (w + 1) // 2
+    return None
+
+
+@dataclass
+class _Active:
+    """One attention module's forward in flight: where its attention goes."""
+
+    recorder: Recorder
+    module: nn.Module
+    site: Site
+    state: DenoiserState
+    meta: dict = field(default_factory=dict)
+    done: bool = False
+
+    def observe_sdpa(self, query: Tensor, key: Tensor, *args: Any, **kwargs: Any) -> None:
+        opts = dict(zip(_SDPA_ARGS[1:], args[1:]))  # args[0] is value
+        opts.update({k: v for k, v in kwargs.items() if k in _SDPA_ARGS})
+        if query.ndim != 4:
+            return
+        mask = opts.get("attn_mask")
+        if mask is not None and mask.ndim < 4:
+            mask = mask.reshape((1,) * (4 - mask.ndim) + tuple(mask.shape))
+        if opts.get("is_causal"):  # torch aligns the causal mask top-left
+            causal = torch.ones(query.shape[-2], key.shape[-2], dtype=torch.bool, device=query.device).tril()
+            mask = causal if mask is None else (mask & causal if mask.dtype == torch.bool
+                                                else mask.masked_fill(~causal, -math.inf))
+        scale = opts.get("scale")
+        self.recorder.observe_qk(self.site, query, key, mask, is_causal=False, step=self.state.step,
+                                 scaling=float(scale if scale is not None else query.shape[-1] ** -0.5),
+                                 batch_index=self.state.batch_index, meta=self.meta)
+
+    def observe_probs(self, probs: Tensor) -> None:
+        self.recorder.observe_probs(self.site, probs, step=self.state.step, batch_index=self.state.batch_index,
+                                    meta=self.meta)
+
+
+def _take_active(module: nn.Module | None = None) -> _Active | None:
+    """The active entry of this thread if it has not observed yet (and belongs to ``module`` when given)."""
+    active = getattr(_LOCAL, "active", None)
+    if active is None or active.done or (module is not None and active.module is not module):
+        return None
+    active.done = True
+    return active
+
+
+def emit_probs(module: nn.Module, probs: Tensor) -> None:
+    """Hand materialised probabilities ``[batch, head, query, key]`` of ``module`` to the active recorder."""
+    active = _take_active(module)
+    if active is not None:
+        active.observe_probs(probs)
+
+
+# --- global patches ----------------------------------------------------------------------------------------------
+
+def _patched_sdpa(query: Tensor, key: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+    out = _PATCH["sdpa"](query, key, *args, **kwargs)
+    active = _take_active()
+    if active is not None:
+        active.observe_sdpa(query, key, *args, **kwargs)
+    return out
+
+
+def _scores_patch(original: Callable) -> Callable:
+    def get_attention_scores(self, query: Tensor, key: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        probs = original(self, query, key, attention_mask)
+        if probs.shape[0] % self.heads == 0:
+            emit_probs(self, probs.reshape(-1, self.heads, *probs.shape[1:]))
+        return probs
+
+    return get_attention_scores
+
+
+def _attention_classes() -> list[type]:
+    from diffusers.models import attention, attention_processor
+
+    return [c for c in (attention_processor.Attention, getattr(attention, "AttentionModuleMixin", None)) if c]
+
+
+def _install() -> None:
+    with _LOCK:
+        if _PATCH["count"] == 0:
+            _PATCH["sdpa"] = torch.nn.functional.scaled_dot_product_attention
+            torch.nn.functional.scaled_dot_product_attention = _patched_sdpa
+            for cls in _attention_classes():
+                if "get_attention_scores" in cls.__dict__:
+                    original = cls.__dict__["get_attention_scores"]
+                    _PATCH["scores"].append((cls, original))
+                    cls.get_attention_scores = _scores_patch(original)
+        _PATCH["count"] += 1
+
+
+def _uninstall() -> None:
+    with _LOCK:
+        _PATCH["count"] -= 1
+        if _PATCH["count"] == 0:
+            torch.nn.functional.scaled_dot_product_attention = _PATCH["sdpa"]
+            for cls, original in _PATCH["scores"]:
+                cls.get_attention_scores = original
+            _PATCH["scores"] = []
+
+
+# --- processors --------------------------------------------------------------------------------------------------
+
+class JointReferenceProcessor:
+    """Attention from its definition with materialised probabilities: the reference for SD3-style joint blocks.
+
+    ``softmax(q k^T / sqrt(d))`` over the concatenated ``[image; text]`` keys, with image queries/keys
+    ``norm_q(to_q(x))``, ``norm_k(to_k(x))`` and text ones ``norm_added_q(add_q_proj(c))``,
+    ``norm_added_k(add_k_proj(c))``; without ``encoder_hidden_states`` it is (q/k-normed) self-attention.
+    Returns what ``JointAttnProcessor2_0`` returns.
+    """
+
+    def __call__(self, attn: nn.Module, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
+                 attention_mask: Tensor | None = None, *args: Any, **kwargs: Any) -> Any:
+        batch, n_img = hidden_states.shape[:2]
+
+        def heads(x: Tensor, norm: nn.Module | None = None) -> Tensor:
+            x = x.view(batch, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
+            return norm(x) if norm is not None else x
+
+        q = heads(attn.to_q(hidden_states), attn.norm_q)
+        k = heads(attn.to_k(hidden_states), attn.norm_k)
+        v = heads(attn.to_v(hidden_states))
+        if encoder_hidden_states is not None:
+            c = encoder_hidden_states
+            q = torch.cat([q, heads(attn.add_q_proj(c), getattr(attn, "norm_added_q", None))], 2)
+            k = torch.cat([k, heads(attn.add_k_proj(c), getattr(attn, "norm_added_k", None))], 2)
+            v = torch.cat([v, heads(attn.add_v_proj(c))], 2)
+        probs = torch.softmax(q.float() @ k.float().transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1)
+        emit_probs(attn, probs)
+        out = (probs.to(v.dtype) @ v).transpose(1, 2).reshape(batch, -1, attn.heads * v.shape[-1])
+        context = None
+        if encoder_hidden_states is not None:
+            out, context = out[:, :n_img], out[:, n_img:]
+            if not attn.context_pre_only:
+                context = attn.to_add_out(context)
+        out = attn.to_out[1](attn.to_out[0](out))
+        return out if context is None else (out, context)
+
+
+def is_joint(module: nn.Module) -> bool:
+    return getattr(module, "add_q_proj", None) is not None
+
+
+def reference_processor(module: nn.Module) -> Any:
+    """The materialising processor for ``module``: ours for joint or q/k-normed attention, else legacy ``AttnProcessor``."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    if is_joint(module) or getattr(module, "norm_q", None) is not None:
+        return JointReferenceProcessor()
+    return AttnProcessor()
+
+
+_observable_cache: dict[type, bool] = {}
+
+
+def _observable(processor: Any) -> bool:
+    """True when the processor's attention goes through SDPA or ``get_attention_scores`` (so we can see it)."""
+    cls = type(processor)
+    if cls not in _observable_cache:
+        try:
+            source = inspect.getsource(cls.__call__)
+        except (OSError, TypeError):
+            source = ""
+        _observable_cache[cls] = not any(u in cls.__name__ for u in _UNSUPPORTED) and any(
+            s in source for s in ("scaled_dot_product_attention", "get_attention_scores", "dispatch_attention_fn"))
+    return _observable_cache[cls]
+
+
+def processor_names(modules: list[nn.Module]) -> str:
+    return ", ".join(sorted({type(m.processor).__name__ for m in modules}))

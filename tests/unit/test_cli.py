@@ -1,0 +1,47 @@
+"""The CLI: one-line errors with exit code 2 on bad input; real captures written to disk."""
+
+import subprocess
+import sys
+
+import pytest
+
+import attnscope
+from attnscope.cli import main
+
+
+def test_capture_writes_a_loadable_trace(tmp_path, capsys):
+    out = tmp_path / "t.safetensors"
+    rc = main(["capture", "--model", "minilm", "--text", "hello world", "--heads", "L1H*", "--rows", "last:2",
+               "--stats", "sink,entropy,topk", "--out", str(out)])
+    assert rc == 0
+    trace = attnscope.AttentionTrace.load(out)
+    rec = trace[attnscope.Site("text", 1)]
+    assert rec.probs is None and rec.stats["mass"].shape == (1, 12, 2, 1) and rec.mass_spans == [(0, 1)]
+    assert [str(s) for s in trace.sites] == ["text.L1.self"]
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["info", "--model", "/no/such/dir"], "model path does not exist"),
+    (["info", "--model", "zoo:no-such-organism"], "no-such-organism"),
+    (["capture", "--model", "minilm", "--text", "hi", "--heads", "L1Q2", "--out", "x"], "malformed head spec"),
+    (["capture", "--model", "minilm", "--text", "hi", "--heads", "L6H0", "--out", "x"], "layer < 6"),
+    (["capture", "--model", "minilm", "--text", "hi", "--stats", "bogus", "--out", "x"], "unknown statistic"),
+    (["capture", "--model", "minilm", "--text", "word " * 600, "--out", "x"], "<= 512 tokens"),
+])
+def test_bad_input_prints_one_line_and_exits_2(args, needle, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err and err.startswith("attnscope: error:")
+
+
+def test_unsupported_family_exits_2(tmp_path, capsys):
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "no-such-architecture"}))
+    assert main(["info", "--model", str(tmp_path)]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_console_script_runs_models():
+    result = subprocess.run([sys.executable, "-m", "attnscope.cli", "models"], capture_output=True, text=True)
+    assert result.returncode == 0 and "minilm" in result.stdout

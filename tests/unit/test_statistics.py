@@ -1,0 +1,99 @@
+"""Chunked attention and streaming statistics against a plain float64 transcription of softmax attention."""
+
+import numpy as np
+import pytest
+import torch
+
+from attnscope.probes.statistics import _chunk_rows, attention_from_qk, select_probs
+
+
+def naive_probs(q, k, mask_bool, scaling):
+    """float64 numpy softmax(q k^T * scaling) with masked keys removed; GQA by repeating kv heads."""
+    q, k = q.double().numpy(), k.double().numpy()
+    k = np.repeat(k, q.shape[1] // k.shape[1], axis=1)
+    logits = np.einsum("bhqd,bhkd->bhqk", q, k) * scaling
+    logits = np.where(mask_bool, logits, -np.inf)
+    logits -= logits.max(-1, keepdims=True)
+    e = np.exp(logits)
+    return e / e.sum(-1, keepdims=True)
+
+
+def naive_stats(p, spans, k):
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ent = -np.where(p > 0, p * np.log(p), 0.0).sum(-1)
+    mass = np.stack([p[..., a:b].sum(-1) for a, b in spans], -1)
+    order = np.argsort(-p, axis=-1, kind="stable")[..., :k]
+    return ent, mass, np.take_along_axis(p, order, -1)
+
+
+@pytest.fixture
+def qk():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(2, 4, 7, 8, generator=g) * 2, torch.randn(2, 2, 9, 8, generator=g) * 2
+
+
+@pytest.mark.parametrize("budget_mb", [64.0, 1e-6])  # 1e-6 forces one query row per chunk
+def test_causal_gqa_probs_and_stats_match_naive(qk, budget_mb):
+    q, k = qk
+    n_q, n_k = q.shape[2], k.shape[2]
+    causal = np.arange(n_k)[None, :] <= (np.arange(n_q) + n_k - n_q)[:, None]
+    ref = naive_probs(q, k, causal[None, None], 0.3)
+    out = attention_from_qk(q, k, None, scaling=0.3, is_causal=True, stats=("entropy", "mass", "topk"),
+                            mass_spans=((0, 1), (2, 5)), topk=3, budget_mb=budget_mb)
+    np.testing.assert_allclose(out["probs"].numpy(), ref, atol=1e-6)
+    ent, mass, topw = naive_stats(ref, [(0, 1), (2, 5)], 3)
+    np.testing.assert_allclose(out["entropy"].numpy(), ent, atol=1e-5)
+    np.testing.assert_allclose(out["mass"].numpy(), mass, atol=1e-6)
+    np.testing.assert_allclose(out["topk_weight"].numpy(), topw, atol=1e-6)
+    picked = np.take_along_axis(ref, out["topk_index"].long().numpy(), -1)
+    np.testing.assert_allclose(picked, topw, atol=1e-6)
+
+
+def test_bool_float_and_padding_masks_agree(qk):
+    q, k = qk
+    keep = torch.ones(2, 9, dtype=torch.bool)
+    keep[1, 6:] = False
+    bool_mask = keep[:, None, None, :].expand(2, 1, 7, 9)
+    float_mask = torch.zeros(2, 1, 7, 9).masked_fill(~bool_mask, torch.finfo(torch.float32).min)
+    ref = naive_probs(q, k, bool_mask.numpy(), 0.25)
+    for mask in (bool_mask, float_mask, keep.long()):
+        out = attention_from_qk(q, k, mask, scaling=0.25)
+        np.testing.assert_allclose(out["probs"].numpy(), ref, atol=1e-6)
+
+
+def test_rows_and_heads_select_slices(qk):
+    q, k = qk
+    full = attention_from_qk(q, k, None, scaling=0.3, is_causal=True, stats=("entropy",))
+    rows, heads = torch.tensor([5, 6]), torch.tensor([3, 0])
+    part = attention_from_qk(q, k, None, scaling=0.3, is_causal=True, rows=rows, heads=heads, stats=("entropy",))
+    torch.testing.assert_close(part["probs"], full["probs"][:, heads][:, :, rows])
+    torch.testing.assert_close(part["entropy"], full["entropy"][:, heads][:, :, rows])
+
+
+def test_stats_only_keeps_no_pattern(qk):
+    q, k = qk
+    out = attention_from_qk(q, k, None, scaling=0.3, want_probs=False, stats=("mass",))
+    assert set(out) == {"mass"} and out["mass"].shape == (2, 4, 7, 1)
+
+
+def test_select_probs_matches_qk_path(qk):
+    q, k = qk
+    full = attention_from_qk(q, k, None, scaling=0.3, is_causal=True, stats=("entropy", "mass", "topk"))
+    again = select_probs(full["probs"], stats=("entropy", "mass", "topk"))
+    for name in ("entropy", "mass", "topk_weight"):
+        torch.testing.assert_close(again[name], full[name], atol=1e-6, rtol=0)
+
+
+def test_all_mass_on_first_token_gives_mass_one_and_zero_entropy():
+    probs = torch.zeros(1, 1, 4, 4)
+    probs[..., 0] = 1.0
+    out = select_probs(probs, stats=("mass", "entropy", "topk"), topk=1)
+    assert torch.equal(out["mass"][..., 0], torch.ones(1, 1, 4))
+    assert torch.equal(out["entropy"], torch.zeros(1, 1, 4))
+    assert torch.equal(out["topk_index"][..., 0], torch.zeros(1, 1, 4, dtype=torch.int32))
+
+
+def test_chunk_size_respects_budget():
+    rows = _chunk_rows(batch=1, heads=8, n_query=4096, n_key=4096, budget_mb=16)
+    assert rows * 8 * 4096 * 4 * 3 <= 16 * 2**20 and rows >= 1
+    assert _chunk_rows(1, 1, 10, 10, 1e9) == 10
