@@ -97,3 +97,40 @@ def test_chunk_size_respects_budget():
     rows = _chunk_rows(batch=1, heads=8, n_query=4096, n_key=4096, budget_mb=16)
     assert rows * 8 * 4096 * 4 * 3 <= 16 * 2**20 and rows >= 1
     assert _chunk_rows(1, 1, 10, 10, 1e9) == 10
+
+
+@pytest.mark.parametrize("case", ["causal", "decode", "padding", "full"])
+def test_streaming_path_matches_naive(qk, case):
+    from attnscope.probes.streaming import streaming_statistics
+
+    q, k = qk
+    k = k.repeat_interleave(2, dim=1)
+    mask, causal = None, case in ("causal", "decode")
+    n_q, n_k = q.shape[2], k.shape[2]
+    keep = np.ones((2, 1, n_q, n_k), dtype=bool)
+    if case == "decode":
+        q = q[:, :, -2:]
+        n_q = 2
+        keep = keep[:, :, :2]
+    if causal:
+        keep &= (np.arange(n_k)[None, :] <= (np.arange(n_q) + n_k - n_q)[:, None])[None, None]
+    if case == "padding":
+        keep[1, :, :, 6:] = False
+        mask = torch.from_numpy(keep)
+    ref = naive_probs(q, k, keep, 0.3)
+    fast = streaming_statistics(q, k, mask, scaling=0.3, is_causal=causal, stats=("entropy", "mass", "topk"),
+                                mass_spans=((0, 1), (2, 5), (7, 20)), topk=3, budget_mb=1e-5)
+    ent, mass, topw = naive_stats(ref, [(0, 1), (2, 5), (7, 20)], 3)
+    np.testing.assert_allclose(fast["entropy"].numpy(), ent, atol=2e-5)
+    np.testing.assert_allclose(fast["mass"].numpy(), mass, atol=2e-6)
+    np.testing.assert_allclose(fast["topk_weight"].numpy(), topw, atol=2e-6)
+    np.testing.assert_allclose(np.take_along_axis(ref, fast["topk_index"].long().numpy(), -1), topw, atol=2e-6)
+
+
+def test_streaming_path_declines_biased_masks(qk):
+    from attnscope.probes.streaming import streaming_statistics
+
+    q, k = qk
+    bias = torch.randn(1, 1, 7, 9)  # ALiBi-like additive bias: not a 0/-inf mask
+    assert streaming_statistics(q, k.repeat_interleave(2, 1), bias, scaling=0.3, is_causal=False,
+                                stats=("entropy",)) is None

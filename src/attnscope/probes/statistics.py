@@ -22,6 +22,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from .streaming import streaming_statistics
+
 
 def _chunk_rows(batch: int, heads: int, n_query: int, n_key: int, budget_mb: float) -> int:
     per_row = batch * heads * n_key * 4 * 3  # logits, probs and one temporary, float32
@@ -81,6 +83,13 @@ def attention_from_qk(query: Float[Tensor, "batch head query d_head"], key: Floa
     if heads is not None:
         heads = heads.to(query.device)
         query, key = query.index_select(1, heads), key.index_select(1, heads)
+    if not want_probs and rows is None and softcap is None and stats:
+        sub_mask = mask if mask is None or heads is None or mask.ndim == 2 or mask.shape[1] == 1 \
+            else mask.index_select(1, heads)
+        fast = streaming_statistics(query, key, sub_mask, scaling=scaling, is_causal=is_causal, stats=stats,
+                                    mass_spans=mass_spans, topk=topk, budget_mb=budget_mb)
+        if fast is not None:
+            return fast
     row_ids = torch.arange(n_query, device=query.device) if rows is None else rows.to(query.device)
     chunk = _chunk_rows(b, query.shape[1], len(row_ids), n_key, budget_mb)
     pieces: dict[str, list[Tensor]] = {}

@@ -55,6 +55,7 @@ class DenoiserState:
     batch_index: Tensor | None = None
     timestep: float | None = None
     calls: int = 0
+    repeat: bool = False
     track_steps: bool = False
     cfg: Callable[[], bool] | None = None
 
@@ -63,10 +64,13 @@ class DenoiserState:
         if torch.is_tensor(sample) and sample.ndim == 4:
             self.base_hw = (sample.shape[-2] // self.patch, sample.shape[-1] // self.patch)
         t = args[1] if len(args) > 1 else kwargs.get("timestep")
-        self.timestep = float(t.flatten()[0]) if torch.is_tensor(t) and t.numel() else None
+        last, self.timestep = self.timestep, float(t.flatten()[0]) if torch.is_tensor(t) and t.numel() else None
         if not self.track_steps:
             return
-        self.step, self.calls = self.calls, self.calls + 1
+        # a second call at the same timestep (e.g. skip-layer guidance) belongs to the same step: not recorded
+        self.repeat = bool(self.calls) and self.timestep is not None and self.timestep == last
+        if not self.repeat:
+            self.step, self.calls = self.calls, self.calls + 1
         batch = sample.shape[0] if torch.is_tensor(sample) else 0
         use_cfg = bool(self.cfg()) if self.cfg is not None else False
         # diffusers pipelines concatenate [unconditional, conditional]: keep the second half
@@ -229,7 +233,7 @@ def is_joint(module: nn.Module) -> bool:
 
 
 def reference_processor(module: nn.Module) -> Any:
-    """The materialising processor for ``module``: ours for joint or q/k-normed attention, else legacy ``AttnProcessor``."""
+    """Materialising processor for ``module``: ours for joint or q/k-normed attention, else the legacy one."""
     from diffusers.models.attention_processor import AttnProcessor
 
     if is_joint(module) or getattr(module, "norm_q", None) is not None:
@@ -255,3 +259,211 @@ def _observable(processor: Any) -> bool:
 
 def processor_names(modules: list[nn.Module]) -> str:
     return ", ".join(sorted({type(m.processor).__name__ for m in modules}))
+
+
+# --- routing -----------------------------------------------------------------------------------------------------
+
+def _site_meta(site: Site, hidden: Any, context: Any, state: DenoiserState, static: dict) -> dict:
+    meta = dict(static)
+    if torch.is_tensor(hidden):
+        grid = tuple(hidden.shape[-2:]) if hidden.ndim == 4 else latent_grid(hidden.shape[1], state.base_hw)
+        if grid:
+            meta["grid"] = [int(grid[0]), int(grid[1])]
+        if site.kind == "joint" and torch.is_tensor(context):
+            n_img = int(hidden.shape[1])
+            meta["blocks"] = {"image": [0, n_img], "text": [n_img, n_img + int(context.shape[1])]}
+    if state.timestep is not None:
+        meta["timestep"] = state.timestep
+    return meta
+
+
+def _arm(recorder: Recorder, site: Site, state: DenoiserState, static: dict) -> Callable:
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        _LOCAL.active = None
+        skip_step = state.step is not None and not recorder.request.wants_step(state.step)
+        if state.repeat or skip_step or not recorder.wants(site):
+            return
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        context = args[1] if len(args) > 1 else kwargs.get("encoder_hidden_states")
+        _LOCAL.active = _Active(recorder, module, site, state, _site_meta(site, hidden, context, state, static))
+
+    return hook
+
+
+def _disarm(module: nn.Module, args: tuple, output: Any) -> None:
+    _LOCAL.active = None
+
+
+@contextlib.contextmanager
+def route_attention(denoiser: nn.Module, sites: dict[int, Site], metas: dict[int, dict], recorder: Recorder,
+                    state: DenoiserState, implementation: str = "auto") -> Iterator[str]:
+    """Send the attention of every module in ``sites`` (id(module) -> Site) to ``recorder``; yield the path.
+
+    auto: the model's processors run untouched (SDPA side channel). eager: materialising reference processors.
+    Hooks, swapped processors and the global patches are all removed in ``finally``, even when the forward raises.
+    """
+    modules = [m for m in denoiser.modules() if id(m) in sites]
+    if implementation not in ("auto", "eager"):
+        raise InputError("unknown attention implementation", expected="'auto' or 'eager'", got=implementation)
+    hidden = sorted({type(m.processor).__name__ for m in modules if not _observable(m.processor)})
+    if implementation == "auto" and hidden:
+        raise UnsupportedAttentionError(
+            "attention processor hides its attention from capture", expected="SDPA or AttnProcessor-based", got=hidden,
+            fix="capture with implementation='eager', or model.set_attn_processor(AttnProcessor2_0())")
+    swapped: list[tuple[nn.Module, Any]] = []
+    handles = []
+    _install()
+    try:
+        path = processor_names(modules)
+        if implementation == "eager":
+            for m in modules:
+                swapped.append((m, m.processor))
+                m.set_processor(reference_processor(m))
+            path = f"{processor_names(modules)} (eager reference; model ran {path})"
+        handles.append(denoiser.register_forward_pre_hook(lambda mod, a, kw: state.on_call(a, kw), with_kwargs=True))
+        for m in modules:
+            handles.append(m.register_forward_pre_hook(_arm(recorder, sites[id(m)], state, metas[id(m)]),
+                                                       with_kwargs=True))
+            handles.append(m.register_forward_hook(_disarm, always_call=True))
+        yield path
+    finally:
+        for h in handles:
+            h.remove()
+        for m, processor in reversed(swapped):
+            m.set_processor(processor)
+        _LOCAL.active = None
+        _uninstall()
+
+
+# --- adapter base ------------------------------------------------------------------------------------------------
+
+def _to_device(value: Any, device: torch.device, dtype: torch.dtype) -> Any:
+    if torch.is_tensor(value):
+        return value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device, dtype) for k, v in value.items()}
+    return value
+
+
+class DiffusersAdapter(ModelAdapter):
+    """Base of the diffusers denoiser adapters. Subclasses set ``classes`` and implement ``locate``.
+
+    Sites are the diffusers ``Attention`` modules; ``layer`` counts them per (tower, kind) in forward order unless
+    ``locate`` gives the block index. ``meta`` of every record: ``module`` (qualified name), ``order`` (rank in
+    forward order over all sites), ``grid`` (latent ``[h, w]`` of the queries), ``timestep`` and, for joint
+    sites, ``blocks``.
+    """
+
+    family = "diffusers"
+    priority = 20
+    classes: tuple[str, ...] = ()
+    sample_key = "hidden_states"
+
+    @classmethod
+    def matches(cls, module: Any) -> bool:
+        return isinstance(module, nn.Module) and any(c.__name__ in cls.classes for c in type(module).__mro__)
+
+    def locate(self, name: str, module: nn.Module) -> tuple[str, str, int | None]:
+        """(tower, kind, layer or None to number in forward order) of one attention module."""
+        raise NotImplementedError
+
+    def forward_rank(self, name: str) -> tuple:
+        return ()
+
+    def patch_size(self) -> int:
+        return int(getattr(self.module.config, "patch_size", None) or 1)
+
+    def _table(self) -> list[tuple[str, nn.Module, Site]]:
+        classes = tuple(_attention_classes())
+        found = [(n, m) for n, m in self.module.named_modules() if isinstance(m, classes) and hasattr(m, "processor")]
+        found = [x for _, x in sorted(enumerate(found), key=lambda e: (self.forward_rank(e[1][0]), e[0]))]
+        counters: dict[tuple[str, str], int] = {}
+        table = []
+        for name, m in found:
+            tower, kind, layer = self.locate(name, m)
+            if layer is None:
+                layer = counters.get((tower, kind), 0)
+                counters[(tower, kind)] = layer + 1
+            table.append((name, m, Site(tower=tower, layer=layer, kind=kind)))
+        return table
+
+    def _routing(self) -> tuple[dict[int, Site], dict[int, dict]]:
+        sites, metas = {}, {}
+        for order, (name, m, site) in enumerate(self._table()):
+            sites[id(m)] = site
+            metas[id(m)] = {"module": name, "order": order}
+            if site.kind == "joint" and getattr(m, "context_pre_only", False):
+                metas[id(m)]["context_pre_only"] = True
+        return sites, metas
+
+    def info(self) -> ModelInfo:
+        table = self._table()
+        towers: dict[str, TowerInfo] = {}
+        for _, m, site in table:
+            d_head = m.to_q.out_features // m.heads
+            t = towers.setdefault(site.tower, TowerInfo(
+                name=site.tower, n_layers=0, n_heads=m.heads, n_kv_heads=m.to_k.out_features // d_head,
+                d_head=d_head, kinds=[]))
+            t.n_layers = max(t.n_layers, site.layer + 1)
+            t.kinds = sorted(set(t.kinds) | {site.kind})
+        cfg = self.module.config
+        return ModelInfo(family=self.family, adapter=type(self).__name__, towers=list(towers.values()),
+                         sites=sorted(s for _, _, s in table), max_positions=None,
+                         attn_implementation=processor_names([m for _, m, _ in table]),
+                         name=self.name or str(getattr(cfg, "_name_or_path", "") or type(self.module).__name__))
+
+    def prepare(self, inputs: Any) -> Prepared:
+        if not isinstance(inputs, dict):
+            raise InputError("diffusers models take a dict of forward kwargs", expected="dict",
+                             got=type(inputs).__name__,
+                             fix=f"pass e.g. {{'{self.sample_key}': latents, 'timestep': t, ...}}")
+        param = next(self.module.parameters())
+        kwargs = {k: _to_device(v, param.device, param.dtype) for k, v in inputs.items()}
+        return Prepared(kwargs, self.token_info(kwargs))
+
+    def token_info(self, kwargs: dict) -> TokenInfo:
+        """Latent grid of the input; spans of the text (cross keys) or of the joint ``[latent; text]`` sequence."""
+        sample = kwargs.get(self.sample_key)
+        p = self.patch_size()
+        grid = (sample.shape[-2] // p, sample.shape[-1] // p) if torch.is_tensor(sample) and sample.ndim == 4 else None
+        n_img = grid[0] * grid[1] if grid else 0
+        context = kwargs.get("encoder_hidden_states")
+        n_txt = int(context.shape[1]) if torch.is_tensor(context) else 0
+        if any(s.kind == "joint" for _, _, s in self._table()):
+            spans = [Span("latent", 0, n_img), Span("text", n_img, n_img + n_txt)]
+        else:
+            spans = [Span("text", 0, n_txt)] if n_txt else [Span("latent", 0, n_img)]
+        mask = kwargs.get("encoder_attention_mask")
+        padding = mask.long().tolist() if torch.is_tensor(mask) and mask.ndim == 2 else None
+        return TokenInfo(spans=[s for s in spans if s.end > s.start], grid=grid, padding=padding)
+
+    @contextlib.contextmanager
+    def instrument(self, recorder: Recorder, implementation: str = "auto",
+                   state: DenoiserState | None = None) -> Iterator[None]:
+        sites, metas = self._routing()
+        state = state or DenoiserState()
+        state.patch = self.patch_size()
+        with route_attention(self.module, sites, metas, recorder, state, implementation) as path:
+            self.attention_path = path
+            yield
+
+    def reference_patterns(self, prepared: Prepared) -> dict[Site, list[Tensor]]:
+        return reference_by_step(self, prepared)
+
+    def provenance(self) -> dict:
+        import diffusers
+
+        return {**super().provenance(), "diffusers": diffusers.__version__}
+
+
+def reference_by_step(adapter: ModelAdapter, prepared: Prepared) -> dict[Site, list[Tensor]]:
+    """Probabilities per site, indexed by step, from the eager (materialising) path of ``adapter``."""
+    from ..request import CaptureRequest
+
+    recorder = Recorder(CaptureRequest(patterns=True))
+    with adapter.instrument(recorder, implementation="eager"):
+        adapter.run(prepared)
+    collected: dict[Site, dict[int, Tensor]] = {}
+    for rec in recorder.records:
+        collected.setdefault(rec.site, {})[rec.step] = rec.probs
+    return {site: [steps.get(i) for i in range(max(steps) + 1)] for site, steps in collected.items()}

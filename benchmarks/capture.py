@@ -1,0 +1,106 @@
+"""Capture cost on a tiny Llama-class model with GQA: time and peak memory of
+
+(a) plain SDPA forward, (b) eager with output_attentions, (c) TransformerLens run_with_cache of patterns,
+(d) attnscope full-pattern capture, (e) attnscope streaming statistics (mass on token 0, entropy, top-5).
+
+Each (mode, length) runs in a fresh subprocess; peak memory is the growth of the process's max RSS over the
+model-built baseline. Usage: ``python benchmarks/capture.py [--lengths 512 4096] [--out results/bench_capture.json]``.
+"""
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+MODES = ["sdpa", "eager", "transformer_lens", "attnscope_patterns", "attnscope_stats"]
+
+
+def build_model():
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                                   num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=8192)
+    cfg._attn_implementation = "sdpa"
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def _tl_bridge(model):
+    from attnscope.probes.adapters.tl_bridge import bridge_from_hf  # built by the TL adapter
+
+    return bridge_from_hf(model)
+
+
+def run_one(mode: str, length: int, repeats: int) -> dict:
+    import torch
+
+    import attnscope
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    model = build_model()
+    ids = torch.randint(0, 512, (1, length), generator=torch.Generator().manual_seed(0))
+    if mode == "transformer_lens":
+        bridge = _tl_bridge(model)
+        fn = lambda: bridge.run_with_cache(ids, names_filter=lambda n: n.endswith("hook_pattern"))  # noqa: E731
+    elif mode == "eager":
+        model.set_attn_implementation("eager")
+        fn = lambda: model(ids, output_attentions=True)  # noqa: E731
+    elif mode == "sdpa":
+        fn = lambda: model(ids)  # noqa: E731
+    elif mode == "attnscope_patterns":
+        fn = lambda: attnscope.capture(model, ids)  # noqa: E731
+    else:
+        fn = lambda: attnscope.capture(model, ids, stats=("mass", "entropy", "topk"), topk=5)  # noqa: E731
+    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    times = []
+    with torch.no_grad():
+        for _ in range(repeats + 1):
+            start = time.perf_counter()
+            result = fn()
+            times.append(time.perf_counter() - start)
+            del result
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"mode": mode, "length": length, "seconds": min(times[1:]) if repeats else times[0],
+            "peak_mb": (peak - base_rss) / 1024}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[512, 4096])
+    parser.add_argument("--modes", nargs="+", default=MODES)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--out", default="results/bench_capture.json")
+    parser.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(run_one(args.one[0], int(args.one[1]), args.repeats)))
+        return
+    rows = []
+    for length in args.lengths:
+        for mode in args.modes:
+            proc = subprocess.run([sys.executable, __file__, "--one", mode, str(length), "--repeats",
+                                   str(args.repeats)], capture_output=True, text=True)
+            if proc.returncode != 0:
+                rows.append({"mode": mode, "length": length, "error": proc.stderr.strip().splitlines()[-1][:200]})
+            else:
+                rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            print(rows[-1], flush=True)
+    base = {r["length"]: r for r in rows if r["mode"] == "sdpa" and "seconds" in r}
+    print(f"\n{'length':>6} {'mode':>20} {'seconds':>9} {'x sdpa':>7} {'peak MB':>9}")
+    for r in rows:
+        if "seconds" in r:
+            ratio = r["seconds"] / base[r["length"]]["seconds"] if r["length"] in base else float("nan")
+            print(f"{r['length']:>6} {r['mode']:>20} {r['seconds']:>9.3f} {ratio:>7.2f} {r['peak_mb']:>9.1f}")
+        else:
+            print(f"{r['length']:>6} {r['mode']:>20} error: {r['error']}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

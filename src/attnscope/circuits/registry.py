@@ -1,0 +1,65 @@
+"""Analyses registered by name, so the CLI (``attnscope score NAME``), notebooks and the dashboard list the same set.
+
+An analysis is a plain function returning a ``ResultTable``. Its registration says what it takes
+(``model`` + ``suite``, or a ``trace``) and a one-line description.
+
+Example:
+    >>> from attnscope.circuits.registry import register_analysis, get_analysis, list_analyses
+    >>> @register_analysis("example-constant", takes="trace", description="a constant score, for the docs")
+    ... def constant(trace, **options):
+    ...     from attnscope.results import ResultTable
+    ...     return ResultTable.from_records([])
+    >>> get_analysis("example-constant").takes
+    'trace'
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..errors import AnalysisError
+
+
+@dataclass(frozen=True)
+class Analysis:
+    name: str
+    fn: Callable
+    takes: str  # "model" (model + suite) or "trace"
+    description: str
+
+
+_ANALYSES: dict[str, Analysis] = {}
+
+
+def register_analysis(name: str, *, takes: str = "model", description: str = "") -> Callable[[Callable], Callable]:
+    """Decorator registering ``fn`` under ``name``."""
+    if takes not in ("model", "trace"):
+        raise AnalysisError("bad analysis registration", expected="takes='model' or 'trace'", got=takes)
+
+    def decorate(fn: Callable) -> Callable:
+        _ANALYSES[name] = Analysis(name, fn, takes, description or (fn.__doc__ or "").strip().splitlines()[0])
+        return fn
+    return decorate
+
+
+def _load_builtin() -> None:
+    import importlib
+    import pkgutil
+
+    from .. import circuits
+
+    for module in pkgutil.iter_modules(circuits.__path__):
+        if not module.name.startswith("_") and module.name != "registry":
+            importlib.import_module(f"{circuits.__name__}.{module.name}")
+
+
+def list_analyses() -> list[Analysis]:
+    _load_builtin()
+    return sorted(_ANALYSES.values(), key=lambda a: a.name)
+
+
+def get_analysis(name: str) -> Analysis:
+    _load_builtin()
+    if name not in _ANALYSES:
+        raise AnalysisError("unknown analysis", expected=sorted(_ANALYSES), got=name,
+                            fix="see `attnscope score --help` for the list")
+    return _ANALYSES[name]

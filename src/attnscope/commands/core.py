@@ -1,0 +1,77 @@
+"""``attnscope models | info | capture | demo``."""
+
+import argparse
+
+from .parsing import parse_spans, parse_stats
+
+
+def _models(args: argparse.Namespace) -> int:
+    from .. import zoo
+    from ..probes.loading import BUILTIN_MODELS
+
+    for name, description in BUILTIN_MODELS.items():
+        print(f"{name:22s} {description}")
+    for organism in zoo.list_organisms():
+        print(f"{'zoo:' + organism['name']:22s} {organism.get('summary', organism.get('task', ''))}")
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from ..probes.loading import load
+
+    info = load(args.model).info()
+    print(f"model: {info.name}\nfamily: {info.family} (adapter {info.adapter})\n"
+          f"attention implementation: {info.attn_implementation}\nmax positions: {info.max_positions}")
+    for tower in info.towers:
+        print(f"tower {tower.name}: {tower.n_layers} layers x {tower.n_heads} heads "
+              f"({tower.n_kv_heads} KV heads, d_head {tower.d_head}), kinds {','.join(tower.kinds)}")
+    print(f"sites ({len(info.sites)}): " + " ".join(str(s) for s in info.sites[:24])
+          + (" ..." if len(info.sites) > 24 else ""))
+    return 0
+
+
+def _capture(args: argparse.Namespace) -> int:
+    from ..probes.capture import capture
+    from ..probes.loading import load
+
+    stats, spans = parse_stats(args.stats)
+    spans += parse_spans(args.mass_spans)
+    model = load(args.model)
+    trace = capture(model, args.text, heads=args.heads, rows=args.rows, stats=stats,
+                    mass_spans=spans or [(0, 1)], topk=args.topk, patterns=True if args.patterns else None,
+                    implementation="eager" if args.eager else "auto")
+    path = trace.save(args.out)
+    kept = "patterns" if any(r.probs is not None for r in trace.records.values()) else "statistics"
+    print(f"captured {len(trace.sites)} sites ({kept}; attention path {trace.provenance['attention_path']}) "
+          f"-> {path}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from ..demo import run_demo
+
+    run_demo(args.out, model_name=args.model)
+    return 0
+
+
+def register(sub) -> None:
+    sub.add_parser("models", help="list built-in models and zoo organisms").set_defaults(run=_models)
+    p = sub.add_parser("info", help="sites, layers, heads, KV heads, attention implementation")
+    p.add_argument("--model", required=True)
+    p.set_defaults(run=_info)
+    p = sub.add_parser("capture", help="capture attention and save a trace")
+    p.add_argument("--model", required=True)
+    p.add_argument("--text", required=True, action="append", help="input text (repeat for a batch)")
+    p.add_argument("--heads", help="e.g. L3H5,L7H*")
+    p.add_argument("--rows", help="query rows: last:K, first:K, A:B")
+    p.add_argument("--stats", help="streaming statistics: sink,mass,entropy,topk (no full patterns kept)")
+    p.add_argument("--mass-spans", help="key spans for mass, e.g. 0:1,5:9")
+    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--patterns", action="store_true", help="keep full patterns also when --stats is given")
+    p.add_argument("--eager", action="store_true", help="switch the model to eager attention while capturing")
+    p.add_argument("--out", required=True)
+    p.set_defaults(run=_capture)
+    p = sub.add_parser("demo", help="run the main job on the built-in model and write results")
+    p.add_argument("--out", default="results/demo")
+    p.add_argument("--model", default="minilm")
+    p.set_defaults(run=_demo)
