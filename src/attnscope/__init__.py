@@ -8,6 +8,10 @@ Example:
     6
 """
 
+from .probes import tl_guard as _tl_guard  # noqa: E402
+
+_tl_guard.install()  # never let TransformerLens pip-install torchvision (it replaces the CPU torch)
+
 from .errors import (AnalysisError, AttnscopeError, CaptureError, CorruptResultError, HeadSpecError, InputError,
                      InputTooLongError, ModelNotFoundError, SiteError, UnsupportedAttentionError,
                      UnsupportedModelError)

@@ -117,3 +117,17 @@ def test_trace_from_capture_round_trips(tmp_path):
     loaded = attnscope.AttentionTrace.load(trace.save(tmp_path / "t.safetensors"))
     torch.testing.assert_close(loaded.stack(), trace.stack(), atol=0, rtol=0)
     assert loaded.provenance["attention_path"] == "sdpa"
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_left_padding_matches_eager_including_fully_masked_rows(family):
+    model = tiny_text_model(family)
+    inputs = _inputs()
+    inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+    inputs["attention_mask"][1, :4] = 0  # left padding: the first query rows of item 1 see no key at all
+    report = validate(model, inputs)
+    assert report.ok, str(report)
+    trace = attnscope.capture(model, inputs, stats=("entropy",))
+    ref = _eager_patterns(model, inputs)
+    logp = torch.log(ref.clamp_min(1e-30))
+    torch.testing.assert_close(trace.stat("entropy"), -(ref * logp).sum(-1), atol=1e-5, rtol=0)

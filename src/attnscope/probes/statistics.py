@@ -105,9 +105,11 @@ def attention_from_qk(query: Float[Tensor, "batch head query d_head"], key: Floa
         if is_causal:
             allowed = torch.arange(n_key, device=ids.device)[None, :] <= (ids + n_key - n_query)[:, None]
             logits = logits.masked_fill(~allowed, -math.inf)
+        if m is not None:  # a fully masked row attends uniformly to every key, as eager attention does
+            logits = logits.masked_fill(torch.isinf(logits).all(-1, keepdim=True), 0.0)
         lse = torch.logsumexp(logits, -1, keepdim=True)
         log_probs = logits - lse
-        probs = torch.exp(log_probs).nan_to_num(0.0)  # fully masked rows become zeros, not NaN
+        probs = torch.exp(log_probs)
         for name, value in statistics_from_probs(probs, stats, mass_spans, topk, log_probs).items():
             pieces.setdefault(name, []).append(value)
         if want_probs:

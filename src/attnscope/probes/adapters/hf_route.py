@@ -146,10 +146,12 @@ def _known_implementations() -> set[str]:
 
 
 @contextlib.contextmanager
-def eager_reference(model: nn.Module, sites: dict[int, Site]) -> Iterator[dict[Site, list[torch.Tensor]]]:
+def eager_reference(model: nn.Module, sites: dict[int, Site],
+                    keep_grad: bool = False) -> Iterator[dict[Site, list[torch.Tensor]]]:
     """Switch the given modules to the model's own eager attention and collect the weights they return.
 
-    This is the independent reference ``validate`` compares captured probabilities against.
+    This is the independent reference ``validate`` compares captured probabilities against. With ``keep_grad``
+    the weights stay in the autograd graph (``retain_grad`` is set), for gradient-weighted attention.
     """
     modules = [m for m in model.modules() if id(m) in sites]
     originals = [(cfg, cfg._attn_implementation) for cfg in _configs_of(modules)]
@@ -159,7 +161,11 @@ def eager_reference(model: nn.Module, sites: dict[int, Site]) -> Iterator[dict[S
     def hook(module, args, output):
         weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
         if torch.is_tensor(weights):
-            collected.setdefault(sites[id(module)], []).append(weights.detach().float().cpu())
+            if keep_grad and weights.requires_grad:
+                weights.retain_grad()
+                collected.setdefault(sites[id(module)], []).append(weights)
+            else:
+                collected.setdefault(sites[id(module)], []).append(weights.detach().float().cpu())
 
     try:
         for cfg, _ in originals:
