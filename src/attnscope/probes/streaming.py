@@ -100,8 +100,11 @@ def streaming_statistics(query: Tensor, key: Tensor, mask: Tensor | None, *, sca
     additive = _additive_mask(mask, is_causal, n_query, n_key, q)
     if additive is not None:
         additive = additive.expand(q.shape[0], 1, n_query, n_key).contiguous()
-        # a fully masked row attends uniformly to every key, as eager attention does
-        additive.masked_fill_(torch.isinf(additive).all(-1, keepdim=True), 0.0)
+        # a fully masked row attends uniformly to every key, as eager attention does: zero mask, zero query
+        dead = torch.isinf(additive).all(-1, keepdim=True)
+        if dead.any():
+            additive.masked_fill_(dead, 0.0)
+            q = q.masked_fill(dead, 0.0)
         expected_k, lse = _FLASH(q, k, k, 0.0, False, attn_mask=additive, scale=scaling)
     else:
         expected_k, lse = _FLASH(q, k, k, 0.0, False, scale=scaling)

@@ -11,7 +11,7 @@ back to eager, which the trace records. Everything is restored in ``finally``.
 import contextlib
 import inspect
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -29,8 +29,13 @@ _uses_interface_cache: dict[type, bool] = {}
 
 @dataclass
 class _Entry:
-    recorder: Recorder
-    site: Site
+    recorder: Recorder | None
+    site: Site | None
+    editor: "AttentionEditor | None" = None
+
+
+# editor(module, query, key, value, mask, *, scaling, is_causal, softcap, output) -> new output [batch, query, head, d]
+AttentionEditor = Callable[..., torch.Tensor]
 
 
 def uses_attention_interface(module: nn.Module) -> bool:
@@ -62,21 +67,32 @@ def _base_function(impl: str, module: nn.Module):
     return ALL_ATTENTION_FUNCTIONS[impl]
 
 
+def _attention_args(module, query, attention_mask, args, kwargs) -> tuple:
+    """(mask or None, scaling, is_causal, softcap) as the attention function received them."""
+    scaling = kwargs.get("scaling", args[1] if len(args) > 1 else None)
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    mask = attention_mask if torch.is_tensor(attention_mask) else None
+    causal_flag = kwargs.get("is_causal", getattr(module, "is_causal", False))
+    is_causal = bool(causal_flag) and mask is None
+    if mask is not None and mask.ndim == 2:  # flash-style padding mask: causality is implied
+        is_causal = bool(causal_flag)
+    return mask, float(scaling), is_causal, kwargs.get("softcap")
+
+
 def _attnscope_attention(module, query, key, value, attention_mask, *args, **kwargs):
     impl = module.config._attn_implementation.removeprefix(PREFIX)
     out = _base_function(impl, module)(module, query, key, value, attention_mask, *args, **kwargs)
     entry = _ACTIVE.get(id(module))
     if entry is not None:
-        scaling = kwargs.get("scaling", args[1] if len(args) > 1 else None)
-        if scaling is None:
-            scaling = query.shape[-1] ** -0.5
-        mask = attention_mask if torch.is_tensor(attention_mask) else None
-        causal_flag = kwargs.get("is_causal", getattr(module, "is_causal", False))
-        is_causal = bool(causal_flag) and mask is None
-        if mask is not None and mask.ndim == 2:  # flash-style padding mask: causality is implied
-            is_causal = bool(causal_flag)
-        entry.recorder.observe_qk(entry.site, query, key, mask, scaling=float(scaling), is_causal=is_causal,
-                                  softcap=kwargs.get("softcap"))
+        mask, scaling, is_causal, softcap = _attention_args(module, query, attention_mask, args, kwargs)
+        if entry.recorder is not None:
+            entry.recorder.observe_qk(entry.site, query, key, mask, scaling=scaling, is_causal=is_causal,
+                                      softcap=softcap)
+        if entry.editor is not None:
+            edited = entry.editor(module, query, key, value, mask, scaling=scaling, is_causal=is_causal,
+                                  softcap=softcap, output=out[0])
+            out = (edited,) + tuple(out[1:])
     return out
 
 
@@ -113,10 +129,11 @@ def route_attention(model: nn.Module, recorder: Recorder, sites: dict[int, Site]
     modules = [m for m in model.modules() if id(m) in sites]
     configs = _configs_of(modules)
     originals = [(cfg, cfg._attn_implementation) for cfg in configs]
+    previous = {id(m): _ACTIVE.get(id(m)) for m in modules}
     paths = []
     try:
         for cfg, impl in originals:
-            impl = impl or "eager"
+            impl = (impl or "eager").removeprefix(PREFIX)
             if implementation == "eager" and impl != "eager":
                 impl, path = "eager", f"eager (forced; model ran {cfg._attn_implementation})"
             elif impl in _FALLBACK_TO_EAGER or impl.startswith("paged"):
@@ -130,11 +147,50 @@ def route_attention(model: nn.Module, recorder: Recorder, sites: dict[int, Site]
             cfg._attn_implementation = _ensure_registered(impl)
             paths.append(path)
         for m in modules:
-            _ACTIVE[id(m)] = _Entry(recorder, sites[id(m)])
+            old = previous[id(m)]
+            _ACTIVE[id(m)] = _Entry(recorder, sites[id(m)], old.editor if old is not None else None)
         yield ", ".join(sorted(set(paths)))
     finally:
+        _restore_entries(previous)
+        for cfg, impl in originals:
+            cfg._attn_implementation = impl
+
+
+def _restore_entries(previous: dict[int, "_Entry | None"]) -> None:
+    for mid, old in previous.items():
+        if old is None:
+            _ACTIVE.pop(mid, None)
+        else:
+            _ACTIVE[mid] = old
+
+
+@contextlib.contextmanager
+def edit_attention(model: nn.Module, editors: dict[int, AttentionEditor]) -> Iterator[None]:
+    """Route the modules in ``editors`` (id(module) -> editor) and let each editor replace its attention output.
+
+    The model's own kernel (SDPA, eager ...) still computes the output first; the editor receives it with the
+    queries, keys, values and mask and returns the output to use, ``[batch, query, head, d_head]``. Nests with
+    ``route_attention`` (a capture inside an edit records the model's own q/k). Restored in ``finally``.
+    """
+    modules = [m for m in model.modules() if id(m) in editors]
+    originals = [(cfg, cfg._attn_implementation) for cfg in _configs_of(modules)]
+    previous = {id(m): _ACTIVE.get(id(m)) for m in modules}
+    try:
+        for cfg, impl in originals:
+            impl = (impl or "eager").removeprefix(PREFIX)
+            if impl in _FALLBACK_TO_EAGER or impl.startswith("paged"):
+                impl = "eager"
+            if impl != "eager" and impl not in _known_implementations():
+                raise UnsupportedAttentionError("attention implementation cannot be edited",
+                                                expected=sorted(_known_implementations()), got=impl,
+                                                fix="load the model with attn_implementation='sdpa' or 'eager'")
+            cfg._attn_implementation = _ensure_registered(impl)
         for m in modules:
-            _ACTIVE.pop(id(m), None)
+            old = previous[id(m)]
+            _ACTIVE[id(m)] = _Entry(old.recorder if old else None, old.site if old else None, editors[id(m)])
+        yield
+    finally:
+        _restore_entries(previous)
         for cfg, impl in originals:
             cfg._attn_implementation = impl
 

@@ -1,0 +1,211 @@
+"""Per-head slices of each attention layer's output-projection input, the layout every head intervention edits.
+
+The input of a layer's output projection is the concatenation of its heads' outputs, ``[..., head * d_head]``.
+Viewing it as ``[..., head, d_head]`` gives each head's output ``Att_h(x)`` (Michel et al. 2019 gate exactly this
+slice). Found for GPT-2 (``attn.c_proj``), the Llama class incl. Qwen2/Mistral (``self_attn.o_proj``) and the BERT
+class (``attention.output.dense``). Head counts are read from the weights, so a structurally pruned model (fewer
+heads in some layers) is described correctly. Under GQA the slices are per *query* head; ``kv_head_of`` and
+``query_heads_of`` map between query heads and the KV head they share.
+
+Example:
+    >>> import torch, transformers
+    >>> from attnscope.probes.head_slices import output_projections, kv_head_of, query_heads_of
+    >>> cfg = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+    ...                                num_attention_heads=4, num_key_value_heads=2)
+    >>> p = output_projections(transformers.LlamaForCausalLM(cfg))[0]
+    >>> (p.n_heads, p.n_kv_heads, p.d_head), kv_head_of(3, 4, 2), query_heads_of(1, 4, 2)
+    ((4, 2, 4), 1, [2, 3])
+"""
+
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import HeadSpecError, UnsupportedModelError
+from .heads import HeadSet
+
+HeadEditor = Callable[[Tensor], Tensor]  # [batch, seq, head, d_head] -> same shape
+
+
+@dataclass(frozen=True)
+class OutputProjection:
+    """One self-attention layer: its output projection, head layout, and the module that runs attention.
+
+    ``attention`` is the module that dispatches through ``transformers.AttentionInterface`` (GPT-2 ``attn``,
+    Llama ``self_attn``, BERT ``attention.self``); ``block`` is the module holding q/k/v and the projection.
+    """
+
+    layer: int
+    name: str
+    module: nn.Module
+    n_heads: int
+    d_head: int
+    n_kv_heads: int = 0
+    attention: nn.Module | None = None
+    block: nn.Module | None = None
+    family: str = ""
+
+    @property
+    def group_size(self) -> int:
+        return self.n_heads // max(self.n_kv_heads, 1)
+
+
+def _in_features(proj: nn.Module) -> int:
+    if isinstance(proj, nn.Linear):
+        return int(proj.in_features)
+    return int(proj.weight.shape[0])  # transformers Conv1D: weight [in, out]
+
+
+def _describe(module: nn.Module) -> OutputProjection | None:
+    """The layout of ``module`` when it is an attention block we know (layer and name filled in later)."""
+    if hasattr(module, "c_attn") and hasattr(module, "c_proj") and not getattr(module, "is_cross_attention", False):
+        d_head = int(module.head_dim)
+        n = _in_features(module.c_proj) // d_head
+        return OutputProjection(0, "", module.c_proj, n, d_head, n, module, module, "gpt2")
+    if hasattr(module, "o_proj") and hasattr(module, "q_proj") and hasattr(module, "k_proj"):
+        config = getattr(module, "config", None)
+        d_head = int(getattr(module, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+        n = _in_features(module.o_proj) // d_head
+        n_kv = int(module.k_proj.out_features) // d_head
+        return OutputProjection(0, "", module.o_proj, n, d_head, n_kv, module, module, "llama")
+    inner, out = getattr(module, "self", None), getattr(module, "output", None)
+    if inner is not None and hasattr(inner, "attention_head_size") and hasattr(out, "dense"):
+        d_head = int(inner.attention_head_size)
+        n = _in_features(out.dense) // d_head
+        return OutputProjection(0, "", out.dense, n, d_head, n, inner, module, "bert")
+    return None
+
+
+def output_projections(model: nn.Module) -> list[OutputProjection]:
+    """Every self-attention output projection of ``model``, in layer order (GPT-2, Llama class, BERT class).
+
+    Accepts a ``LoadedModel`` too. Raises UnsupportedModelError when none is found.
+    """
+    model = getattr(model, "module", model)
+    found: list[OutputProjection] = []
+    for name, module in model.named_modules():
+        if "crossattention" in name:
+            continue
+        described = _describe(module)
+        if described is not None:
+            found.append(OutputProjection(len(found), name, described.module, described.n_heads, described.d_head,
+                                          described.n_kv_heads, described.attention, described.block,
+                                          described.family))
+    if not found:
+        raise UnsupportedModelError("no attention output projection found", expected="GPT-2, Llama-class or BERT "
+                                    "attention modules", got=type(model).__name__,
+                                    fix="intervene through a model adapter for this family")
+    return found
+
+
+# ---- GQA --------------------------------------------------------------------------------------------------------
+
+def kv_head_of(head: int, n_heads: int, n_kv_heads: int) -> int:
+    """The KV head query head ``head`` reads (HF ``repeat_kv`` layout: consecutive query heads share one)."""
+    return int(head) // (int(n_heads) // int(n_kv_heads))
+
+
+def query_heads_of(kv_head: int, n_heads: int, n_kv_heads: int) -> list[int]:
+    """The query heads that share KV head ``kv_head``."""
+    group = int(n_heads) // int(n_kv_heads)
+    return list(range(int(kv_head) * group, (int(kv_head) + 1) * group))
+
+
+def expand_kv_selection(kv_heads: HeadSet, projections: list[OutputProjection]) -> HeadSet:
+    """A selection of ``(layer, kv_head)`` pairs -> every query head reading those KV heads."""
+    check_heads(kv_heads, projections, kind="kv")
+    return HeadSet((layer, q) for layer, kv in kv_heads
+                   for q in query_heads_of(kv, projections[layer].n_heads, projections[layer].n_kv_heads))
+
+
+def complete_kv_groups(heads: HeadSet, projections: list[OutputProjection]) -> HeadSet:
+    """The ``(layer, kv_head)`` pairs all of whose query heads are in ``heads`` (only those can be removed)."""
+    out = []
+    for layer in heads.layers:
+        p = projections[layer]
+        chosen = set(heads.heads_in_layer(layer))
+        out += [(layer, kv) for kv in range(p.n_kv_heads)
+                if set(query_heads_of(kv, p.n_heads, p.n_kv_heads)) <= chosen]
+    return HeadSet(out)
+
+
+def check_heads(heads: HeadSet, projections: list[OutputProjection], kind: str = "query") -> HeadSet:
+    """Raise HeadSpecError unless every (layer, head) exists (``kind="kv"``: KV-head indices)."""
+    for layer, head in heads:
+        if layer >= len(projections):
+            raise HeadSpecError("layer out of range", expected=f"layer < {len(projections)}", got=f"L{layer}H{head}",
+                                fix="check `attnscope info --model M`")
+        limit = projections[layer].n_kv_heads if kind == "kv" else projections[layer].n_heads
+        if head >= limit:
+            raise HeadSpecError(f"{'KV ' if kind == 'kv' else ''}head out of range",
+                                expected=f"{'KV ' if kind == 'kv' else ''}head < {limit} in layer {layer}",
+                                got=f"L{layer}H{head}", fix="check `attnscope info --model M`")
+    return heads
+
+
+def head_grid(projections: list[OutputProjection]) -> HeadSet:
+    """Every (layer, query head) of the model."""
+    return HeadSet((p.layer, h) for p in projections for h in range(p.n_heads))
+
+
+# ---- hooks on the projection input --------------------------------------------------------------------------------
+
+def _pre_hook(proj: OutputProjection, editor: HeadEditor):
+    def hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        x = args[0]
+        heads = x.reshape(*x.shape[:-1], proj.n_heads, proj.d_head)
+        edited = editor(heads)
+        return (edited.reshape(x.shape),) + tuple(args[1:])
+    return hook
+
+
+@contextmanager
+def edit_head_outputs(model: nn.Module, editors: Mapping[int, HeadEditor],
+                      projections: list[OutputProjection] | None = None) -> Iterator[list[OutputProjection]]:
+    """Run ``editors[layer]`` on that layer's head outputs ``[batch, seq, head, d_head]`` inside the block.
+
+    Forward pre-hooks on the output projections; removed in ``finally``, also after an error.
+    """
+    projections = projections or output_projections(model)
+    handles = []
+    try:
+        for layer, editor in editors.items():
+            proj = projections[layer]
+            handles.append(proj.module.register_forward_pre_hook(_pre_hook(proj, editor)))
+        yield projections
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def record_head_outputs(model: nn.Module, layers: list[int],
+                        projections: list[OutputProjection] | None = None) -> Iterator[dict[int, list[Tensor]]]:
+    """Collect each forward's head outputs ``[batch, seq, head, d_head]`` (detached) of the given layers."""
+    projections = projections or output_projections(model)
+    seen: dict[int, list[Tensor]] = {layer: [] for layer in layers}
+
+    def recorder(layer: int) -> HeadEditor:
+        def edit(heads: Tensor) -> Tensor:
+            seen[layer].append(heads.detach())
+            return heads
+        return edit
+
+    with edit_head_outputs(model, {layer: recorder(layer) for layer in layers}, projections):
+        yield seen
+
+
+def head_output_scale(x: Tensor, factors: Tensor) -> Tensor:
+    """``x [batch, seq, head, d_head]`` times per-head ``factors`` broadcast as ``[batch|1, seq|1, head]``."""
+    return x * factors.to(device=x.device, dtype=x.dtype)[..., None]
+
+
+def zeros_mask(n_heads: int, heads: list[int]) -> torch.Tensor:
+    """``[n_heads]`` ones with zeros at ``heads``."""
+    mask = torch.ones(n_heads)
+    mask[heads] = 0.0
+    return mask
