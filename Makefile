@@ -19,9 +19,14 @@ $(STAMP): pyproject.toml
 demo: setup
 	HF_HUB_OFFLINE=1 $(VENV)/bin/attnscope demo --out results/demo
 
-test: setup
+test: setup browsers
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n 2 --dist loadfile -m "not slow" tests
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m slow tests; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ]
+
+# headless Chromium + chromedriver for tests/browser (Debian packages; skipped when already installed)
+browsers:
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then :; \
+	else apt-get update -qq && apt-get install -y -qq chromium chromium-driver; fi
 
 bench: setup
 	$(PY) benchmarks/capture.py

@@ -31,9 +31,10 @@ def build_model():
 
 
 def _tl_bridge(model):
-    from attnscope.probes.adapters.tl_bridge import bridge_from_hf  # built by the TL adapter
+    """A TransformerBridge around the same HF model, booted offline."""
+    from attnscope.probes.adapters.tl_bridge import boot_bridge, tiny_word_tokenizer
 
-    return bridge_from_hf(model)
+    return boot_bridge(model, tiny_word_tokenizer(model.config.vocab_size))
 
 
 def run_one(mode: str, length: int, repeats: int) -> dict:

@@ -8,6 +8,7 @@ Example:
     True
 """
 
+import shlex
 from pathlib import Path
 
 import pandas as pd
@@ -46,4 +47,6 @@ def run_demo(out_dir: str | Path = "results/demo", model_name: str = "minilm", q
         print("\nheads with the most mass on [CLS]: "
               + ", ".join(f"L{r.layer}H{r.head}={r.value:.2f}" for r in top.itertuples()))
         print(f"\nwrote {trace_path} and {table_path}")
+        print(f"\nexplore the results in the dashboard (http://127.0.0.1:8050/):\n"
+              f"  attnscope dash --results {shlex.quote(str(out))} --model {shlex.quote(model_name)}")
     return per_layer

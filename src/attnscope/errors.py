@@ -61,3 +61,7 @@ class CaptureError(AttnscopeError):
 
 class AnalysisError(AttnscopeError):
     """An analysis was given inputs it cannot work on."""
+
+
+class RemoteError(AttnscopeError):
+    """A remote (NDIF / nnsight) backend could not be reached or did not complete the job."""

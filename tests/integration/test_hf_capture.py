@@ -30,18 +30,20 @@ def test_validate_passes_and_output_is_bit_identical(family, attn):
 
 
 def _eager_patterns(model, inputs):
+    before = model.config._attn_implementation
     model.set_attn_implementation("eager")
     try:
         with torch.no_grad():
             out = model(**inputs, output_attentions=True)
     finally:
-        model.set_attn_implementation("sdpa")
+        model.set_attn_implementation(before)
     return torch.stack(out.attentions)  # [layer, batch, head, query, key]
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("family", ["llama", "mistral", "gpt2", "bert"])
-def test_streaming_stats_equal_stats_of_eager_patterns(family):
-    model = tiny_text_model(family)
+def test_streaming_stats_equal_stats_of_eager_patterns(family, attn):
+    model = tiny_text_model(family, attn)
     inputs = _inputs()
     ref = _eager_patterns(model, inputs)
     trace = attnscope.capture(model, inputs, stats=("mass", "entropy", "topk"), mass_spans=[(0, 1), (3, 6)], topk=3,

@@ -36,7 +36,8 @@ def register_analysis(name: str, *, takes: str = "model", description: str = "")
         raise AnalysisError("bad analysis registration", expected="takes='model' or 'trace'", got=takes)
 
     def decorate(fn: Callable) -> Callable:
-        _ANALYSES[name] = Analysis(name, fn, takes, description or (fn.__doc__ or "").strip().splitlines()[0])
+        summary = (fn.__doc__ or "").strip().splitlines()
+        _ANALYSES[name] = Analysis(name, fn, takes, description or (summary[0] if summary else name))
         return fn
     return decorate
 

@@ -11,6 +11,7 @@ Example:
 """
 
 from .agreement import agreement
+from .backcopy import bigram_backcopy, bigram_transitions
 from .induction import induction
 from .ioi import ioi
 from .needle import needle, needle_grid, needle_text, needle_tokens
@@ -23,6 +24,8 @@ __all__ = [
     "PromptSuite",
     "agreement",
     "associative_recall",
+    "bigram_backcopy",
+    "bigram_transitions",
     "induction",
     "ioi",
     "needle",

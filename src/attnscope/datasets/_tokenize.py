@@ -31,5 +31,6 @@ def encode_with_spans(tokenizer: Any, text: str,
             hits = [i for i, (a, b) in enumerate(offsets) if a < end and b > start and b > a]
             spans[key] = [hits[0], hits[-1] + 1] if hits else [len(ids), len(ids)]
         else:
-            spans[key] = [len(_encode(tokenizer, text[:start])), len(_encode(tokenizer, text[:end]))]
+            # BPE tokenizers glue a space to the word after it: count the prefix without its trailing spaces
+            spans[key] = [len(_encode(tokenizer, text[:start].rstrip(" "))), len(_encode(tokenizer, text[:end]))]
     return ids, spans

@@ -5,8 +5,10 @@ random length, then a random segment of random length ``period`` repeated to the
 solve the task with a positional shortcut, so the period varies per item (and the prefix shifts the repeats).
 
 Ground truth in each item's metadata: ``repeat_span = [start, end)`` is the repeated region; for every position
-``t`` in it, ``ids[t] == ids[t - period]``, an induction head at query ``t - 1`` attends to key ``t - period``
-(the token after the earlier occurrence of ``ids[t - 1]``), and a model should predict ``ids[t]`` there.
+``t`` in it, ``ids[t] == ids[t - period]``. An induction head at query ``t`` (in the span) attends to key
+``t - period + 1``, the token after the earlier occurrence of ``ids[t]`` (with several repeats, to any of the
+tokens after its earlier occurrences), and a model can predict ``ids[t]`` from position ``t - 1`` for every
+``t`` in ``(start, end)``; the first repeated token is not predictable, its predecessor was never seen before.
 
 Example:
     >>> from attnscope.datasets import induction
@@ -65,7 +67,8 @@ def induction(n_items: int, seq_len: int = 64, vocab_size: int = 128, seed: int 
         vocab_size: tokens are drawn from ``[first_token, vocab_size)`` (minus ``bos_id``).
         seed: seed of ``numpy.random.default_rng``.
         min_period, max_period: period range (default ``seq_len // 8`` .. ``seq_len // 2`` of the body).
-        max_prefix: longest random unrepeated prefix before the segment (default: what fits one full repeat).
+        max_prefix: longest random unrepeated prefix before the segment (default ``body // 8``; never more than
+            leaves one full repeat).
         first_token: lowest token id used (reserve ids below it for specials).
         bos_id: token prepended at position 0, if any.
         distinct: draw the prefix and segment without replacement (no ambiguous repeats) when the range allows.
@@ -74,13 +77,14 @@ def induction(n_items: int, seq_len: int = 64, vocab_size: int = 128, seed: int 
     lo = int(min_period) if min_period is not None else max(2, body // 8)
     hi = int(max_period) if max_period is not None else body // 2
     _check_induction(seq_len, vocab_size, lo, hi, first_token, bos_id)
+    cap = body // 8 if max_prefix is None else int(max_prefix)
     rng = np.random.default_rng(seed)
     items = []
     offset = 1 if bos_id is not None else 0
     for _ in range(int(n_items)):
         period = int(rng.integers(lo, hi + 1))
         room = body - 2 * period
-        prefix_len = int(rng.integers(0, min(room, room if max_prefix is None else int(max_prefix)) + 1))
+        prefix_len = int(rng.integers(0, min(room, cap) + 1))
         ids = induction_ids(rng, seq_len, vocab_size, period, prefix_len=prefix_len, first_token=first_token,
                             bos_id=bos_id, distinct=distinct)
         seg_start = offset + prefix_len
@@ -88,7 +92,7 @@ def induction(n_items: int, seq_len: int = 64, vocab_size: int = 128, seed: int 
             "period": period, "prefix_len": prefix_len, "segment_span": [seg_start, seg_start + period],
             "repeat_span": [seg_start + period, seq_len]}))
     params = {"n_items": int(n_items), "seq_len": int(seq_len), "vocab_size": int(vocab_size),
-              "min_period": lo, "max_period": hi, "max_prefix": max_prefix, "first_token": int(first_token),
+              "min_period": lo, "max_period": hi, "max_prefix": cap, "first_token": int(first_token),
               "bos_id": bos_id, "distinct": bool(distinct)}
     return PromptSuite(name, items, seed=seed, generator="induction", params=params,
                        metadata={"task": "next-token prediction on the repeated span"})

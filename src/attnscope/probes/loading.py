@@ -71,13 +71,25 @@ def _load_tokenizer(source: str, **kwargs: Any) -> Any:
     return None
 
 
-def _load_hf(source: str, attn_implementation: str | None, **kwargs: Any) -> LoadedModel:
+# Keyword arguments only the model's ``from_pretrained`` takes (placement across devices), never the config or
+# tokenizer loaders: ``device_map`` ("auto", "balanced", or {module name: device | "disk"}), ``max_memory``
+# ({device: "20GiB"}), ``offload_folder`` (where "disk" weights live), ``dtype``.
+PLACEMENT_KWARGS = ("device_map", "max_memory", "offload_folder", "offload_state_dict", "dtype")
+
+
+def _split_placement(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Pop the placement keywords out of ``kwargs`` (those that are not None)."""
+    return {k: v for k in PLACEMENT_KWARGS if (v := kwargs.pop(k, None)) is not None}
+
+
+def _load_hf(source: str, attn_implementation: str | None, placement: dict[str, Any] | None = None,
+             **kwargs: Any) -> LoadedModel:
     import transformers
 
     config = transformers.AutoConfig.from_pretrained(source, **kwargs)
     cls = _hf_class(config)
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    module = cls.from_pretrained(source, **extra, **kwargs).eval()
+    module = cls.from_pretrained(source, **extra, **(placement or {}), **kwargs).eval()
     return _wrap(module, _load_tokenizer(source, **kwargs), source)
 
 
@@ -108,31 +120,36 @@ def load(name_or_path: Any, *, attn_implementation: str | None = None, **kwargs:
     name_or_path: ``"minilm"``, ``"zoo:<organism>"``, a local directory (transformers or diffusers format), a hub
     name (through the real ``from_pretrained``; fails with ModelNotFoundError when offline), or a model object.
     attn_implementation: passed to transformers (``sdpa``, ``eager`` ...); default is the library's choice.
+    device_map / max_memory / offload_folder / dtype: passed to the model's ``from_pretrained`` only (accelerate
+    places layers across devices, ``"disk"`` offloads to ``offload_folder``); see ``attnscope.probes.device_map``.
     """
+    placement = _split_placement(kwargs)
     if not isinstance(name_or_path, (str, os.PathLike)):
         return _wrap(name_or_path, kwargs.get("tokenizer"), type(name_or_path).__name__)
     name = str(name_or_path)
     if name == "minilm":
-        return _named(_load_hf(str(_minilm_path()), attn_implementation), "minilm")
+        return _named(_load_hf(str(_minilm_path()), attn_implementation, placement), "minilm")
     if name.startswith("zoo:"):
         from .. import zoo
 
-        return _named(_load_hf(str(zoo.checkpoint_path(name[4:])), attn_implementation), name)
+        return _named(_load_hf(str(zoo.checkpoint_path(name[4:])), attn_implementation, placement), name)
     path = Path(name).expanduser()
     if path.exists():
         if not path.is_dir() or not (path / "config.json").is_file() and not (path / "model_index.json").is_file():
             raise ModelNotFoundError("not a model directory", expected="a folder with config.json or "
                                      "model_index.json", got=str(path), fix="point at a saved model folder")
-        return _load_local(path, attn_implementation)
+        return _load_local(path, attn_implementation, placement)
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise ModelNotFoundError("model path does not exist", expected="an existing directory", got=name,
                                  fix="check the path, or use a built-in name (`attnscope models`)")
-    return _load_hub(name, attn_implementation, **kwargs)
+    return _load_hub(name, attn_implementation, placement, **kwargs)
 
 
-def _load_local(path: Path, attn_implementation: str | None) -> LoadedModel:
+def _load_local(path: Path, attn_implementation: str | None, placement: dict[str, Any] | None = None) -> LoadedModel:
     try:
-        return _load_diffusers(path) if _is_diffusers_dir(path) else _load_hf(str(path), attn_implementation)
+        if _is_diffusers_dir(path):
+            return _load_diffusers(path)
+        return _load_hf(str(path), attn_implementation, placement)
     except AttnscopeError:
         raise
     except Exception as exc:
@@ -142,9 +159,10 @@ def _load_local(path: Path, attn_implementation: str | None) -> LoadedModel:
                                     fix="check config.json, or build the model in Python and pass it") from None
 
 
-def _load_hub(name: str, attn_implementation: str | None, **kwargs: Any) -> LoadedModel:
+def _load_hub(name: str, attn_implementation: str | None, placement: dict[str, Any] | None = None,
+              **kwargs: Any) -> LoadedModel:
     try:
-        return _load_hf(name, attn_implementation, **kwargs)
+        return _load_hf(name, attn_implementation, placement, **kwargs)
     except AttnscopeError:
         raise
     except Exception as exc:

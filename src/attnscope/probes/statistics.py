@@ -79,6 +79,12 @@ def attention_from_qk(query: Float[Tensor, "batch head query d_head"], key: Floa
     """
     b, n_heads, n_query, _ = query.shape
     n_key = key.shape[-2]
+    if query.is_cuda and not want_probs and rows is None and softcap is None and stats:  # Triton, KV not expanded
+        from ..kernels.dispatch import streaming_statistics_cuda
+        fast = streaming_statistics_cuda(query, key, mask, scaling=scaling, is_causal=is_causal, stats=stats,
+                                         mass_spans=mass_spans, topk=topk, heads=heads, budget_mb=budget_mb)
+        if fast is not None:
+            return fast
     key = _expand_kv(key, n_heads)
     if heads is not None:
         heads = heads.to(query.device)

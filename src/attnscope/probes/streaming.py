@@ -31,8 +31,8 @@ def _additive_mask(mask: Tensor | None, is_causal: bool, n_query: int, n_key: in
     out = None
     if mask is not None:
         keep = mask[:, None, None, :].bool() if mask.ndim == 2 else mask
-        if keep.dtype != torch.bool:
-            return None  # not a 0/-inf mask we can trust: caller falls back
+        if keep.dtype != torch.bool:  # a 0 / large-negative additive mask (checked by the caller)
+            keep = keep > -1e30
         out = torch.zeros(keep.shape, dtype=like.dtype, device=like.device).masked_fill(~keep, -math.inf)
     if is_causal:
         rows = torch.arange(n_query, device=like.device) + (n_key - n_query)

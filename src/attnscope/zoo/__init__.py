@@ -1,1 +1,114 @@
-"""attnscope.zoo."""
+"""attnscope.zoo: small trained model organisms with known ground-truth heads, shipped with the package.
+
+Each organism is a tiny HF model (config.json + model.safetensors under ``zoo/checkpoints/<name>/``) trained by
+code in this package from a fixed seed, with a ``card.json`` (task, architecture, seed, training steps and time,
+held-out accuracy, ground-truth heads with their scores, and the ablation result that confirms them) and a
+rendered ``MODEL_CARD.md``.
+
+Example:
+    >>> from attnscope import zoo
+    >>> [o["name"] for o in zoo.list_organisms()]
+    ['induction-2l', 'recall-llama', 'sink-lm', 'agreement-enc']
+    >>> zoo.checkpoint_path("induction-2l").name
+    'induction-2l'
+"""
+
+import importlib
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from ..errors import ModelNotFoundError
+from ._card import read_card
+from ._common import CHECKPOINTS
+
+_MODULES = {
+    "induction-2l": "induction_2l",
+    "recall-llama": "recall_llama",
+    "sink-lm": "sink_lm",
+    "agreement-enc": "agreement_enc",
+}
+
+__all__ = ["checkpoint_path", "list_organisms", "load_card", "load_model", "organism_names", "train", "train_all"]
+
+
+def organism_names() -> list[str]:
+    """Names of every organism the zoo can train, in a fixed order."""
+    return list(_MODULES)
+
+
+def _module(name: str) -> ModuleType:
+    if name not in _MODULES:
+        raise ModelNotFoundError(f"unknown zoo organism {name!r}", expected=" | ".join(_MODULES), got=repr(name),
+                                 fix="run `attnscope zoo list` to see the organisms")
+    return importlib.import_module(f".{_MODULES[name]}", __name__)
+
+
+def checkpoint_path(name: str) -> Path:
+    """Directory of the shipped checkpoint of ``name`` (config.json + model.safetensors + card.json)."""
+    _module(name)
+    path = CHECKPOINTS / name
+    if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
+        raise ModelNotFoundError(f"zoo checkpoint {name!r} is missing", expected=f"{path}/config.json and "
+                                 "model.safetensors", got="no checkpoint files",
+                                 fix=f"run `attnscope zoo train {name}` to rebuild it")
+    return path
+
+
+def load_card(name: str) -> dict[str, Any]:
+    """The organism's ``card.json`` as a dict."""
+    path = checkpoint_path(name) / "card.json"
+    if not path.is_file():
+        raise ModelNotFoundError(f"zoo card of {name!r} is missing", expected=str(path), got="no card.json",
+                                 fix=f"run `attnscope zoo train {name}` to rebuild it")
+    return read_card(path)
+
+
+def load_model(name: str, **kwargs: Any) -> Any:
+    """Load the shipped checkpoint with its transformers class (eager attention unless told otherwise)."""
+    import transformers
+
+    card = load_card(name)
+    cls = getattr(transformers, card["architecture"]["class"])
+    kwargs.setdefault("attn_implementation", "eager")
+    return cls.from_pretrained(checkpoint_path(name), **kwargs).eval()
+
+
+def list_organisms() -> list[dict[str, Any]]:
+    """One dict per organism: name, task, architecture, and (when trained) a summary of its card."""
+    out = []
+    for name in _MODULES:
+        spec = dict(_module(name).SPEC)
+        entry: dict[str, Any] = {"name": name, "task": spec["task"], "architecture": spec["architecture"],
+                                 "auto_class": spec["auto_class"], "trained": False}
+        try:
+            card = load_card(name)
+        except ModelNotFoundError:
+            out.append(entry)
+            continue
+        entry.update({"trained": True, "path": str(checkpoint_path(name)), "parameters":
+                      card["architecture"]["parameters"], "metric": card["evaluation"]["metric"],
+                      "accuracy": card["evaluation"]["value"], "ground_truth_heads": card["ground_truth_heads"],
+                      "training_time_s": card["training"]["time_s"]})
+        out.append(entry)
+    return out
+
+
+def train(name: str, out_dir: str | Path | None = None, seed: int | None = None, steps: int | None = None) -> Path:
+    """Train ``name`` from ``seed`` (default: the shipped seed) and write checkpoint + card to ``out_dir``.
+
+    ``out_dir`` defaults to the shipped checkpoint directory (this overwrites it). Returns the directory.
+    """
+    module = _module(name)
+    target = Path(out_dir) if out_dir is not None else CHECKPOINTS / name
+    kwargs: dict[str, Any] = {}
+    if seed is not None:
+        kwargs["seed"] = int(seed)
+    if steps is not None:
+        kwargs["steps"] = int(steps)
+    return module.train(target, **kwargs)
+
+
+def train_all(out_dir: str | Path | None = None) -> dict[str, Path]:
+    """Train every organism from its shipped seed; ``out_dir/<name>`` (default: the shipped directories)."""
+    return {name: train(name, None if out_dir is None else Path(out_dir) / name) for name in _MODULES}

@@ -68,3 +68,19 @@ def single_head_ablation(model: nn.Module, all_heads: Sequence[tuple[int, int]],
         with zero_ablate_heads(model, [head]):
             out[head_name(*head)] = round(metric(model), 4)
     return out
+
+
+def ablation_studies(model: nn.Module, ground_truth: dict[str, Sequence[tuple[int, int]]],
+                     all_heads: Sequence[tuple[int, int]], metric: Callable[[nn.Module], float], *,
+                     metric_name: str, chance: float, seed: int, n_random: int = 20) -> dict[str, Any]:
+    """``key_heads``: every ground-truth head ablated at once vs as many random others (the card's claim); then
+    one study per role when there are several roles (random draws there may hit the other roles' heads)."""
+    union = sorted({h for heads in ground_truth.values() for h in heads})
+    roles = {"key_heads": union}
+    if len(ground_truth) > 1:
+        roles.update({role: list(heads) for role, heads in ground_truth.items() if heads})
+    out = {}
+    for role, heads in roles.items():
+        study = ablation_study(model, heads, all_heads, metric, n_random=n_random, seed=seed, chance=chance)
+        out[role] = {"metric": metric_name, **study}
+    return out

@@ -106,3 +106,112 @@ def scores_table(scores: torch.Tensor) -> dict[str, float]:
     """``[layer, head]`` scores as ``{"L0H0": 0.12, ...}`` rounded to 4 places."""
     return {head_name(l, h): round(float(scores[l, h]), 4) for l in range(scores.shape[0])
             for h in range(scores.shape[1])}
+
+
+def head_output_norms(model: nn.Module) -> list[torch.Tensor]:
+    """Per layer, the Frobenius norm of each head's slice of the attention output projection ``[head]``."""
+    from ..probes.head_slices import output_projections
+
+    norms = []
+    for proj in output_projections(model):
+        weight = proj.module.weight
+        # nn.Linear stores [out, in]; GPT-2's Conv1D stores [in, out]: put the per-head input dim first
+        w_in = weight.t() if isinstance(proj.module, nn.Linear) else weight
+        norms.append(w_in.reshape(proj.n_heads, proj.d_head * w_in.shape[1]).norm(dim=1))
+    return norms
+
+
+def _per_head(weight: torch.Tensor, n: int, out_first: bool) -> torch.Tensor:
+    """Rows of ``[n, -1]``: head i's slice of a q/k/v weight whose head axis is the output dim."""
+    w = weight if out_first else weight.t()  # -> [n * d_head, d_in]
+    return w.reshape(n, -1)
+
+
+def _head_groups(proj: Any) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per-head weight groups of one attention layer as ``[groups, -1]`` tensors: (value/output, query/key).
+
+    GPT-2 and BERT: one group per head. Llama class with GQA: query and output slices per query head, key and
+    value slices per KV head.
+    """
+    att, h = proj.block, proj.n_heads
+    o = proj.module.weight
+    o_rows = (o.t() if isinstance(proj.module, nn.Linear) else o).reshape(h, -1)
+    if hasattr(att, "c_attn"):  # GPT-2 Conv1D [d_in, 3 * d]
+        q, k, v = (_per_head(w, h, False) for w in att.c_attn.weight.split(att.c_attn.weight.shape[1] // 3, 1))
+        return [torch.cat([v, o_rows], dim=1)], [torch.cat([q, k], dim=1)]
+    if hasattr(att, "q_proj"):  # Llama class
+        n_kv = att.k_proj.weight.shape[0] // proj.d_head
+        ov = [o_rows, _per_head(att.v_proj.weight, n_kv, True)]
+        return ov, [_per_head(att.q_proj.weight, h, True), _per_head(att.k_proj.weight, n_kv, True)]
+    inner = att.self  # BERT
+    q, k, v = (_per_head(m.weight, h, True) for m in (inner.query, inner.key, inner.value))
+    return [torch.cat([v, o_rows], dim=1)], [torch.cat([q, k], dim=1)]
+
+
+def head_group_lasso(model: nn.Module, qk_weight: float = 0.1) -> torch.Tensor:
+    """Group lasso over heads: sum of the norms of each head's value/output weights, plus ``qk_weight`` times the
+    norms of its query/key weights. It switches unneeded heads off (their attention patterns fade to uniform too),
+    so an organism's circuit uses few heads and its ground truth is crisp; the small query/key weight keeps the
+    patterns of the heads in use sharp."""
+    from ..probes.head_slices import output_projections
+
+    total = torch.zeros(())
+    for proj in output_projections(model):
+        ov, qk = _head_groups(proj)
+        total = total + sum(g.norm(dim=1).sum() for g in ov) + qk_weight * sum(g.norm(dim=1).sum() for g in qk)
+    return total
+
+
+def ramp(step: int, steps: int, start: float = 0.1, full: float = 0.4) -> float:
+    """0 before ``start * steps``, then linear up to 1 at ``full * steps`` (a regulariser's weight)."""
+    lo, hi = start * steps, max(full * steps, start * steps + 1)
+    return float(min(1.0, max(0.0, (step - lo) / (hi - lo))))
+
+
+@torch.no_grad()
+def prune_dead_heads(model: nn.Module, rel_threshold: float = 0.02) -> list[tuple[int, int]]:
+    """Zero every weight of heads the group lasso switched off (output-slice norm < ``rel_threshold`` x the largest
+    head's), so their outputs are exactly 0 and their attention exactly uniform. Returns the pruned heads.
+
+    Under GQA a KV head's key/value weights are zeroed only when all its query heads are pruned.
+    """
+    from ..probes.head_slices import output_projections
+
+    projections = output_projections(model)
+    norms = head_output_norms(model)
+    top = max(float(n.max()) for n in norms)
+    pruned = []
+    for proj, layer_norms in zip(projections, norms):
+        dead = [h for h in range(proj.n_heads) if float(layer_norms[h]) < rel_threshold * top]
+        block, d = proj.block, proj.d_head
+        for h in dead:
+            rows = slice(h * d, (h + 1) * d)
+            if isinstance(proj.module, nn.Linear):  # [out, in]: the head is a column block
+                proj.module.weight[:, rows] = 0.0
+            else:  # GPT-2 Conv1D [in, out]: a row block
+                proj.module.weight[rows] = 0.0
+            if hasattr(block, "c_attn"):  # GPT-2: c_attn out columns [q | k | v]
+                width = block.c_attn.weight.shape[1] // 3
+                for part in range(3):
+                    cols = slice(part * width + h * d, part * width + (h + 1) * d)
+                    block.c_attn.weight[:, cols] = 0.0
+                    block.c_attn.bias[cols] = 0.0
+            else:
+                q = block.q_proj if hasattr(block, "q_proj") else block.self.query
+                q.weight[rows] = 0.0
+                if q.bias is not None:
+                    q.bias[rows] = 0.0
+                if not hasattr(block, "q_proj"):  # BERT: key/value per head
+                    for m in (block.self.key, block.self.value):
+                        m.weight[rows] = 0.0
+                        m.bias[rows] = 0.0
+            pruned.append((proj.layer, h))
+        if hasattr(block, "q_proj"):
+            group = proj.group_size
+            for kv in range(proj.n_kv_heads):
+                if all(q in dead for q in range(kv * group, (kv + 1) * group)):
+                    for m in (block.k_proj, block.v_proj):
+                        m.weight[kv * d:(kv + 1) * d] = 0.0
+                        if m.bias is not None:
+                            m.bias[kv * d:(kv + 1) * d] = 0.0
+    return pruned

@@ -138,7 +138,9 @@ class HFTextAdapter(ModelAdapter):
                          name=self.name or getattr(cfg, "_name_or_path", ""))
 
     def prepare(self, inputs: Any) -> Prepared:
-        device = next(self.module.parameters()).device
+        from ..device_map import input_device
+
+        device = input_device(self.module)
         kwargs = tokenize(inputs, self.tokenizer, device, max_positions_of(self.module.config))
         return Prepared(kwargs, token_info(kwargs["input_ids"], self.tokenizer, kwargs.get("attention_mask")))
 

@@ -87,17 +87,20 @@ def boot_bridge(hf_model: nn.Module, tokenizer: Any, name: str | None = None, de
     if tokenizer is None:
         raise InputError("boot_bridge needs a tokenizer", expected="a PreTrainedTokenizer(Fast)", got=None,
                          fix="pass tokenizer=...; without one TransformerLens downloads it from the hub")
-    source = str(getattr(tokenizer, "name_or_path", "") or "")
-    if not source or not Path(source).is_dir():
-        from transformers import AutoTokenizer
-
-        folder = tempfile.mkdtemp(prefix="attnscope-tok-")
-        tokenizer.save_pretrained(folder)
-        tokenizer, source = AutoTokenizer.from_pretrained(folder), folder
     from transformer_lens.model_bridge import TransformerBridge
     from transformer_lens.model_bridge.sources import transformers as _tl_hf  # noqa: F401  (adds boot_transformers)
 
-    return TransformerBridge.boot_transformers(name or source, hf_model=hf_model, tokenizer=tokenizer, device=device)
+    source = str(getattr(tokenizer, "name_or_path", "") or "")
+    if source and Path(source).is_dir():
+        return TransformerBridge.boot_transformers(name or source, hf_model=hf_model, tokenizer=tokenizer,
+                                                   device=device)
+    from transformers import AutoTokenizer
+
+    with tempfile.TemporaryDirectory(prefix="attnscope-tok-") as folder:  # only needed while booting
+        tokenizer.save_pretrained(folder)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        return TransformerBridge.boot_transformers(name or folder, hf_model=hf_model, tokenizer=tokenizer,
+                                                   device=device)
 
 
 def _strip_wrappers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -1,0 +1,417 @@
+"""Task metrics for prompt suites, evaluated in batches, additive over items (so batched sweeps equal loops).
+
+What is scored per item (``eval_batches``):
+
+- answer positions: with ``metadata["queries"]`` (associative recall) every query position predicts its answer;
+  else with ``answer_ids`` / ``answer_text`` the answer is appended (teacher forcing) and the position before each
+  answer token predicts it; else with ``metadata["repeat_span"] = [s, e)`` (induction) position ``t - 1``
+  predicts ``ids[t]`` for ``s < t < e`` (``t - 1`` inside the repeat: its token occurred before);
+- ``label`` (classification organisms) when the model returns ``[batch, classes]`` logits.
+
+Metrics (``TaskMetric``): ``NextTokenAccuracy`` and ``AnswerLoss`` (mean cross-entropy) on the answer
+positions, ``ClassificationAccuracy``, and ``EmbeddingCosine``: cosine similarity of mean-pooled sentence
+embeddings (over non-padding tokens, as sentence-transformers pools MiniLM) to those of the unmodified model.
+Each metric returns per-item ``(sum, count)`` statistics; the value is ``sum / count`` over the suite, so the
+value of a suite does not depend on how it was batched. ``loss`` is the differentiable per-item loss that head
+importance differentiates (cross-entropy; for embeddings an in-batch contrastive loss, see ``EmbeddingCosine``).
+
+Example:
+    >>> import torch, transformers
+    >>> from attnscope.datasets import induction
+    >>> from attnscope.circuits.task_metrics import eval_batches, NextTokenAccuracy, evaluate
+    >>> cfg = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=32, n_positions=32)
+    >>> model = transformers.GPT2LMHeadModel(cfg).eval()
+    >>> batches = eval_batches(induction(4, seq_len=16, vocab_size=32, seed=0), batch_size=2)
+    >>> 0.0 <= evaluate(model, batches, NextTokenAccuracy()) <= 1.0
+    True
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..datasets.suite import PromptItem, PromptSuite
+from ..errors import AnalysisError, InputError
+
+IGNORE = -100
+
+
+@dataclass
+class EvalBatch:
+    """``input_ids``/``attention_mask`` ``[batch, seq]`` (right-padded), ``targets`` ``[batch, seq]`` (the token
+    each position should predict, ``-100`` where nothing is scored), ``labels`` ``[batch]`` (``-100``: none),
+    ``indices`` ``[batch]`` (item index in the suite)."""
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    targets: Tensor
+    labels: Tensor
+    indices: Tensor
+
+    @property
+    def inputs(self) -> dict[str, Tensor]:
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def replicate(self, n: int) -> "EvalBatch":
+        """``n`` copies stacked along the batch (block ``i`` = rows ``[i*B, (i+1)*B)``)."""
+        return EvalBatch(*(t.repeat(n, *([1] * (t.ndim - 1))) for t in
+                           (self.input_ids, self.attention_mask, self.targets, self.labels, self.indices)))
+
+    def to(self, device: Any) -> "EvalBatch":
+        return EvalBatch(*(t.to(device) for t in
+                           (self.input_ids, self.attention_mask, self.targets, self.labels, self.indices)))
+
+
+def _encode(tokenizer: Any, text: str, special: bool) -> list[int]:
+    if tokenizer is None:
+        raise InputError("text items need a tokenizer", expected="a model loaded with a tokenizer", got=None,
+                         fix="load the model with attnscope.load(...) or use a token-id suite")
+    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
+def item_sequence(item: PromptItem, tokenizer: Any = None) -> tuple[list[int], list[tuple[int, int]]]:
+    """The ids to run and the scored ``(position, target)`` pairs of one item."""
+    ids = list(item.ids) if item.ids is not None else _encode(tokenizer, item.text, True)
+    queries = item.metadata.get("queries")
+    if queries and all("position" in q and "answer" in q for q in queries):
+        return ids, [(int(q["position"]), int(q["answer"])) for q in queries if int(q["position"]) < len(ids)]
+    answer = item.answer_ids
+    if answer is None and item.answer_text is not None:
+        answer = _encode(tokenizer, item.answer_text, False)
+    if answer:
+        scored = [(len(ids) - 1 + j, int(t)) for j, t in enumerate(answer)]
+        return ids + [int(t) for t in answer[:-1]], scored
+    span = item.metadata.get("repeat_span")
+    if span:  # position t - 1 >= start has an earlier occurrence: it predicts ids[t] by induction
+        start, end = int(span[0]), min(int(span[1]), len(ids))
+        return ids, [(t - 1, ids[t]) for t in range(max(start + 1, 1), end)]
+    return ids, []
+
+
+def _pad_id(suite: PromptSuite, tokenizer: Any, pad_id: int | None) -> int:
+    if pad_id is not None:
+        return int(pad_id)
+    if tokenizer is not None and getattr(tokenizer, "pad_token_id", None) is not None:
+        return int(tokenizer.pad_token_id)
+    return int(suite.params.get("pad_id") or suite.metadata.get("pad_id") or 0)
+
+
+def eval_batches(suite: PromptSuite, tokenizer: Any = None, batch_size: int = 16,
+                 pad_id: int | None = None) -> list[EvalBatch]:
+    """Right-padded ``EvalBatch`` es of the suite (see the module docstring for what is scored)."""
+    if len(suite) == 0:
+        raise InputError("empty suite", expected="at least one item", got=0)
+    pad = _pad_id(suite, tokenizer, pad_id)
+    out = []
+    for start in range(0, len(suite), int(batch_size)):
+        chunk = suite.items[start:start + int(batch_size)]
+        seqs = [item_sequence(item, tokenizer) for item in chunk]
+        width = max(len(ids) for ids, _ in seqs)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        targets = torch.full_like(ids, IGNORE)
+        for row, (seq, scored) in enumerate(seqs):
+            ids[row, :len(seq)] = torch.tensor(seq)
+            mask[row, :len(seq)] = 1
+            for pos, tok in scored:
+                targets[row, pos] = tok
+        labels = torch.tensor([it.label if isinstance(it.label, int) and not isinstance(it.label, bool) else IGNORE
+                               for it in chunk], dtype=torch.long)
+        out.append(EvalBatch(ids, mask, targets, labels, torch.arange(start, start + len(chunk))))
+    return out
+
+
+def reference_ids(batches: Sequence[EvalBatch]) -> list[list[int]]:
+    """The unpadded token ids of every item (e.g. the reference inputs of mean / resample ablation)."""
+    return [row[m.bool()].tolist() for b in batches for row, m in zip(b.input_ids, b.attention_mask)]
+
+
+# ---- metrics ------------------------------------------------------------------------------------------------------
+
+def _logits(output: Any) -> Tensor:
+    if torch.is_tensor(output):
+        return output
+    logits = getattr(output, "logits", None)
+    if logits is None and isinstance(output, (tuple, list)):
+        logits = output[0]
+    if logits is None:
+        raise AnalysisError("the model returned no logits", expected="a model with an LM or classification head",
+                            got=type(output).__name__, fix="use the embedding metric for encoders without a head")
+    return logits
+
+
+def _upcast(x: Tensor) -> Tensor:
+    """At least float32 (float64 stays float64, for finite-difference checks)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+class TaskMetric:
+    """Per-item ``(sum, count)`` statistics, their reduction, and a differentiable per-item loss."""
+
+    name = "metric"
+    higher_is_better = True
+
+    def item_stats(self, output: Any, batch: EvalBatch) -> Tensor:  # [batch, 2]
+        raise NotImplementedError
+
+    def loss(self, output: Any, batch: EvalBatch) -> Tensor:  # [batch]
+        raise NotImplementedError
+
+    def reduce(self, totals: Tensor) -> float:
+        return float(totals[0] / totals[1]) if float(totals[1]) > 0 else float("nan")
+
+    def token_loss(self, output: Any, batch: EvalBatch) -> Tensor:
+        """Per-position loss ``[batch, seq]`` (0 where nothing is scored), for per-token importance."""
+        logits = _logits(output)
+        if logits.ndim != 3:
+            raise AnalysisError("per-token loss needs token logits", expected="[batch, seq, vocab]",
+                                got=list(logits.shape), fix="use variant='abs_per_example'")
+        ce = F.cross_entropy(_upcast(logits).transpose(1, 2), batch.targets, ignore_index=IGNORE, reduction="none")
+        count = (batch.targets != IGNORE).sum(1, keepdim=True).clamp_min(1)
+        return ce / count
+
+
+class _TokenMetric(TaskMetric):
+    def _check(self, batch: EvalBatch) -> Tensor:
+        valid = batch.targets != IGNORE
+        if not bool(valid.any()):
+            raise AnalysisError("no scored positions in the batch", expected="items with answers or a repeat span",
+                                got="none", fix="use a suite with answers, or the embedding metric")
+        return valid
+
+    def loss(self, output: Any, batch: EvalBatch) -> Tensor:
+        return self.token_loss(output, batch).sum(1)
+
+
+class NextTokenAccuracy(_TokenMetric):
+    """Fraction of answer positions whose argmax prediction is the answer token."""
+
+    name = "next_token_accuracy"
+
+    def item_stats(self, output: Any, batch: EvalBatch) -> Tensor:
+        valid = self._check(batch)
+        correct = (_logits(output).argmax(-1) == batch.targets) & valid
+        return torch.stack([correct.sum(1), valid.sum(1)], 1).double()
+
+
+class AnswerLoss(_TokenMetric):
+    """Mean cross-entropy (nats) over answer positions (lower is better)."""
+
+    name = "answer_loss"
+    higher_is_better = False
+
+    def item_stats(self, output: Any, batch: EvalBatch) -> Tensor:
+        valid = self._check(batch)
+        logits = _logits(output).double()
+        ce = F.cross_entropy(logits.transpose(1, 2), batch.targets, ignore_index=IGNORE, reduction="none")
+        return torch.stack([(ce * valid).sum(1), valid.sum(1).double()], 1)
+
+
+class ClassificationAccuracy(TaskMetric):
+    """Accuracy of ``[batch, classes]`` logits against the items' labels."""
+
+    name = "classification_accuracy"
+
+    def item_stats(self, output: Any, batch: EvalBatch) -> Tensor:
+        valid = batch.labels != IGNORE
+        correct = (_logits(output).argmax(-1) == batch.labels) & valid
+        return torch.stack([correct, valid], 1).double()
+
+    def loss(self, output: Any, batch: EvalBatch) -> Tensor:
+        return F.cross_entropy(_upcast(_logits(output)), batch.labels, ignore_index=IGNORE, reduction="none")
+
+
+def mean_pool(output: Any, attention_mask: Tensor) -> Tensor:
+    """Mean of the last hidden state over non-padding tokens ``[batch, hidden]`` (sentence-transformers pooling)."""
+    hidden = getattr(output, "last_hidden_state", None)
+    if hidden is None:
+        hidden = output[0] if isinstance(output, (tuple, list)) else None
+    if hidden is None or hidden.ndim != 3:
+        raise AnalysisError("no token embeddings to pool", expected="last_hidden_state [batch, seq, hidden]",
+                            got=type(output).__name__, fix="use an encoder (BERT class) for the embedding metric")
+    weights = attention_mask[..., None].to(hidden.dtype)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1)
+
+
+class EmbeddingCosine(TaskMetric):
+    """Cosine similarity of each sentence's mean-pooled embedding to the unmodified model's (1.0 when unchanged).
+
+    ``reference``: ``[n_items, hidden]`` embeddings of the unmodified model, indexed by suite item. The importance
+    loss is an in-batch contrastive loss (our choice; the cosine itself is at its maximum, with zero gradient, at
+    the unmodified model): ``-log softmax_j(cos(e_i, ref_j) / temperature)[i]``.
+    """
+
+    name = "embedding_cosine"
+
+    def __init__(self, reference: Tensor, temperature: float = 0.05):
+        self.reference = reference.detach().double()
+        self.temperature = float(temperature)
+
+    def item_stats(self, output: Any, batch: EvalBatch) -> Tensor:
+        emb = mean_pool(output, batch.attention_mask).double()
+        ref = self.reference.to(emb.device)[batch.indices]
+        cos = F.cosine_similarity(emb, ref, dim=-1)
+        return torch.stack([cos, torch.ones_like(cos)], 1)
+
+    def loss(self, output: Any, batch: EvalBatch) -> Tensor:
+        emb = F.normalize(_upcast(mean_pool(output, batch.attention_mask)), dim=-1)
+        ref = F.normalize(self.reference.to(device=emb.device, dtype=emb.dtype), dim=-1)
+        logits = emb @ ref.T / self.temperature  # [batch, n_items]
+        return F.cross_entropy(logits, batch.indices.to(emb.device), reduction="none")
+
+
+# ---- evaluation ---------------------------------------------------------------------------------------------------
+
+def forward(model: nn.Module, batch: EvalBatch) -> Any:
+    model = getattr(model, "module", model)
+    device = next(model.parameters()).device
+    return model(**batch.to(device).inputs)
+
+
+@torch.no_grad()
+def metric_totals(model: nn.Module, batches: Sequence[EvalBatch], metric: TaskMetric) -> Tensor:
+    """Summed ``(sum, count)`` statistics of ``metric`` over the batches."""
+    totals = torch.zeros(2, dtype=torch.float64)
+    for batch in batches:
+        device = next(getattr(model, "module", model).parameters()).device
+        totals += metric.item_stats(forward(model, batch), batch.to(device)).sum(0).cpu()
+    return totals
+
+
+def evaluate(model: nn.Module, batches: Sequence[EvalBatch], metric: TaskMetric) -> float:
+    """The metric's value over the batches (in the model's current state, e.g. inside ``apply_plan``)."""
+    return metric.reduce(metric_totals(model, batches, metric))
+
+
+@torch.no_grad()
+def sentence_embeddings(model: nn.Module, batches: Sequence[EvalBatch]) -> Tensor:
+    """Mean-pooled embeddings ``[n_items, hidden]`` in suite order."""
+    rows: dict[int, Tensor] = {}
+    for batch in batches:
+        emb = mean_pool(forward(model, batch), batch.attention_mask.to(next(
+            getattr(model, "module", model).parameters()).device))
+        rows.update({int(i): e.cpu() for i, e in zip(batch.indices, emb)})
+    return torch.stack([rows[i] for i in sorted(rows)])
+
+
+METRICS = ("accuracy", "loss", "embedding_cosine", "classification_accuracy")
+
+
+@torch.no_grad()
+def default_metric(model: nn.Module, batches: Sequence[EvalBatch], name: str | None = None) -> TaskMetric:
+    """The suite's metric: ``accuracy`` (next token) / ``loss`` for LMs with scored positions,
+    ``classification_accuracy`` for ``[batch, classes]`` logits, ``embedding_cosine`` otherwise."""
+    if name is not None and name not in METRICS:
+        raise InputError("unknown metric", expected=", ".join(METRICS), got=name)
+    if name == "embedding_cosine":
+        return EmbeddingCosine(sentence_embeddings(model, batches))
+    if name == "loss":
+        return AnswerLoss()
+    if name in ("accuracy", "classification_accuracy"):
+        return NextTokenAccuracy() if name == "accuracy" else ClassificationAccuracy()
+    output = forward(model, batches[0])
+    logits = getattr(output, "logits", None)
+    if logits is not None and logits.ndim == 3 and any(bool((b.targets != IGNORE).any()) for b in batches):
+        return NextTokenAccuracy()
+    if logits is not None and logits.ndim == 2 and any(bool((b.labels != IGNORE).any()) for b in batches):
+        return ClassificationAccuracy()
+    if getattr(output, "last_hidden_state", None) is not None:
+        return EmbeddingCosine(sentence_embeddings(model, batches))
+    raise AnalysisError("no metric fits this model and suite", expected="answers for an LM, labels for a "
+                        "classifier, or an encoder", got=type(output).__name__, fix="pass metric=...")
+
+
+# ---- suites by name -----------------------------------------------------------------------------------------------
+
+def builtin_sentences(n_items: int = 64, seed: int = 0) -> PromptSuite:
+    """Generated English sentences (the datasets package's word lists), for sentence-embedding metrics."""
+    from ..datasets._text import sentences
+
+    items = [PromptItem(text=s) for s in sentences(np.random.default_rng(seed), n_items)]
+    return PromptSuite("sentences", items, seed=seed, generator="sentences", params={"n_items": int(n_items)},
+                       metadata={"task": "sentence embeddings"})
+
+
+def _card(model_name: str | None) -> dict | None:
+    """The zoo card of ``zoo:NAME`` models (None for other models or when the card is missing)."""
+    if not model_name or not str(model_name).startswith("zoo:"):
+        return None
+    from .. import zoo
+    from ..errors import AttnscopeError
+
+    loader = getattr(zoo, "load_card", None)
+    if loader is None:
+        return None
+    try:
+        return loader(str(model_name)[4:])
+    except AttnscopeError:
+        return None
+
+
+_ALIASES = {"recall": "associative_recall", "mqar": "associative_recall", "needle_tokens": "needle_tokens"}
+
+
+def suite_from_name(name: str, *, model: Any = None, n_items: int = 64, seed: int | None = None,
+                    **params: Any) -> PromptSuite:
+    """A suite by name: a suite JSON path, ``sentences``, ``default`` (the zoo organism's own task), or a
+    generator of ``attnscope.datasets`` (``induction``, ``recall``, ``needle``, ``agreement``, ``ioi`` ...).
+
+    For a zoo organism (``model`` is its ``LoadedModel`` or name) the generator's parameters default to the card's
+    (vocabulary, lengths, special ids) and the seed to a held-out one, so the suite matches what it was trained on.
+    """
+    from pathlib import Path
+
+    from .. import datasets
+
+    if name.endswith(".json") or Path(name).is_file():
+        return PromptSuite.from_json(Path(name))
+    helper = getattr(datasets, "suite_from_name", None) or getattr(datasets, "get_suite", None)
+    card = _card(getattr(model, "name", model))
+    if name == "sentences":
+        return builtin_sentences(n_items, 0 if seed is None else seed)
+    generator = _ALIASES.get(name, name)
+    if name == "default":
+        if card is None:
+            raise InputError("no default suite for this model", expected="a zoo organism (zoo:NAME)",
+                             got=getattr(model, "name", model), fix="name a suite: sentences, induction, recall ...")
+        generator = card["data"]["generator"]
+    base = dict(card["data"]["params"]) if card and card["data"]["generator"] == generator else {}
+    base.pop("n_items", None)
+    base.update(params)
+    if seed is None:
+        seed = int(card["evaluation"].get("seed", 10_000)) if card else 0
+    fn = getattr(datasets, generator, None)
+    if fn is None and helper is not None:
+        return helper(name, n_items=n_items, seed=seed, **base)
+    if fn is None or not callable(fn) or generator.startswith("_") or generator in ("PromptSuite", "PromptItem"):
+        raise InputError("unknown suite", expected="a suite JSON file, sentences, default, or one of "
+                         "induction, recall, needle_tokens, needle_text, agreement, ioi", got=name)
+    kwargs = dict(base)
+    if generator in ("ioi", "needle_text") and model is not None and getattr(model, "tokenizer", None) is not None:
+        kwargs.setdefault("tokenizer", model.tokenizer)
+    try:
+        return fn(int(n_items), seed=int(seed), **kwargs)
+    except TypeError as exc:
+        raise InputError(f"bad parameters for suite {name!r}", expected="the generator's keyword arguments",
+                         got=sorted(kwargs), fix=str(exc)) from None
+
+
+def metric_for(model: Any, suite: PromptSuite, metric: str | None = None, batch_size: int = 16
+               ) -> tuple[list[EvalBatch], TaskMetric]:
+    """Batches of ``suite`` for ``model`` (a ``LoadedModel`` or module) and its task metric."""
+    batches = eval_batches(suite, getattr(model, "tokenizer", None), batch_size)
+    return batches, default_metric(model, batches, metric)
+
+
+__all__ = ["AnswerLoss", "ClassificationAccuracy", "EmbeddingCosine", "EvalBatch", "NextTokenAccuracy",
+           "TaskMetric", "builtin_sentences", "default_metric", "eval_batches", "evaluate", "item_sequence",
+           "mean_pool", "metric_for", "metric_totals", "reference_ids", "sentence_embeddings",
+           "suite_from_name"]

@@ -1,0 +1,25 @@
+"""``attnscope dash --results DIR [--model M] [--host 127.0.0.1] [--port 8050]``: the dashboard."""
+
+import argparse
+
+
+def _dash(args: argparse.Namespace) -> int:
+    from ..dashboards.app import serve
+    from ..dashboards.files import ResultsRoot
+
+    ResultsRoot(args.results)  # a missing directory is bad input: one line, exit 2, before any model is loaded
+    serve(args.results, model=args.model, host=args.host, port=args.port)
+    return 0
+
+
+def register(sub) -> None:
+    from ..dashboards.app import DEFAULT_HOST, DEFAULT_PORT
+
+    p = sub.add_parser("dash", help="browse result files in a dashboard (head grid, patterns, ablation)")
+    p.add_argument("--results", required=True, help="results directory (e.g. results/demo); only its result "
+                   "files (.parquet, .safetensors, .json) are read")
+    p.add_argument("--model", help="model for the ablation panel (e.g. minilm)")
+    p.add_argument("--host", default=DEFAULT_HOST, help=f"interface to bind (default {DEFAULT_HOST}: this machine "
+                   "only)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT)
+    p.set_defaults(run=_dash)

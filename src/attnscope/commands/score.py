@@ -1,0 +1,248 @@
+"""``attnscope score ANALYSIS --model M --suite S [suite options] [--heads] --out results.parquet``.
+
+ANALYSIS is any registered analysis (``attnscope score list``): retrieval, sinks, induction, prev-token,
+duplicate, streaming-llm, pattern, and whatever other modules register. Suites by name: induction, needle,
+needle-text, recall, ioi, agreement, sentences, bigram (Bigram-Backcopy), or a path to a suite JSON file; a zoo
+organism's card supplies the suite parameters it was trained with. Prints the top heads of the analysis' main
+metric and writes the ResultTable. Analyses that accept ``partial`` (retrieval) save per-sample rows
+to ``OUT.partial.parquet`` as they go; rerunning the same command resumes from it (``--restart`` discards it).
+"""
+
+import argparse
+import ast
+import inspect
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..errors import AnalysisError, InputError
+
+SUITES = ("induction", "needle", "needle-text", "recall", "ioi", "agreement", "sentences", "bigram")
+_UNIVERSAL = ("heads", "batch_size", "progress")  # passed to analyses that take **options
+
+
+def _ints(spec: str | None) -> list[int] | None:
+    if not spec:
+        return None
+    try:
+        return [int(v) for v in spec.split(",")]
+    except ValueError:
+        raise InputError("malformed integer list", expected="e.g. 200,400", got=spec) from None
+
+
+def _floats(spec: str | None) -> list[float] | None:
+    if not spec:
+        return None
+    try:
+        return [float(v) for v in spec.split(",")]
+    except ValueError:
+        raise InputError("malformed number list", expected="e.g. 0.1,0.5,0.9", got=spec) from None
+
+
+_GENERATORS = {"induction": "induction", "needle": "needle_tokens", "recall": "associative_recall",
+               "agreement": "agreement", "bigram": "bigram_backcopy"}
+
+
+def _zoo_suite_params(model: Any, suite: str) -> dict:
+    """Suite parameters from a zoo organism's card: all of its data parameters when the suite is the one it was
+    trained on, else only its vocabulary size and BOS id (when the suite takes them)."""
+    name = getattr(model, "name", "") or ""
+    if not name.startswith("zoo:") or suite not in _GENERATORS:
+        return {}
+    from .. import datasets as ds
+    from .. import zoo
+
+    try:
+        data = zoo.load_card(name[4:]).get("data", {})
+    except Exception:  # noqa: BLE001 - no card means plain defaults
+        return {}
+    params = {k: v for k, v in dict(data.get("params", {})).items() if k not in ("n_items", "seed", "name")}
+    generator = _GENERATORS[suite]
+    accepted = inspect.signature(getattr(ds, generator)).parameters
+    if data.get("generator") != generator:
+        params = {k: v for k, v in params.items() if k in ("vocab_size", "bos_id")}
+    return {k: v for k, v in params.items() if k in accepted}
+
+
+def _sentences_suite(n: int, seed: int, per_item: int = 3) -> Any:
+    import numpy as np
+
+    from ..datasets import PromptItem, PromptSuite
+    from ..datasets._text import sentences
+
+    rng = np.random.default_rng(seed)
+    items = [PromptItem(text=" ".join(sentences(rng, per_item))) for _ in range(int(n))]
+    return PromptSuite("sentences", items, seed=seed, generator="sentences",
+                       params={"n_items": int(n), "sentences_per_item": per_item})
+
+
+def build_suite(name: str, model: Any, args: argparse.Namespace) -> Any:
+    """The named suite, sized by the command-line options and fitted to the model (vocabulary, tokenizer)."""
+    from .. import datasets as ds
+
+    if Path(name).suffix == ".json":
+        return ds.PromptSuite.from_json(Path(name))
+    if name not in SUITES:
+        raise InputError("unknown suite", expected=list(SUITES) + ["PATH.json"], got=name)
+    tok = model.adapter.tokenizer
+    vocab = int(getattr(model.adapter.module.config, "vocab_size", 128))
+    n, seed = args.n_items, args.seed
+    params = _zoo_suite_params(model, name)
+    if args.vocab_size:
+        params["vocab_size"] = args.vocab_size
+    if args.seq_len:
+        params["seq_len"] = args.seq_len
+    text_suite = name in ("needle-text", "ioi", "sentences")
+    if text_suite and tok is None:
+        raise InputError(f"suite {name!r} is text, the model has no tokenizer", expected="a token-level suite",
+                         got=name, fix="use induction, needle, recall or agreement")
+    if name == "induction":
+        return ds.induction(n, **{"vocab_size": vocab, **params}, seed=seed)
+    if name == "needle":
+        return ds.needle_tokens(n, **{"vocab_size": vocab, "needle_len": args.needle_len, **params}, seed=seed)
+    if name == "recall":
+        params.pop("seq_len", None)
+        return ds.associative_recall(n, **{"vocab_size": vocab, **params}, seed=seed)
+    if name == "agreement":
+        return ds.agreement(n, **{"vocab_size": vocab, **params}, seed=seed)
+    if name == "bigram":
+        return ds.bigram_backcopy(n, **{"vocab_size": vocab, **params}, seed=seed)
+    if name == "needle-text":
+        lengths = _ints(args.context_lengths) or [args.seq_len or 200]
+        depths = _floats(args.depths) or [0.5]
+        return ds.needle_grid(lengths, depths, n_per_cell=n, seed=seed, unit="tokens", tokenizer=tok)
+    if name == "ioi":
+        return ds.ioi(n, seed=seed, tokenizer=tok)
+    return _sentences_suite(n, seed)
+
+
+def _literal(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _options(fn: Any, args: argparse.Namespace, partial: Path | None) -> dict:
+    """Keyword arguments for ``fn`` from the command line: only those it takes (explicitly or via **options)."""
+    wanted = {"heads": args.heads, "batch_size": args.batch_size, "progress": not args.no_progress,
+              "threshold": args.threshold, "template": args.template, "window": args.window,
+              "n_sinks": _ints(args.n_sinks), "mode": args.mode, "partial": partial,
+              "max_new_tokens": args.max_new_tokens}
+    params = inspect.signature(fn).parameters
+    var_kw = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    out = {k: v for k, v in wanted.items() if v is not None and (k in params or (var_kw and k in _UNIVERSAL))}
+    for spec in args.option or []:
+        key, sep, value = spec.partition("=")
+        if not sep or not key.strip():
+            raise InputError("malformed --option", expected="KEY=VALUE", got=spec)
+        out[key.strip().replace("-", "_")] = _literal(value.strip())
+    return out
+
+
+def _run_trace_analysis(analysis: Any, model: Any, suite: Any, options: dict) -> Any:
+    from ..probes.capture import capture
+
+    batch = next(suite.batches(len(suite), tokenizer=model.adapter.tokenizer))
+    trace = capture(model, batch.inputs, patterns=True)
+    return analysis.fn(trace, **{k: v for k, v in options.items() if k not in _UNIVERSAL})
+
+
+def print_table(table: Any, analysis: str, top: int, out=sys.stdout) -> None:
+    """The main metric's top heads (or, for model-level analyses, its rows), then summary rows."""
+    import pandas as pd
+
+    df = table.df
+    metric = table.provenance.get("main_metric") or (df["metric"].iloc[0] if len(df) else "")
+    rows = df[df["metric"] == metric]
+    heads = rows[rows["head"] >= 0].sort_values("value", ascending=False).head(top)
+    print(f"{analysis}: {metric} ({table.provenance.get('suite', '')}, model "
+          f"{table.provenance.get('model', '?')})", file=out)
+    if len(heads):
+        view = pd.DataFrame({"rank": range(1, len(heads) + 1),
+                             "head": [f"L{int(l)}H{int(h)}" for l, h in zip(heads["layer"], heads["head"])],
+                             metric: heads["value"].round(4).to_numpy()})
+        print(view.to_string(index=False), file=out)
+    else:
+        cols = [c for c in ("setting", "n_sink", "window", "mode", "metric", "value", "n_targets") if c in df]
+        print(df[cols].to_string(index=False), file=out)
+    if "retrieval_heads" in table.provenance:
+        print(f"retrieval heads (score > {table.provenance.get('threshold')}): "
+              f"{table.provenance['retrieval_heads'] or 'none'} "
+              f"[{table.provenance.get('n_counted')} of {table.provenance.get('n_samples')} samples counted]",
+              file=out)
+    means = df[(df["head"] == -1) & (df["layer"] >= 0) & df["metric"].str.startswith("layer_mean:")]
+    if len(means):
+        grid = means.pivot_table(index="layer", columns="metric", values="value").round(3)
+        grid.columns = [c.split(":", 1)[1] for c in grid.columns]
+        sinks = [c for c in grid.columns if c != "other"]
+        grid["dominant"] = grid[sinks].idxmax(axis=1)
+        print("mean sink score of each layer's heads:\n" + grid.to_string(), file=out)
+    fractions = df[(df["layer"] == -1) & (df["head"] == -1) & df["metric"].str.startswith("sink_fraction")]
+    for _, r in fractions.iterrows():
+        print(f"{r['metric']} (> {r.get('threshold')}): {r['value']:.3f}", file=out)
+
+
+def _score(args: argparse.Namespace) -> int:
+    from ..circuits.registry import get_analysis, list_analyses
+    from ..probes.loading import load
+
+    if args.analysis == "list":
+        for a in list_analyses():
+            print(f"{a.name:22s} {a.description}")
+        return 0
+    if not args.model or not args.suite or not args.out:
+        raise InputError("score needs --model, --suite and --out", expected="all three",
+                         got={"model": args.model, "suite": args.suite, "out": args.out})
+    analysis = get_analysis(args.analysis)
+    model = load(args.model)
+    suite = build_suite(args.suite, model, args)
+    out = Path(args.out)
+    partial = out.with_name(out.stem + ".partial.parquet")
+    if args.restart and partial.is_file():
+        partial.unlink()
+    options = _options(analysis.fn, args, partial)
+    try:
+        table = (_run_trace_analysis(analysis, model, suite, options) if analysis.takes == "trace"
+                 else analysis.fn(model, suite, **options))
+    except TypeError as exc:
+        raise AnalysisError(f"bad options for {args.analysis}", expected="options the analysis takes",
+                            got=str(exc).splitlines()[0][:200], fix="check --option names") from None
+    table.provenance.setdefault("model", args.model)
+    table.provenance.setdefault("suite", suite.name)
+    print_table(table, args.analysis, args.top)
+    table.save(out)
+    if partial.is_file():
+        partial.unlink()
+    print(f"wrote {out} ({len(table)} rows)")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("score", help="score heads over a prompt suite (retrieval, sinks, induction, ...)")
+    p.add_argument("analysis", help="a registered analysis, or 'list' to list them")
+    p.add_argument("--model", help="minilm, zoo:NAME, a model folder ...")
+    p.add_argument("--suite", help=f"{', '.join(SUITES)}, or a suite .json file")
+    p.add_argument("--out", help="results .parquet (resumes from OUT.partial.parquet)")
+    g = p.add_argument_group("suite options")
+    g.add_argument("--n-items", type=int, default=16)
+    g.add_argument("--seq-len", type=int, default=None, help="tokens per item (needle-text: context length)")
+    g.add_argument("--vocab-size", type=int, default=None, help="default: the model's vocabulary")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--context-lengths", help="needle-text: comma-separated token counts, e.g. 200,400")
+    g.add_argument("--depths", help="needle-text: comma-separated depth fractions, e.g. 0.1,0.5,0.9")
+    g.add_argument("--needle-len", type=int, default=4, help="needle: needle tokens")
+    g = p.add_argument_group("analysis options")
+    g.add_argument("--heads", help="restrict to heads, e.g. L1H*,L2H3")
+    g.add_argument("--batch-size", type=int, default=None)
+    g.add_argument("--threshold", type=float, default=None, help="retrieval 0.1, sinks 0.3 by default")
+    g.add_argument("--max-new-tokens", type=int, default=None, help="retrieval: decode length")
+    g.add_argument("--template", help="pattern: a .npy [query, key] template")
+    g.add_argument("--window", type=int, default=None, help="streaming-llm: recent-token window")
+    g.add_argument("--n-sinks", help="streaming-llm: kept initial tokens, e.g. 0,1,4")
+    g.add_argument("--mode", choices=("recompute", "cache"), default=None, help="streaming-llm window mode")
+    g.add_argument("--option", action="append", help="any other analysis option, KEY=VALUE (repeatable)")
+    g.add_argument("--top", type=int, default=10, help="heads to print")
+    g.add_argument("--no-progress", action="store_true")
+    g.add_argument("--restart", action="store_true", help="ignore a partial result from an earlier run")
+    p.set_defaults(run=_score)

@@ -1,0 +1,101 @@
+"""``attnscope sweep SPEC.yaml`` (a grid of cells on Ray) and ``attnscope remote-capture`` (one capture or
+intervention plan in an nnsight trace on an NDIF-compatible backend)."""
+
+import argparse
+
+from ..errors import InputError
+
+
+def _remote_flag(args: argparse.Namespace) -> "bool | str | None":
+    if args.remote and args.local_sim:
+        raise InputError("--remote and --local-sim exclude each other", expected="one of them", got="both")
+    return True if args.remote else "local" if args.local_sim else None
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    import sys
+
+    from ..sweeps.runner import run_sweep
+    from ..sweeps.spec import load_spec, parse_spec
+
+    spec = load_spec(args.spec)
+    if args.device_map or args.max_memory:
+        raw = dict(spec.raw)
+        raw["models"] = [_with_placement(m, args.device_map, args.max_memory) for m in raw["models"]]
+        spec = parse_spec(raw, base_dir=__import__("pathlib").Path(args.spec).expanduser().parent)
+    report = run_sweep(spec, args.out, address=args.address, workers=args.workers, remote=_remote_flag(args),
+                       progress=not args.quiet, verbose=args.verbose)
+    print(report.summary())
+    for cid, error in sorted(report.failed.items()):
+        print(f"  failed cell={cid}: {error}", file=sys.stderr)
+    return 0 if report.ok else 1
+
+
+def _with_placement(entry, device_map, max_memory):
+    entry = {"model": entry} if isinstance(entry, str) else dict(entry)
+    if device_map and "device_map" not in entry:
+        entry["device_map"] = device_map
+    if max_memory and "max_memory" not in entry:
+        entry["max_memory"] = max_memory
+    return entry
+
+
+def _remote_capture(args: argparse.Namespace) -> int:
+    from ..probes.loading import load
+    from ..probes.remote import plan_from_json, remote_capture
+    from .parsing import parse_spans, parse_stats
+
+    stats, spans = parse_stats(args.stats)
+    spans += parse_spans(args.mass_spans)
+    plan = plan_from_json(args.plan) if args.plan else None
+    if args.local_sim:
+        from ..probes.device_map import parse_device_map
+
+        model = load(args.model, device_map=parse_device_map(args.device_map))
+        remote: "bool | str" = "local"
+    else:
+        model, remote = args.model, True  # a hub id: only its config is read here, the weights stay remote
+    trace = remote_capture(model, args.text, remote=remote, plan=plan, task=args.task, heads=args.heads,
+                           rows=args.rows, stats=stats, mass_spans=spans or [(0, 1)], topk=args.topk)
+    path = trace.save(args.out)
+    where = trace.provenance.get("remote", {}).get("host", "local simulation")
+    print(f"captured {len(trace.sites)} sites through nnsight ({where}) -> {path}")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("sweep", help="run a grid of models x suites x analyses x interventions on Ray",
+                       description="Cells already in --out are skipped: rerun the same command to resume.")
+    p.add_argument("spec", help="the sweep spec (YAML)")
+    p.add_argument("--out", default=None, help="results folder (default results/sweeps/<name>)")
+    p.add_argument("--address", default=None, help="join this Ray cluster (auto, HOST:6379, ray://HOST:10001); "
+                   "default: a local Ray instance for this run")
+    p.add_argument("--workers", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
+    p.add_argument("--remote", action="store_true", help="captures run on the NDIF backend "
+                   "(ATTNSCOPE_NNSIGHT_HOST or NDIF_HOST, NDIF_API_KEY)")
+    p.add_argument("--local-sim", action="store_true", help="like --remote, through nnsight's local simulation")
+    p.add_argument("--device-map", default=None, help="for models without one: auto, balanced, sequential, a "
+                   "device, or a JSON map {module: device|disk}")
+    p.add_argument("--max-memory", default=None, help="per device, e.g. 0=20GiB,cpu=60GiB")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--verbose", action="store_true", help="show Ray's and the workers' logs")
+    p.set_defaults(run=_sweep)
+
+    p = sub.add_parser("remote-capture", help="capture (and apply an intervention plan) in an nnsight trace on "
+                       "an NDIF-compatible backend")
+    p.add_argument("--model", required=True, help="hub id the backend serves (with --local-sim: any model)")
+    p.add_argument("--text", required=True, action="append", help="input text (repeat for a batch)")
+    p.add_argument("--plan", default=None, help="intervention plan JSON (InterventionPlan.to_dict), a file or "
+                   "inline")
+    p.add_argument("--heads", help="e.g. L3H5,L7H*")
+    p.add_argument("--rows", help="query rows: last:K, first:K, A:B")
+    p.add_argument("--stats", help="streaming statistics: sink,mass,entropy,topk")
+    p.add_argument("--mass-spans", help="key spans for mass, e.g. 0:1,5:9")
+    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--local-sim", action="store_true", help="serialise the request as for the backend but run "
+                   "it here (no network)")
+    p.add_argument("--device-map", default=None, help="with --local-sim: how to place the local model")
+    p.add_argument("--task", default=None, help="nnsight task of the remote model (default: inferred; "
+                   "text-generation when it cannot be)")
+    p.add_argument("--out", required=True)
+    p.set_defaults(run=_remote_capture)

@@ -1,0 +1,72 @@
+"""``create_app(results_dir, model=None)``: the Dash app over one results directory; ``serve`` runs it.
+
+Besides Dash's own routes, the app has one Flask route, ``/files/<relative path>``, for downloading result files.
+It applies the same rule as every callback (``ResultsRoot.resolve``): a path outside the directory (``..``,
+absolute, a symlink leaving it) or of another type is refused with 403 and nothing is read.
+
+Example:
+    >>> import tempfile
+    >>> from attnscope.dashboards.app import create_app
+    >>> app = create_app(tempfile.mkdtemp())
+    >>> app.server.test_client().get("/files/../../etc/passwd").status_code
+    403
+"""
+
+import mimetypes
+from pathlib import Path
+from typing import Any
+
+from .files import PathRefused, ResultsRoot
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8050
+
+
+def _download_route(server: Any, root: ResultsRoot) -> None:
+    from flask import Response, send_file
+
+    def download(relpath: str):
+        try:
+            path = root.resolve(relpath)
+        except PathRefused as exc:
+            return Response(f"refused: {exc}\n", status=403, mimetype="text/plain")
+        mime = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+        return send_file(path, mimetype=mime, as_attachment=True, download_name=path.name)
+
+    server.add_url_rule("/files/<path:relpath>", "attnscope_download", download, methods=["GET"])
+
+
+def create_app(results_dir: "str | Path", model: Any = None, model_name: str | None = None) -> Any:
+    """A Dash app showing the result files of ``results_dir``; with ``model`` the ablation panel runs it."""
+    import dash
+
+    from .callbacks import register_callbacks
+    from .layout import INDEX_STRING, build_layout
+
+    root = ResultsRoot(results_dir)
+    app = dash.Dash(__name__, title="attnscope", update_title=None, assets_folder=str(Path(__file__).parent /
+                    "_no_assets"), serve_locally=True)
+    app.index_string = INDEX_STRING
+    name = model_name or (getattr(model, "name", None) if model is not None else None)
+    app.layout = lambda: build_layout(root, name if model is not None else None)
+    register_callbacks(app, root, model)
+    _download_route(app.server, root)
+    return app
+
+
+def serve(results_dir: "str | Path", model: Any = None, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> None:
+    """Load ``model`` (a name for ``attnscope.load``, a loaded model, or None) and serve the app (blocking).
+
+    Debug mode stays off: its interactive debugger would run code for anyone who can reach the port.
+    """
+    if isinstance(model, str):
+        from ..probes.loading import load
+
+        model = load(model)
+    app = create_app(results_dir, model)
+    print(f"attnscope dash: serving {ResultsRoot(results_dir).root} on http://{host}:{port}/ (Ctrl+C stops)",
+          flush=True)
+    app.run(host=host, port=int(port), debug=False)
+
+
+__all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "create_app", "serve"]

@@ -1,0 +1,320 @@
+"""The dashboard's callbacks. Every path that arrives from the browser goes through ``ResultsRoot.resolve`` first:
+component values can be forged by any client, so a listed option is never trusted.
+
+The view functions (``grid_view``, ``pattern_view``, ``diff_view``, ``deep_link``) are plain functions of the
+root and the request values, tested without a browser.
+"""
+
+import json
+import re
+from pathlib import PurePosixPath
+from typing import Any
+from urllib.parse import parse_qs, quote
+
+import plotly.graph_objects as go
+
+from ..errors import AttnscopeError, InputError
+from ..probes.heads import HeadSet
+from ..probes.site import Site
+from ..viz._common import base_layout, new_figure
+from ..viz.heads import head_grid, head_grid_diff
+from ..viz.pattern import attention_pattern, top_attended, trace_pattern
+from .data import load_site, load_table, read_json, trace_header
+from .files import PathRefused, ResultsRoot
+
+_LAYER = re.compile(r"^\s*L(\d+)H", re.IGNORECASE)
+
+
+def message_figure(text: str, height: int = 300) -> go.Figure:
+    """An empty figure showing ``text`` (for errors and empty states)."""
+    fig = new_figure()
+    fig.add_annotation(text=text, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper",
+                       font=dict(size=13, color="#8a1c12"))
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False)
+    return base_layout(fig, None, height=height)
+
+
+def deep_link(root: ResultsRoot, search: str | None) -> tuple[str | None, dict[str, str], list[str]]:
+    """(run folder or None, valid ``table``/``trace`` values, error messages) of a ``?table=..&trace=..`` query."""
+    query = parse_qs((search or "").lstrip("?"))
+    picked: dict[str, str] = {}
+    errors: list[str] = []
+    run = None
+    for key, kinds in (("table", ("table",)), ("trace", ("trace",)), ("file", ("table", "trace", "json"))):
+        for value in query.get(key, [])[:1]:
+            try:
+                root.resolve(value, kinds)
+            except PathRefused as exc:
+                errors.append(f"{key}: {exc}")
+                continue
+            picked[key] = value
+            parent = PurePosixPath(value.replace("\\", "/")).parent.as_posix()
+            run = run if run is not None else ("" if parent == "." else parent)
+    return run, picked, errors
+
+
+def clicked_head(click: Any) -> tuple[int, int] | None:
+    """(layer, head) of a head-grid ``clickData`` (its ``customdata``, else the cell's y and x), or None."""
+    try:
+        point = click["points"][0]
+        data = point.get("customdata")
+        if isinstance(data, (list, tuple)) and len(data) == 2:
+            return int(data[0]), int(data[1])
+        return int(point["y"]), int(point["x"])
+    except (KeyError, IndexError, TypeError, ValueError):
+        return None
+
+
+def _metric_choice(root: ResultsRoot, table: str | None) -> tuple[list[str], str | None]:
+    if not table:
+        return [], None
+    try:
+        df = load_table(root.resolve(table, ("table",))).df
+    except AttnscopeError:
+        return [], None
+    per_head = df[(df["layer"] >= 0) & (df["head"] >= 0)]
+    metrics = list(dict.fromkeys(per_head["metric"].astype(str)))
+    return metrics, metrics[0] if metrics else None
+
+
+def _site_choice(root: ResultsRoot, trace: str | None) -> tuple[list[dict], str | None]:
+    if not trace:
+        return [], None
+    try:
+        header = trace_header(root.resolve(trace, ("trace",)))
+    except AttnscopeError:
+        return [], None
+    tower, kind = _site_of(None, header)
+    return [{"label": f"{t} · {k}", "value": f"{t}|{k}"} for t, k in header.towers_kinds()], f"{tower}|{kind}"
+
+
+def selection(root: ResultsRoot, trigger: str | None, search: str | None, run: str | None, table: str | None,
+              trace: str | None) -> dict[str, Any]:
+    """What the pickers show after ``trigger`` (None or ``url``: page load; ``run``, ``table``, ``trace``).
+
+    Returns the keys to update (``run``, ``table_options``, ``table``, ``metric_options``, ``metric``,
+    ``trace_options``, ``trace``, ``site_options``, ``site``), ``files`` of the run, ``run_changed`` and
+    ``errors`` (refused deep-link paths). Every path is checked by ``root``; forged values select nothing.
+    """
+    out: dict[str, Any] = {"errors": [], "files": [], "run_changed": trigger in (None, "url", "run")}
+    if trigger in ("table", "trace"):
+        if trigger == "table":
+            out["metric_options"], out["metric"] = _metric_choice(root, table)
+        else:
+            out["site_options"], out["site"] = _site_choice(root, trace)
+        return out
+    picked: dict[str, str] = {}
+    if trigger in (None, "url"):
+        link_run, picked, out["errors"] = deep_link(root, search)
+        run = link_run if link_run is not None else run
+    try:
+        chosen = root.run(run or "")
+    except PathRefused as exc:
+        runs = root.runs()
+        if trigger == "run" or not runs:
+            out["errors"].append(f"run: {exc}")
+        if not runs:
+            return out | {"table_options": [], "table": None, "trace_options": [], "trace": None}
+        chosen = runs[0]
+    table = picked.get("table") if picked.get("table") in chosen.tables else (chosen.tables or [None])[0]
+    trace = picked.get("trace") if picked.get("trace") in chosen.traces else (chosen.traces or [None])[0]
+    out.update(run=chosen.path, table_options=chosen.tables, table=table, trace_options=chosen.traces, trace=trace,
+               files=chosen.files())
+    out["metric_options"], out["metric"] = _metric_choice(root, table)
+    out["site_options"], out["site"] = _site_choice(root, trace)
+    return out
+
+
+def grid_view(root: ResultsRoot, table: str, metric: str | None, selected: Any = None) -> go.Figure:
+    path = root.resolve(table, ("table",))
+    sel = tuple(int(v) for v in selected) if selected else None
+    return head_grid(load_table(path), metric, title=f"{metric} · {table}", selected=sel)
+
+
+def diff_view(root: ResultsRoot, table: str, other: str, metric: str | None) -> go.Figure:
+    a = load_table(root.resolve(table, ("table",)))
+    b = load_table(root.resolve(other, ("table",)))
+    label_a, label_b = _short(table, other), _short(other, table)
+    return head_grid_diff(a, b, metric, labels=(label_a, label_b), title=f"{metric}: {label_b} − {label_a}")
+
+
+def _short(path: str, other: str) -> str:
+    """The run folder of ``path`` when it differs from ``other``'s, else the file name."""
+    mine, theirs = PurePosixPath(path), PurePosixPath(other)
+    return (mine.parent.as_posix() if mine.parent != theirs.parent and mine.parent.as_posix() != "." else mine.name)
+
+
+def _site_of(value: str | None, header: Any) -> tuple[str, str]:
+    options = header.towers_kinds()
+    if value and "|" in value and tuple(value.split("|", 1)) in options:
+        return tuple(value.split("|", 1))  # type: ignore[return-value]
+    if not options:
+        raise InputError("trace has no sites", expected="a trace with patterns", got=str(header.path.name))
+    return ("text", "self") if ("text", "self") in options else options[0]
+
+
+def _heads_of(spec: str, layer: int, n_heads: int) -> list[int]:
+    heads = HeadSet.parse(spec, n_heads=n_heads)
+    if heads.layers != [layer]:
+        raise InputError("a fused pattern needs heads of one layer", expected=f"heads of layer {layer}",
+                         got=str(heads), fix="write e.g. L2H1,L2H5 or L2H*")
+    return heads.heads_in_layer(layer)
+
+
+def pattern_view(root: ResultsRoot, trace: str, site_value: str | None, item: Any, spec: str | None,
+                 click: tuple[int, int] | None, mode: str) -> tuple[go.Figure, list[tuple[int, str, float]]]:
+    """The pattern figure and the top attended keys of the clicked head (or of ``spec``, e.g. ``L2H*``)."""
+    path = root.resolve(trace, ("trace",))
+    header = trace_header(path)
+    tower, kind = _site_of(site_value, header)
+    layers = header.layers(tower, kind)
+    batch = int(item or 0)
+    heads: list[int] | None = None
+    if click is not None:
+        layer, heads = int(click[0]), [int(click[1])]
+    elif spec and spec.strip():
+        match = _LAYER.match(spec)
+        if match is None:
+            raise InputError("heads of one layer expected", expected="e.g. L2H7, L2H1,L2H5 or L2H*", got=spec,
+                             fix="name one layer; the grid shows every layer")
+        layer = int(match.group(1))
+    else:
+        layer, spec = layers[0], None
+    if layer not in layers:
+        raise InputError("layer not in this trace", expected=f"layers {layers}", got=layer,
+                         fix="pick another trace or site")
+    one = load_site(path, Site(tower, layer, kind), None, batch)
+    held = one.get(Site(tower, layer, kind)).heads()
+    if heads is None:
+        heads = _heads_of(spec, layer, max(held) + 1) if spec else held[:1]
+    pattern = trace_pattern(one, layer, heads, tower=tower, kind=kind)
+    fig = attention_pattern(pattern, mode="topk" if mode == "topk" else "auto")
+    return fig, top_attended(pattern, 10)
+
+
+def _top_table(top: list[tuple[int, str, float]]) -> Any:
+    from dash import html
+
+    head = html.Tr([html.Th("key"), html.Th("token"), html.Th("mean attention received")])
+    rows = [html.Tr([html.Td(str(p)), html.Td(t), html.Td(f"{v:.4f}")]) for p, t, v in top]
+    return html.Table([head] + rows, className="top", id="top-table")
+
+
+def _file_item(root: ResultsRoot, relative: str) -> Any:
+    """A download link; JSON files also show their content (read through the path rule, at most 200 kB)."""
+    from dash import html
+
+    link = html.A(relative, href="/files/" + quote(relative), target="_blank")
+    if not relative.lower().endswith(".json"):
+        return html.Li(link)
+    try:
+        text = json.dumps(read_json(root.resolve(relative, ("json",))), indent=1)[:20_000]
+    except AttnscopeError as exc:
+        text = str(exc)
+    return html.Li(html.Details([html.Summary(link), html.Pre(text, className="result")]))
+
+
+def _provenance(root: ResultsRoot, table: str | None) -> str:
+    if not table:
+        return ""
+    try:
+        provenance = load_table(root.resolve(table, ("table",))).provenance
+    except AttnscopeError:
+        return ""
+    return json.dumps(provenance, indent=1, default=str)[:20_000]
+
+
+def _ablation_text(result: dict) -> str:
+    delta = result["metric_after"] - result["metric_before"]
+    return (f"{result['metric']}: {result['metric_before']:.4f} → {result['metric_after']:.4f} ({delta:+.4f})\n"
+            f"heads {result['heads']} · mode {result['mode']} · via {result['path']} · {result['seconds']:.2f} s\n"
+            f"before: {result['output_before']}\nafter:  {result['output_after']}")
+
+
+def register_callbacks(app: Any, root: ResultsRoot, model: Any = None) -> None:
+    """Wire the page of ``layout.build_layout`` to the views."""
+    from dash import Input, Output, State, ctx, html, no_update
+
+    selection_outputs = [Output("run", "value"), Output("table", "options"), Output("table", "value"),
+                         Output("metric", "options"), Output("metric", "value"), Output("trace", "options"),
+                         Output("trace", "value"), Output("site", "options"), Output("site", "value"),
+                         Output("files", "children"), Output("alert", "children")]
+
+    @app.callback(*selection_outputs, Input("url", "search"), Input("run", "value"), Input("table", "value"),
+                  Input("trace", "value"))
+    def _select(search, run, table, trace):
+        # one callback (inputs that are also outputs are allowed within one callback), so the grid and the pattern
+        # wait for one round trip after the page loads, not a chain of four
+        state = selection(root, ctx.triggered_id, search, run, table, trace)
+        files = [_file_item(root, f) for f in state.pop("files")]
+        errors = state.pop("errors")
+        alert = html.Div([html.B("Refused: "), "; ".join(errors)], className="alert", id="refused") if errors else None
+        values = [state.get(key, no_update) for key in ("run", "table_options", "table", "metric_options", "metric",
+                                                        "trace_options", "trace", "site_options", "site")]
+        return *values, files if state.get("run_changed") else no_update, alert
+
+    @app.callback(Output("head-grid", "figure"), Output("grid-msg", "children"), Input("table", "value"),
+                  Input("metric", "value"), Input("selected", "data"))
+    def _grid(table, metric, selected):
+        if not table:
+            return message_figure("no result table in this run"), ""
+        try:
+            return grid_view(root, table, metric, selected), ""
+        except AttnscopeError as exc:
+            return message_figure(str(exc)[:160]), str(exc)
+
+    @app.callback(Output("provenance", "children"), Input("table", "value"))
+    def _table_provenance(table):
+        return _provenance(root, table)
+
+    @app.callback(Output("selected", "data"), Output("heads", "value"), Output("abl-heads", "value"),
+                  Input("head-grid", "clickData"), prevent_initial_call=True)
+    def _click(click):
+        data = clicked_head(click)
+        if data is None:
+            return no_update, no_update, no_update
+        label = f"L{int(data[0])}H{int(data[1])}"
+        return [int(data[0]), int(data[1])], label, label
+
+    @app.callback(Output("pattern", "figure"), Output("top-tokens", "children"), Output("pattern-msg", "children"),
+                  Input("head-grid", "clickData"), Input("heads", "n_submit"), Input("trace", "value"),
+                  Input("site", "value"), Input("item", "value"), Input("mode", "value"), State("heads", "value"))
+    def _pattern(click, _submit, trace, site, item, mode, spec):
+        if not trace:
+            return message_figure("no trace (.safetensors) in this run: patterns need one"), None, ""
+        point = clicked_head(click)
+        use_click = point if ctx.triggered_id == "head-grid" or not spec else None
+        try:
+            fig, top = pattern_view(root, trace, site, item, spec, use_click, mode)
+        except AttnscopeError as exc:
+            return message_figure(str(exc)[:160]), None, str(exc)
+        return fig, _top_table(top), ""
+
+    @app.callback(Output("diff-grid", "figure"), Output("diff-box", "style"), Input("compare", "value"),
+                  Input("table", "value"), Input("metric", "value"))
+    def _diff(other, table, metric):
+        if not other or not table:
+            return no_update, {"display": "none"}
+        try:
+            return diff_view(root, table, other, metric), {"display": "block"}
+        except AttnscopeError as exc:
+            return message_figure(str(exc)[:160]), {"display": "block"}
+
+    @app.callback(Output("abl-result", "children"), Input("abl-run", "n_clicks"), State("abl-heads", "value"),
+                  State("abl-mode", "value"), State("abl-scale", "value"), State("abl-text", "value"),
+                  State("abl-answer", "value"), prevent_initial_call=True)
+    def _ablate(_n, heads, mode, scale, text, answer):
+        if model is None:
+            return "no model loaded: start the dashboard with --model NAME"
+        from .ablation import run_ablation
+
+        try:
+            result = run_ablation(model, heads or "", mode, text or "", scale=scale, answer=answer or None)
+        except AttnscopeError as exc:
+            return f"error: {exc}"
+        return html.Span(_ablation_text(result), id="abl-done")
+
+
+__all__ = ["clicked_head", "deep_link", "diff_view", "grid_view", "message_figure", "pattern_view",
+           "register_callbacks", "selection"]

@@ -1,0 +1,125 @@
+"""The only way the dashboard touches the disk: result files inside one results directory.
+
+A request names a file by its path *relative to the results directory*. It is refused, before anything is read,
+when it is absolute, contains ``..``, resolves (``Path.resolve()``, following symlinks) outside the directory,
+is not a result file type (``.parquet``, ``.safetensors``, ``.json``), or does not exist. Nothing is unpickled:
+parquet is read by pyarrow, safetensors by safetensors, JSON by ``json``.
+
+Example:
+    >>> import tempfile, pathlib
+    >>> from attnscope.dashboards.files import ResultsRoot
+    >>> d = pathlib.Path(tempfile.mkdtemp()); (d / "run").mkdir(); _ = (d / "run" / "t.json").write_text("{}")
+    >>> root = ResultsRoot(d)
+    >>> root.resolve("run/t.json").name
+    't.json'
+    >>> root.resolve("../../etc/passwd")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    attnscope.dashboards.files.PathRefused: path refused: expected a path inside the results directory ...
+"""
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from ..errors import InputError
+
+RESULT_TYPES = {".parquet": "table", ".safetensors": "trace", ".json": "json"}
+MAX_FILES = 5000
+MAX_DEPTH = 8
+
+
+class PathRefused(InputError):
+    """A path outside the results directory, or not a result file, was requested."""
+
+
+@dataclass
+class Run:
+    """One folder of the results directory (``""`` for the directory itself) and its result files by kind."""
+
+    path: str
+    tables: list[str] = field(default_factory=list)
+    traces: list[str] = field(default_factory=list)
+    json: list[str] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return self.path or "(results directory)"
+
+    def files(self) -> list[str]:
+        return sorted(self.tables + self.traces + self.json)
+
+
+class ResultsRoot:
+    """A results directory and the path rule: only result files inside it, by relative path."""
+
+    def __init__(self, root: "str | os.PathLike[str]"):
+        path = Path(root).expanduser()
+        if not path.is_dir():
+            raise InputError("results directory not found", expected="an existing directory", got=str(root),
+                             fix="run `attnscope demo --out DIR` or pass a folder holding result files")
+        self.root = path.resolve()
+
+    def _refuse(self, why: str, relative: object, fix: str = "pick a file listed by the dashboard") -> PathRefused:
+        return PathRefused("path refused", expected=why, got=repr(relative)[:200], fix=fix)
+
+    def resolve(self, relative: object, kinds: tuple[str, ...] = ("table", "trace", "json")) -> Path:
+        """The absolute path of a result file inside the root, or PathRefused (nothing is read)."""
+        if not isinstance(relative, str) or not relative.strip() or "\x00" in relative:
+            raise self._refuse("a relative path of a result file", relative)
+        text = relative.replace("\\", "/")
+        pure = PurePosixPath(text)
+        if pure.is_absolute() or Path(relative).is_absolute() or text.startswith("~"):
+            raise self._refuse("a path relative to the results directory, not an absolute one", relative)
+        if ".." in pure.parts:
+            raise self._refuse("a path inside the results directory without '..'", relative)
+        kind = RESULT_TYPES.get(pure.suffix.lower())
+        if kind is None or kind not in kinds:
+            allowed = sorted(s for s, k in RESULT_TYPES.items() if k in kinds)
+            raise self._refuse(f"a result file ({', '.join(allowed)})", relative)
+        full = (self.root / pure).resolve()
+        if not full.is_relative_to(self.root):
+            raise self._refuse("a file inside the results directory (this one leaves it through a symlink)",
+                               relative)
+        if not full.is_file():
+            raise self._refuse("an existing result file", relative, fix="rescan: the file may have been removed")
+        return full
+
+    def relative(self, path: Path) -> str:
+        return path.relative_to(self.root).as_posix()
+
+    def runs(self) -> list[Run]:
+        """Every folder (the root and its subfolders, symlinked folders not followed) holding result files."""
+        runs: list[Run] = []
+        seen = 0
+        for folder, dirs, files in os.walk(self.root, followlinks=False):
+            here = Path(folder)
+            depth = len(here.relative_to(self.root).parts)
+            dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if depth < MAX_DEPTH else []
+            run = Run("" if here == self.root else here.relative_to(self.root).as_posix())
+            for name in sorted(files):
+                kind = RESULT_TYPES.get(Path(name).suffix.lower())
+                if kind is None or name.startswith("."):
+                    continue
+                rel = PurePosixPath(run.path, name).as_posix() if run.path else name
+                try:
+                    self.resolve(rel)
+                except PathRefused:
+                    continue  # e.g. a symlink pointing out of the directory: never listed, never read
+                getattr(run, {"table": "tables", "trace": "traces", "json": "json"}[kind]).append(rel)
+                seen += 1
+            if run.files():
+                runs.append(run)
+            if seen >= MAX_FILES:
+                break
+        return runs
+
+    def run(self, path: str) -> Run:
+        """The run of one folder (``""`` = the root); PathRefused for an unknown folder."""
+        for run in self.runs():
+            if run.path == path:
+                return run
+        raise self._refuse("a folder of the results directory that holds result files", path)
+
+
+__all__ = ["MAX_FILES", "PathRefused", "RESULT_TYPES", "ResultsRoot", "Run"]

@@ -1,0 +1,149 @@
+"""The dashboard's page: run and table pickers, head grid, pattern view, top tokens, comparison, ablation panel.
+
+Component ids are the contract between this module, ``callbacks`` and the browser tests.
+"""
+
+from typing import Any
+
+from .files import ResultsRoot
+
+INDEX_CSS = """
+body { font-family: Inter, Helvetica, Arial, sans-serif; margin: 0; background: #f5f6f8; color: #1f2430; }
+.topbar { background: #1f2430; color: #fff; padding: 10px 20px; display: flex; align-items: baseline; gap: 16px; }
+.topbar h1 { font-size: 18px; margin: 0; font-weight: 600; }
+.topbar .dir { font-family: monospace; font-size: 12px; opacity: .75; }
+.page { padding: 12px 20px; }
+.row { display: flex; gap: 14px; flex-wrap: wrap; align-items: flex-start; }
+.card { background: #fff; border-radius: 8px; box-shadow: 0 1px 3px rgba(0,0,0,.08); padding: 10px 14px; }
+.grow { flex: 1 1 520px; min-width: 420px; }
+.control { display: flex; flex-direction: column; min-width: 180px; flex: 1 1 200px; font-size: 12px; }
+.control label { font-weight: 600; margin-bottom: 3px; color: #555; }
+.small { max-width: 110px; min-width: 90px; flex: 0 0 110px; }
+.alert { background: #fdecea; color: #8a1c12; border: 1px solid #f5c2bd; border-radius: 6px; padding: 8px 12px;
+         margin-bottom: 10px; font-size: 13px; }
+.msg { color: #8a1c12; font-size: 12px; min-height: 16px; }
+.hint { color: #777; font-size: 12px; }
+table.top { border-collapse: collapse; font-size: 12px; width: 100%; }
+table.top td, table.top th { border-bottom: 1px solid #eee; padding: 3px 6px; text-align: left; }
+.files a { font-family: monospace; font-size: 12px; }
+.result { font-size: 13px; white-space: pre-wrap; font-family: monospace; background: #f8f8fa; padding: 8px;
+          border-radius: 6px; min-height: 24px; }
+button.run { background: #2563eb; color: white; border: 0; border-radius: 6px; padding: 7px 16px; cursor: pointer; }
+"""
+
+INDEX_STRING = """<!DOCTYPE html>
+<html>
+  <head>
+    {%metas%}
+    <title>{%title%}</title>
+    {%favicon%}
+    {%css%}
+    <style>""" + INDEX_CSS + """</style>
+  </head>
+  <body>
+    {%app_entry%}
+    <footer>{%config%}{%scripts%}{%renderer%}</footer>
+  </body>
+</html>"""
+
+GRAPH_CONFIG = {"displaylogo": False, "modeBarButtonsToRemove": ["lasso2d", "select2d"]}
+
+
+def _control(label: str, component: Any, extra: str = "") -> Any:
+    from dash import html
+
+    return html.Div([html.Label(label), component], className=f"control {extra}".strip())
+
+
+def _pickers(root: ResultsRoot) -> Any:
+    from dash import dcc, html
+
+    runs = root.runs()
+    run_options = [{"label": r.label, "value": r.path} for r in runs]
+    tables = [{"label": t, "value": t} for r in runs for t in r.tables]
+    return html.Div([
+        _control("run", dcc.Dropdown(id="run", options=run_options, value=runs[0].path if runs else None,
+                                     clearable=False, placeholder="no result files found")),
+        _control("result table", dcc.Dropdown(id="table", clearable=False)),
+        _control("metric", dcc.Dropdown(id="metric", clearable=False)),
+        _control("compare with (difference grid)", dcc.Dropdown(id="compare", options=tables,
+                                                                placeholder="another table")),
+    ], className="row card")
+
+
+def _grid_panel() -> Any:
+    from dash import dcc, html
+
+    return html.Div([
+        html.Div("Head grid — click a head to see its pattern", className="hint"),
+        dcc.Graph(id="head-grid", config=GRAPH_CONFIG),
+        html.Div(id="grid-msg", className="msg"),
+        html.Details([html.Summary("provenance of this table", className="hint"),
+                      html.Pre(id="provenance", className="result")]),
+        html.Div(id="diff-box", style={"display": "none"}, children=[
+            dcc.Graph(id="diff-grid", config=GRAPH_CONFIG, responsive=True, style={"height": "380px"})]),
+    ], className="card grow")
+
+
+def _pattern_panel() -> Any:
+    from dash import dcc, html
+
+    return html.Div([
+        html.Div([
+            _control("trace", dcc.Dropdown(id="trace", clearable=False, placeholder="no trace in this run")),
+            _control("site", dcc.Dropdown(id="site", clearable=False), "small"),
+            _control("item", dcc.Input(id="item", type="number", min=0, step=1, value=0), "small"),
+            _control("heads (Enter)", dcc.Input(id="heads", type="text", value="", debounce=True,
+                                                placeholder="L2H7 or L2H*"), "small"),
+            _control("long inputs", dcc.RadioItems(id="mode", value="auto", inline=True, options=[
+                {"label": " pooled", "value": "auto"}, {"label": " top-k", "value": "topk"}])),
+        ], className="row"),
+        dcc.Graph(id="pattern", config=GRAPH_CONFIG),
+        html.Div(id="pattern-msg", className="msg"),
+        html.Div(id="top-tokens"),
+    ], className="card grow")
+
+
+def _ablation_panel(model_name: str | None) -> Any:
+    from dash import dcc, html
+
+    from .ablation import MODES
+
+    note = f"model: {model_name}" if model_name else "no model loaded: start with `attnscope dash --model NAME`"
+    return html.Div([
+        html.Div([html.B("Ablation "), html.Span(note, className="hint")]),
+        html.Div([
+            _control("heads", dcc.Input(id="abl-heads", type="text", value="", placeholder="L2H7,L3H*")),
+            _control("mode", dcc.Dropdown(id="abl-mode", options=list(MODES), value="zero", clearable=False),
+                     "small"),
+            _control("scale (rescale)", dcc.Input(id="abl-scale", type="number", value=0.5), "small"),
+            _control("text", dcc.Textarea(id="abl-text", value="The quick brown fox jumps over the lazy dog.",
+                                          style={"height": "38px"})),
+            _control("answer (LMs, optional)", dcc.Input(id="abl-answer", type="text", value=""), "small"),
+            html.Button("Run ablation", id="abl-run", className="run", n_clicks=0,
+                        disabled=model_name is None),
+        ], className="row", style={"alignItems": "flex-end"}),
+        dcc.Loading(html.Div(id="abl-result", className="result"), type="circle"),
+    ], className="card", style={"marginTop": "14px"})
+
+
+def build_layout(root: ResultsRoot, model_name: str | None) -> Any:
+    """The whole page (called per page load, so new result files appear on reload)."""
+    from dash import dcc, html
+
+    return html.Div([
+        dcc.Location(id="url", refresh=False),
+        dcc.Store(id="selected"),
+        html.Div([html.H1("attnscope"), html.Span(str(root.root), className="dir")], className="topbar"),
+        html.Div([
+            html.Div(id="alert"),
+            _pickers(root),
+            html.Div([_grid_panel(), _pattern_panel()], className="row", style={"marginTop": "14px"}),
+            _ablation_panel(model_name),
+            html.Div([html.B("Files of this run "), html.Span("(download)", className="hint"),
+                      html.Ul(id="files", className="files")], className="card", style={"marginTop": "14px"}),
+        ], className="page"),
+    ])
+
+
+__all__ = ["GRAPH_CONFIG", "INDEX_STRING", "build_layout"]

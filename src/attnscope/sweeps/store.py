@@ -1,0 +1,207 @@
+"""The on-disk sweep: a partitioned parquet dataset with one folder per cell.
+
+::
+
+    OUT/_sweep.json                 the spec and the list of cells (rewritten by every run)
+    OUT/cell=<id>/part.parquet      the cell's table + provenance (written atomically)
+    OUT/cell=<id>/_error.json       the last failure of a cell that has no result yet
+
+A result is written to a hidden temporary file in the cell's folder and renamed over ``part.parquet`` with
+``os.replace`` (atomic on POSIX and Windows), after an ``fsync``: a reader sees the whole file or none, never a
+half-written one; a crash leaves at most a ``.part.parquet.*.tmp`` that nothing reads (and the next run deletes).
+Names starting with ``.`` or ``_`` are also skipped by ``pyarrow.dataset`` discovery, so
+``pyarrow.dataset.dataset(OUT, partitioning="hive")`` reads the same cells.
+
+Each ``part.parquet`` carries the ``ResultTable`` metadata key, so ``ResultTable.load(part)`` reads one cell, and
+its rows carry the cell's labels (``cell_model, cell_suite, cell_analysis, cell_intervention, cell_seed``);
+``load_sweep`` adds ``cell`` (the id, from the folder name, as hive partitioning does) and concatenates the cells
+into one tidy table.
+"""
+
+import json
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from ..errors import CorruptResultError
+from ..results import ResultTable
+from .spec import Cell
+
+PART, ERROR, MANIFEST = "part.parquet", "_error.json", "_sweep.json"
+LABEL_COLUMNS = ("cell", "cell_model", "cell_suite", "cell_analysis", "cell_intervention", "cell_seed")
+_META_KEY = b"attnscope"
+_RESULT_FORMAT = "attnscope.results/1"
+
+
+def cell_dir(out: "str | Path", cid: str) -> Path:
+    return Path(out) / f"cell={cid}"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return  # not supported (Windows): the rename is still atomic
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, write: Any) -> Path:
+    """Write through ``write(tmp_path)`` to a temporary file beside ``path``, fsync it, ``os.replace`` it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def _atomic_json(path: Path, data: Any) -> Path:
+    text = json.dumps(data, indent=1, default=str)
+    return atomic_write_bytes(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def is_done(out: "str | Path", cid: str) -> bool:
+    """True when the cell's ``part.parquet`` exists and its footer reads (an unreadable one is moved aside)."""
+    import pyarrow.parquet as pq
+
+    part = cell_dir(out, cid) / PART
+    if not part.is_file():
+        return False
+    try:
+        pq.read_metadata(part)
+        return True
+    except Exception:
+        part.replace(part.with_name(f"{PART}.corrupt-{int(time.time())}"))
+        return False
+
+
+def clean_temporaries(out: "str | Path") -> int:
+    """Delete temporaries left by a crashed writer; returns how many."""
+    count = 0
+    for tmp in Path(out).glob("cell=*/.*.tmp"):
+        tmp.unlink(missing_ok=True)
+        count += 1
+    return count
+
+
+def write_manifest(out: "str | Path", spec_raw: dict, cells: list[Cell], name: str) -> Path:
+    data = {"format": "attnscope.sweep/1", "name": name, "spec": spec_raw, "written_at": time.time(),
+            "cells": [{"id": c.id, "labels": c.labels(), "identity": c.identity()} for c in cells]}
+    return _atomic_json(Path(out) / MANIFEST, data)
+
+
+def read_manifest(out: "str | Path") -> dict | None:
+    path = Path(out) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        raise CorruptResultError("sweep manifest is not valid JSON", expected="_sweep.json written by attnscope",
+                                 got=str(path), fix="re-run the sweep (cells on disk are kept)") from None
+
+
+def cell_frame(cell: Cell, df: pd.DataFrame) -> pd.DataFrame:
+    """The analysis table with the cell's labels in front (the id is the folder's ``cell=`` partition)."""
+    labels = cell.labels()
+    front = pd.DataFrame({"cell_model": labels["model"], "cell_suite": labels["suite"],
+                          "cell_analysis": labels["analysis"], "cell_intervention": labels["intervention"],
+                          "cell_seed": cell.seed}, index=df.index)
+    clash = [c for c in LABEL_COLUMNS if c in df.columns]
+    return pd.concat([front, df.drop(columns=clash)], axis=1)
+
+
+def write_cell(out: "str | Path", cell: Cell, result: dict[str, Any], sweep: dict[str, Any]) -> Path:
+    """Write a finished cell atomically; removes its ``_error.json``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    provenance = {"sweep": sweep, "cell": cell.to_dict(), "seed": cell.seed, "seconds": result.get("seconds"),
+                  "worker": result.get("worker"), "written_at": time.time(), **result.get("provenance", {})}
+    table = pa.Table.from_pandas(cell_frame(cell, result["df"]), preserve_index=False)
+    meta = dict(table.schema.metadata or {})
+    meta[_META_KEY] = json.dumps({"format": _RESULT_FORMAT, "provenance": provenance}, default=str).encode()
+    table = table.replace_schema_metadata(meta)
+    folder = cell_dir(out, cell.id)
+    path = atomic_write_bytes(folder / PART, lambda tmp: pq.write_table(table, tmp))
+    (folder / ERROR).unlink(missing_ok=True)
+    return path
+
+
+def write_failure(out: "str | Path", cell: Cell, error: str, attempts: int | None = None) -> Path:
+    return _atomic_json(cell_dir(out, cell.id) / ERROR, {"cell": cell.id, "labels": cell.labels(), "error": error,
+                                                         "attempts": attempts, "at": time.time()})
+
+
+def load_sweep(out: "str | Path", *, all_cells: bool = False) -> ResultTable:
+    """Every finished cell of the sweep in ``out`` as one ``ResultTable`` (rows in cell-id order).
+
+    Only the cells of the last run's spec (``_sweep.json``) unless ``all_cells``: cells an earlier, different spec
+    left in the same folder stay on disk (a later run may reuse them) but are not returned.
+
+    Provenance: ``sweep`` (the manifest: spec and cells), ``cells`` (per cell: labels, identity, seed, versions,
+    worker, seconds, the analysis' own provenance), ``missing`` (cells of the manifest without a result) and
+    ``failed`` (cell id -> last error). Only ``cell=*/part.parquet`` files are read: temporaries never are.
+    """
+    import pyarrow.parquet as pq
+
+    root = Path(out)
+    if not root.is_dir():
+        raise CorruptResultError("sweep folder not found", expected="a folder written by `attnscope sweep`",
+                                 got=str(root))
+    manifest = read_manifest(root)
+    wanted = None if all_cells or manifest is None else {c["id"] for c in manifest["cells"]}
+    frames, cells = [], {}
+    for part in sorted(root.glob(f"cell=*/{PART}")):
+        if wanted is not None and part.parent.name.removeprefix("cell=") not in wanted:
+            continue
+        try:
+            table = pq.read_table(part)
+        except Exception as exc:
+            raise CorruptResultError("unreadable cell result", expected="a parquet file written by attnscope",
+                                     got=f"{part} ({type(exc).__name__})",
+                                     fix="delete it and re-run the sweep") from None
+        meta = json.loads((table.schema.metadata or {}).get(_META_KEY, b"{}"))
+        prov = meta.get("provenance", {})
+        cid = part.parent.name.removeprefix("cell=")
+        cells[cid] = {k: v for k, v in prov.items() if k != "sweep"}
+        frame = table.to_pandas()
+        frame.insert(0, "cell", cid)
+        frames.append(frame)
+    if not frames and manifest is None:
+        raise CorruptResultError("no sweep results here", expected="cell=*/part.parquet or _sweep.json",
+                                 got=str(root), fix="run `attnscope sweep SPEC --out DIR` first")
+    columns = list(LABEL_COLUMNS) + ["analysis", "layer", "head", "metric", "value"]
+    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
+    expected = [c["id"] for c in manifest["cells"]] if manifest else sorted(cells)
+    failed = {}
+    for err in root.glob(f"cell=*/{ERROR}"):
+        cid = err.parent.name.removeprefix("cell=")
+        if cid not in cells and (wanted is None or cid in wanted):
+            try:
+                failed[cid] = json.loads(err.read_text(encoding="utf-8")).get("error", "")
+            except json.JSONDecodeError:
+                failed[cid] = "unreadable error record"
+    provenance = {"sweep": manifest, "cells": cells, "missing": [c for c in expected if c not in cells],
+                  "failed": failed}
+    return ResultTable(df, provenance)
+
+
+__all__ = ["ERROR", "LABEL_COLUMNS", "MANIFEST", "PART", "atomic_write_bytes", "cell_dir", "cell_frame",
+           "clean_temporaries", "is_done", "load_sweep", "read_manifest", "write_cell", "write_failure",
+           "write_manifest"]

@@ -1,0 +1,131 @@
+"""``AttentionTrace.show`` and ``ResultTable.show``: pick the right figure for a trace or a table, for notebooks.
+
+Both return a plotly ``Figure``; as the last expression of a Jupyter cell it renders inline. The classes get the
+methods with one line each (``def show(self, **kw): from .viz.notebook import show_table; return show_table(self,
+**kw)``); until then call the functions directly.
+
+Example:
+    >>> import torch
+    >>> from attnscope.probes.site import Site
+    >>> from attnscope.probes.trace import AttentionTrace, SiteRecord
+    >>> from attnscope.viz.notebook import show_trace
+    >>> rec = SiteRecord(site=Site("text", 0), probs=torch.full((1, 2, 3, 3), 1 / 3), n_query=3, n_key=3)
+    >>> show_trace(AttentionTrace([rec]), view="heads").data[0].z.shape
+    (1, 2)
+"""
+
+from typing import Any
+
+import numpy as np
+import plotly.graph_objects as go
+import torch
+
+from ..errors import InputError
+from ..probes.trace import AttentionTrace
+from ..results import ResultTable
+from .attribution import token_attribution
+from .curves import PROFILE_X, PRUNING_X, context_profile, pruning_curves
+from .heads import head_grid
+from .images import image_overlay
+from .pattern import attention_pattern
+
+TRACE_VIEWS = ("pattern", "heads", "image")
+TABLE_VIEWS = ("heads", "attribution", "pruning", "profile")
+
+
+def trace_head_table(trace: AttentionTrace, metric: str = "entropy", tower: str = "text",
+                     kind: str = "self") -> ResultTable:
+    """A per-head table computed from a trace: ``entropy`` (mean over queries, nats) or ``sink`` (mass on key 0)."""
+    if metric not in ("entropy", "sink"):
+        raise InputError("unknown trace metric", expected="'entropy' or 'sink'", got=metric)
+    sites = [s for s in trace.sites if s.tower == tower and s.kind == kind]
+    if not sites:
+        raise InputError("no sites of this tower and kind", expected=trace.towers(), got=f"{tower}/{kind}")
+    records = []
+    for site in sites:
+        for step in trace.steps(site)[:1]:
+            rec = trace.get(site, step)
+            if metric == "entropy" and "entropy" in rec.stats:
+                per_head = rec.stats["entropy"].float().mean(dim=(0, 2))
+            elif rec.probs is not None:
+                p = rec.probs.float()
+                per_head = (-(p * torch.log(p.clamp_min(1e-30))).sum(-1)).mean(dim=(0, 2)) if metric == "entropy" \
+                    else p[..., 0].mean(dim=(0, 2))
+            else:
+                raise InputError("trace site holds neither patterns nor this statistic", expected=metric,
+                                 got=sorted(rec.stats))
+            records += [{"analysis": "trace", "layer": site.layer, "head": h, "metric": metric, "value": float(v)}
+                        for h, v in zip(rec.heads(), per_head.tolist())]
+    return ResultTable.from_records(records, provenance=dict(trace.provenance))
+
+
+def _default_trace_view(trace: AttentionTrace) -> str:
+    if any(r.probs is None for r in trace.records.values()):
+        return "heads"
+    if any("grid" in r.meta or r.site.kind == "cross" for r in trace.records.values()):
+        return "image"
+    return "pattern"
+
+
+def show_trace(trace: AttentionTrace, view: str | None = None, layer: int = 0, heads: Any = None,
+               **options: Any) -> go.Figure:
+    """A figure of ``trace``: ``pattern`` (``attention_pattern``), ``heads`` (entropy or sink grid) or ``image``.
+
+    ``view`` defaults to ``image`` for latent/cross-attention traces, ``heads`` for statistics-only traces, else
+    ``pattern``. ``options`` go to the figure function (``batch``, ``tower``, ``kind``, ``mode``, ``metric`` ...).
+    """
+    view = view or _default_trace_view(trace)
+    if view not in TRACE_VIEWS:
+        raise InputError("unknown trace view", expected=TRACE_VIEWS, got=view)
+    if view == "heads":
+        metric = options.pop("metric", "entropy")
+        table = trace_head_table(trace, metric, options.pop("tower", "text"), options.pop("kind", "self"))
+        return head_grid(table, metric, **options)
+    if view == "image":
+        if "tower" not in options:
+            site = next((s for s in trace.sites if s.kind == "cross"), trace.sites[0])
+            options.update(tower=site.tower, kind=options.get("kind", site.kind))
+        return image_overlay(trace, layer, heads, **options)
+    if "tower" not in options and "text" not in trace.towers():
+        options["tower"] = trace.towers()[0]
+    return attention_pattern(trace, layer, heads, **options)
+
+
+def _default_table_view(table: ResultTable) -> str:
+    columns = set(table.df.columns)
+    if {"token", "token_index"} <= columns:
+        return "attribution"
+    if columns & set(PRUNING_X):
+        return "pruning"
+    if columns & set(PROFILE_X):
+        return "profile"
+    return "heads"
+
+
+def show_table(table: ResultTable, view: str | None = None, metric: str | None = None, **options: Any) -> go.Figure:
+    """A figure of ``table``: ``attribution`` (token, token_index columns), ``pruning`` (a fraction column),
+    ``profile`` (a context-length column) or ``heads`` (the head grid), chosen from the columns unless given."""
+    view = view or _default_table_view(table)
+    if view not in TABLE_VIEWS:
+        raise InputError("unknown table view", expected=TABLE_VIEWS, got=view)
+    if view == "attribution":
+        return token_attribution(table, metric=metric, **options)
+    if view == "pruning":
+        return pruning_curves(table, metric, **options)
+    if view == "profile":
+        return context_profile(table, metric, **options)
+    return head_grid(table, metric, **options)
+
+
+def figure_size(fig: go.Figure) -> int:
+    """Number of values a figure sends to the browser (array cells of all traces), for budgets and tests."""
+    total = 0
+    for trace in fig.data:
+        for name in ("z", "x", "y", "customdata", "text"):
+            value = getattr(trace, name, None)
+            if value is not None:
+                total += int(np.asarray(value, dtype=object).size)
+    return total
+
+
+__all__ = ["figure_size", "show_table", "show_trace", "trace_head_table"]

@@ -1,0 +1,150 @@
+"""``agreement-enc``: a 4-layer BERT encoder with [CLS] trained on the ``agreement`` task (label set by the class
+token after the single marker), the attention-flow paper's kind of setup for rollout/flow/relevance checks.
+
+Ground truth: read-out heads (attention from [CLS] to the marker or the class token after it >= 0.5) and binding
+heads (attention between the marker and its class token, either direction, >= 0.5). Confirmed by zero-ablation:
+accuracy falls to chance with them ablated, not with as many random other heads. Attribution methods should put
+the evidence at ``marker_position`` / ``class_position`` of each item.
+"""
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import BertConfig, BertForSequenceClassification
+
+from ..datasets import PromptSuite, agreement
+from ._analysis import ablation_studies, attention_patterns
+from ._card import write_card
+from ._common import head_group_lasso, head_name, prune_dead_heads, ramp, save_checkpoint, scores_table, seed_everything, step_seed, torch_threads, train_loop
+from ._meta import base_card
+
+SPEC = {"name": "agreement-enc", "task": "sequence classification: the label is the class of the token after the "
+        "single marker; read from [CLS]", "architecture": "BertForSequenceClassification",
+        "auto_class": "AutoModelForSequenceClassification"}
+SEED = 0
+STEPS = 1500
+HELDOUT_SEED = 1_000_004
+HP: dict[str, Any] = {"vocab_size": 64, "seq_len": 32, "min_len": 16, "n_classes": 4, "tokens_per_class": 3,
+                      "distractor_rate": 0.15, "d_model": 64, "n_heads": 4, "n_layers": 4, "d_mlp": 128,
+                      "batch_size": 32, "lr": 1e-3, "warmup": 100, "init_std": 0.02,
+                      "head_lasso": 0.02, "qk_lasso": 0.1}
+THRESHOLD = 0.5
+
+
+def config() -> BertConfig:
+    return BertConfig(vocab_size=HP["vocab_size"], hidden_size=HP["d_model"], num_hidden_layers=HP["n_layers"],
+                      num_attention_heads=HP["n_heads"], intermediate_size=HP["d_mlp"],
+                      max_position_embeddings=HP["seq_len"], type_vocab_size=1, hidden_dropout_prob=0.0,
+                      attention_probs_dropout_prob=0.0, classifier_dropout=0.0, initializer_range=HP["init_std"],
+                      num_labels=HP["n_classes"], pad_token_id=0)
+
+
+def build_model(seed: int = SEED) -> BertForSequenceClassification:
+    seed_everything(seed)
+    model = BertForSequenceClassification(config())
+    model.set_attn_implementation("eager")
+    return model
+
+
+def make_suite(n_items: int, seed: int) -> PromptSuite:
+    return agreement(n_items, seq_len=HP["seq_len"], vocab_size=HP["vocab_size"], seed=seed,
+                     n_classes=HP["n_classes"], tokens_per_class=HP["tokens_per_class"],
+                     distractor_rate=HP["distractor_rate"], min_len=HP["min_len"], name="agreement-enc")
+
+
+def tensors(suite: PromptSuite) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    batch = next(suite.batches(len(suite), pad_id=0))
+    labels = torch.tensor([item.label for item in suite.items])
+    return batch.input_ids, batch.attention_mask, labels
+
+
+@torch.no_grad()
+def accuracy(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> float:
+    return float((model(input_ids=ids, attention_mask=mask).logits.argmax(-1) == labels).float().mean())
+
+
+def head_scores(model: torch.nn.Module, suite: PromptSuite) -> dict[str, torch.Tensor]:
+    """``cls_to_evidence``: attention from [CLS] to marker + class token; ``binding``: max of class->marker and
+    marker->class attention."""
+    ids, mask, _ = tensors(suite)
+    attn = attention_patterns(model, ids, mask)  # [layer, batch, head, query, key]
+    b = torch.arange(len(suite))
+    marker = torch.tensor([item.metadata["marker_position"] for item in suite.items])
+    cls_pos = marker + 1
+    cls_rows = attn[:, :, :, 0, :]  # [layer, batch, head, key]
+    to_evidence = cls_rows[:, b, :, marker] + cls_rows[:, b, :, cls_pos]  # [layer, batch, head]
+    back = attn[:, b, :, cls_pos, marker]
+    fwd = attn[:, b, :, marker, cls_pos]
+    return {"cls_to_evidence": to_evidence.mean(1), "class_to_marker": back.mean(1),
+            "marker_to_class": fwd.mean(1)}
+
+
+def analyze(model: torch.nn.Module, n_items: int = 512, seed: int = HELDOUT_SEED) -> dict[str, Any]:
+    suite = make_suite(n_items, seed)
+    ids, mask, labels = tensors(suite)
+    acc = accuracy(model, ids, mask, labels)
+    scores = head_scores(model, suite)
+    heads = [(l, h) for l in range(HP["n_layers"]) for h in range(HP["n_heads"])]
+    readout = [(l, h) for l, h in heads if scores["cls_to_evidence"][l, h] >= THRESHOLD]
+    binding = [(l, h) for l, h in heads if max(scores["class_to_marker"][l, h],
+                                               scores["marker_to_class"][l, h]) >= THRESHOLD]
+    if not readout:
+        readout = [divmod(int(scores["cls_to_evidence"].argmax()), HP["n_heads"])]
+    chance = round(1 / HP["n_classes"], 4)
+    roles = {"cls_readout": readout, "marker_binding": binding}
+    studies = ablation_studies(model, {r: h for r, h in roles.items() if h}, heads,
+                               lambda m: accuracy(m, ids, mask, labels), metric_name="classification accuracy",
+                               chance=chance, seed=seed)
+    gt = {role: [head_name(*h) for h in hs] for role, hs in roles.items() if hs}
+    return {"accuracy": acc, "n_items": n_items, "seed": seed, "chance": chance, "ground_truth": gt,
+            "scores": {k: scores_table(v) for k, v in scores.items()}, "ablation": studies}
+
+
+def fit(seed: int = SEED, steps: int = STEPS) -> tuple[BertForSequenceClassification, dict[str, Any]]:
+    with torch_threads(1):
+        model = build_model(seed)
+        probe = tensors(make_suite(256, HELDOUT_SEED + 1))
+        curve: list[list[float]] = []
+
+        def loss_fn(m: torch.nn.Module, step: int) -> torch.Tensor:
+            ids, mask, labels = tensors(make_suite(HP["batch_size"], step_seed(seed, step)))
+            loss = F.cross_entropy(m(input_ids=ids, attention_mask=mask).logits, labels)
+            if not HP["head_lasso"]:
+                return loss
+            return loss + HP["head_lasso"] * ramp(step, steps) * head_group_lasso(m, HP["qk_lasso"])
+
+        def on_log(step: int, _: float) -> None:
+            model.eval()
+            curve.append([step, round(accuracy(model, *probe), 4)])
+            model.train()
+
+        log = train_loop(model, loss_fn, steps=steps, lr=HP["lr"], warmup=HP["warmup"], desc="agreement-enc",
+                         log_every=100, on_log=on_log)
+    log["accuracy_curve"] = curve
+    log["pruned_heads"] = [head_name(*h) for h in prune_dead_heads(model)] if HP["head_lasso"] else []
+    return model, log
+
+
+def train(out_dir: str | Path, seed: int = SEED, steps: int = STEPS) -> Path:
+    model, log = fit(seed, steps)
+    with torch_threads(1):
+        result = analyze(model)
+    out = save_checkpoint(model, Path(out_dir))
+    card = base_card(SPEC, model, seed, log, HP, data={"generator": "agreement", "params": make_suite(1, 0).params})
+    card["architecture"].update({"n_layers": HP["n_layers"], "n_heads": HP["n_heads"], "d_model": HP["d_model"],
+                                 "d_head": HP["d_model"] // HP["n_heads"], "vocab_size": HP["vocab_size"],
+                                 "max_positions": HP["seq_len"], "n_labels": HP["n_classes"],
+                                 "special_tokens": {"pad": 0, "cls": 1, "marker": 2}})
+    card["training"]["accuracy_curve [step, acc]"] = log["accuracy_curve"]
+    card["evaluation"] = {"metric": "classification accuracy", "value": round(result["accuracy"], 4),
+                          "n_items": result["n_items"], "seed": result["seed"], "chance": result["chance"]}
+    card["ground_truth_heads"] = result["ground_truth"]
+    card["ground_truth_rules"] = {
+        "cls_readout": f"mean attention from [CLS] to the marker + class token >= {THRESHOLD}",
+        "marker_binding": f"mean attention class token -> marker or marker -> class token >= {THRESHOLD}"}
+    card["head_scores"] = result["scores"]
+    card["ablation"] = result["ablation"]
+    write_card(out, card)
+    return out

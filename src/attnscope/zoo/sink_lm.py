@@ -1,0 +1,172 @@
+"""``sink-lm``: a 2-layer Llama trained on Bigram-Backcopy (Guo et al. 2024); it grows a BOS attention sink.
+
+The next token follows a fixed bigram chain, except after a trigger token, where the token before the trigger is
+copied. The copy needs attention only at triggers; elsewhere the copying head is dormant and parks its attention on
+BOS (position 0). Ground truth: sink heads (mean attention mass on position 0 over non-trigger queries >= 0.3,
+as in Gu et al.) and the active-dormant back-copy heads (attention from a trigger to t-1 >= 0.5). Confirmed by
+zero-ablation (back-copy accuracy collapses with the back-copy heads ablated, not with random others) and by hiding
+the BOS key from every query (the sink is then gone and the dormant heads disturb the bigram predictions).
+"""
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from ..datasets import PromptSuite, bigram_backcopy, bigram_transitions
+from ._analysis import ablation_studies, attention_patterns
+from ._card import write_card
+from ._common import head_name, save_checkpoint, scores_table, seed_everything, step_seed, torch_threads, train_loop
+from ._meta import base_card
+
+SPEC = {"name": "sink-lm", "task": "Bigram-Backcopy next-token prediction (Guo et al. 2024); grows a BOS sink",
+        "architecture": "LlamaForCausalLM", "auto_class": "AutoModelForCausalLM"}
+SEED = 0
+STEPS = 2000
+HELDOUT_SEED = 1_000_003
+HP: dict[str, Any] = {"vocab_size": 64, "seq_len": 64, "d_model": 64, "n_heads": 4, "n_layers": 2, "d_mlp": 256,
+                      "batch_size": 32, "lr": 2e-3, "warmup": 100, "init_std": 0.05, "n_triggers": 3,
+                      "chain_seed": 0}
+SINK_THRESHOLD = 0.3
+COPY_THRESHOLD = 0.5
+
+
+def config() -> LlamaConfig:
+    return LlamaConfig(vocab_size=HP["vocab_size"], hidden_size=HP["d_model"], intermediate_size=HP["d_mlp"],
+                       num_hidden_layers=HP["n_layers"], num_attention_heads=HP["n_heads"],
+                       num_key_value_heads=HP["n_heads"], head_dim=HP["d_model"] // HP["n_heads"],
+                       max_position_embeddings=HP["seq_len"], initializer_range=HP["init_std"],
+                       bos_token_id=0, pad_token_id=None, eos_token_id=None, tie_word_embeddings=False)
+
+
+def build_model(seed: int = SEED) -> LlamaForCausalLM:
+    seed_everything(seed)
+    model = LlamaForCausalLM(config())
+    model.set_attn_implementation("eager")
+    return model
+
+
+def make_suite(n_items: int, seed: int) -> PromptSuite:
+    return bigram_backcopy(n_items, seq_len=HP["seq_len"], vocab_size=HP["vocab_size"], seed=seed,
+                           n_triggers=HP["n_triggers"], chain_seed=HP["chain_seed"], name="sink-lm")
+
+
+def tensors(suite: PromptSuite) -> tuple[torch.Tensor, torch.Tensor]:
+    """``ids [batch, seq]`` and ``trigger [batch, seq]`` (True at query positions whose next token is a copy)."""
+    ids = torch.tensor([item.ids for item in suite.items])
+    trigger = torch.zeros_like(ids, dtype=torch.bool)
+    for row, item in enumerate(suite.items):
+        trigger[row, item.metadata["trigger_positions"]] = True
+    return ids, trigger
+
+
+def _oracle_argmax() -> torch.Tensor:
+    probs = bigram_transitions(HP["vocab_size"], HP["n_triggers"], HP["chain_seed"])
+    return torch.as_tensor(np.argmax(probs, axis=1))
+
+
+@torch.no_grad()
+def task_metrics(model: torch.nn.Module, ids: torch.Tensor, trigger: torch.Tensor,
+                 attention_mask: torch.Tensor | None = None) -> dict[str, float]:
+    """``backcopy``: accuracy at triggers; ``bigram``: agreement with the chain's most likely next token elsewhere."""
+    pred = model(input_ids=ids, attention_mask=attention_mask).logits.argmax(-1)[:, :-1]
+    trig = trigger[:, :-1]
+    plain = ~trig & (ids[:, :-1] > HP["n_triggers"])
+    plain[:, 0] = False
+    backcopy = (pred == ids[:, 1:])[trig].float().mean()
+    bigram = (pred == _oracle_argmax()[ids[:, :-1]])[plain].float().mean()
+    return {"backcopy": float(backcopy), "bigram": float(bigram)}
+
+
+def head_scores(model: torch.nn.Module, ids: torch.Tensor, trigger: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per head: BOS mass over non-trigger / trigger queries (t >= 1) and attention from a trigger to t-1."""
+    attn = attention_patterns(model, ids)  # [layer, batch, head, query, key]
+    bos = attn[..., 1:, 0]  # [layer, batch, head, query-1]
+    trig = trigger[:, 1:][None, :, None, :].expand_as(bos)
+    seq = ids.shape[1]
+    q = torch.arange(1, seq)
+    prev = attn[:, :, :, q, q - 1]
+    mean = lambda x, m: (x * m).sum(dim=(1, 3)) / m.sum(dim=(1, 3))  # noqa: E731
+    return {"sink_mass": mean(bos, (~trig).float()), "sink_mass_at_triggers": mean(bos, trig.float()),
+            "trigger_to_previous": mean(prev, trig.float())}
+
+
+def _bos_hidden_mask(ids: torch.Tensor) -> torch.Tensor:
+    mask = torch.ones_like(ids)
+    mask[:, 0] = 0
+    return mask
+
+
+def analyze(model: torch.nn.Module, n_items: int = 256, seed: int = HELDOUT_SEED) -> dict[str, Any]:
+    ids, trigger = tensors(make_suite(n_items, seed))
+    metrics = task_metrics(model, ids, trigger)
+    scores = head_scores(model, ids, trigger)
+    heads = [(l, h) for l in range(HP["n_layers"]) for h in range(HP["n_heads"])]
+    sinks = [(l, h) for l, h in heads if scores["sink_mass"][l, h] >= SINK_THRESHOLD]
+    copiers = [(l, h) for l, h in heads if scores["trigger_to_previous"][l, h] >= COPY_THRESHOLD]
+    key = copiers or [divmod(int(scores["trigger_to_previous"].argmax()), HP["n_heads"])]
+    studies = ablation_studies(model, {"active_dormant_backcopy": key}, heads,
+                               lambda m: task_metrics(m, ids, trigger)["backcopy"],
+                               metric_name="back-copy accuracy at trigger positions",
+                               chance=round(1 / HP["vocab_size"], 4), seed=seed)
+    hidden = task_metrics(model, ids, trigger, attention_mask=_bos_hidden_mask(ids))
+    gt = {"sink": [head_name(*h) for h in sinks], "active_dormant_backcopy": [head_name(*h) for h in key]}
+    return {"metrics": metrics, "bos_hidden": hidden, "n_items": n_items, "seed": seed, "ground_truth": gt,
+            "scores": {k: scores_table(v) for k, v in scores.items()}, "ablation": studies,
+            "sink_fraction": round(len(sinks) / len(heads), 4)}
+
+
+def fit(seed: int = SEED, steps: int = STEPS) -> tuple[LlamaForCausalLM, dict[str, Any]]:
+    with torch_threads(1):
+        model = build_model(seed)
+        probe_ids, probe_trig = tensors(make_suite(64, HELDOUT_SEED + 1))
+        curve: list[list[float]] = []
+
+        def loss_fn(m: torch.nn.Module, step: int) -> torch.Tensor:
+            ids, _ = tensors(make_suite(HP["batch_size"], step_seed(seed, step)))
+            return m(input_ids=ids, labels=ids).loss
+
+        def on_log(step: int, _: float) -> None:
+            model.eval()
+            sink = head_scores(model, probe_ids, probe_trig)["sink_mass"]
+            met = task_metrics(model, probe_ids, probe_trig)
+            curve.append([step, round(met["backcopy"], 4), round(met["bigram"], 4), round(float(sink.max()), 4)])
+            model.train()
+
+        log = train_loop(model, loss_fn, steps=steps, lr=HP["lr"], warmup=HP["warmup"], desc="sink-lm",
+                         log_every=100, on_log=on_log)
+    log["curve"] = curve
+    return model, log
+
+
+def train(out_dir: str | Path, seed: int = SEED, steps: int = STEPS) -> Path:
+    model, log = fit(seed, steps)
+    with torch_threads(1):
+        result = analyze(model)
+    out = save_checkpoint(model, Path(out_dir))
+    card = base_card(SPEC, model, seed, log, HP, data={"generator": "bigram_backcopy",
+                                                       "params": make_suite(1, 0).params})
+    card["architecture"].update({"n_layers": HP["n_layers"], "n_heads": HP["n_heads"], "d_model": HP["d_model"],
+                                 "d_head": HP["d_model"] // HP["n_heads"], "vocab_size": HP["vocab_size"],
+                                 "max_positions": HP["seq_len"], "positions": "RoPE", "mlp": "SwiGLU"})
+    card["training"]["curve [step, backcopy acc, bigram acc, max sink mass]"] = log["curve"]
+    card["evaluation"] = {"metric": "back-copy accuracy at trigger positions",
+                          "value": round(result["metrics"]["backcopy"], 4),
+                          "bigram_agreement": round(result["metrics"]["bigram"], 4),
+                          "n_items": result["n_items"], "seed": result["seed"],
+                          "chance": round(1 / HP["vocab_size"], 4)}
+    card["ground_truth_heads"] = result["ground_truth"]
+    card["ground_truth_rules"] = {
+        "sink": f"mean attention mass on position 0 (BOS) over non-trigger queries t >= 1 is >= {SINK_THRESHOLD}",
+        "active_dormant_backcopy": f"mean attention from a trigger to t-1 >= {COPY_THRESHOLD}"}
+    card["head_scores"] = result["scores"]
+    card["sink_fraction"] = result["sink_fraction"]
+    card["ablation"] = result["ablation"]
+    card["sink_removal"] = {"description": "BOS key hidden from every query via the attention mask",
+                            "clean": {k: round(v, 4) for k, v in result["metrics"].items()},
+                            "bos_hidden": {k: round(v, 4) for k, v in result["bos_hidden"].items()}}
+    write_card(out, card)
+    return out

@@ -1,0 +1,180 @@
+"""Figure builders against independent computations: what each figure draws equals the numbers it was given
+(pooled maxima, top-k entries, the trace's own probabilities, per-token values), and long inputs stay small."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import attnscope
+from attnscope import viz
+from attnscope.errors import InputError, SiteError
+from attnscope.probes.tokens import TokenInfo
+from attnscope.probes.trace import AttentionTrace, SiteRecord
+
+
+def _table(n_layers=3, n_heads=4, metric="m", scale=1.0):
+    return attnscope.ResultTable.from_records(
+        [{"analysis": "a", "layer": l, "head": h, "metric": metric, "value": scale * (10 * l + h)}
+         for l in range(n_layers) for h in range(n_heads)]
+        + [{"analysis": "a", "layer": -1, "head": -1, "metric": metric, "value": 999.0}])
+
+
+def _trace(n=6, batch=2, heads=3, padding=True):
+    torch.manual_seed(0)
+    probs = torch.softmax(torch.randn(batch, heads, n, n), -1)
+    strings = [[f"t{b}_{i}" for i in range(n)] for b in range(batch)]
+    pad = [[1] * n, [1] * (n - 2) + [0, 0]] if padding else None
+    recs = [SiteRecord(site=attnscope.Site("text", layer), probs=probs * (layer + 1) / (layer + 1), n_query=n,
+                       n_key=n) for layer in range(2)]
+    return AttentionTrace(recs, TokenInfo(strings=strings, padding=pad)), probs
+
+
+def test_head_grid_values_customdata_and_dropped_aggregate_rows():
+    fig = viz.head_grid(_table(), selected=(2, 1))
+    z = np.asarray(fig.data[0].z)
+    assert z.shape == (3, 4) and z[2, 3] == 23 and np.isfinite(z).all()  # the layer -1 row is not a head
+    assert [list(c) for c in fig.data[0].customdata[1]] == [[1, h] for h in range(4)]
+    assert fig.layout.shapes[0].x0 == 0.5 and fig.layout.shapes[0].y0 == 1.5  # outline around (2, 1)
+    with pytest.raises(InputError):
+        viz.head_grid(_table(), "other")
+
+
+def test_head_grid_diff_is_b_minus_a_on_aligned_heads():
+    a, b = _table(), _table(n_layers=4, scale=2.0)
+    z = np.asarray(viz.head_grid_diff(a, b).data[0].z)
+    assert z.shape == (4, 4)
+    assert z[1, 2] == pytest.approx(12.0) and np.isnan(z[3]).all()  # layer 3 exists only in b
+
+
+def test_pattern_from_trace_matches_probs_trims_padding_and_fuses():
+    trace, probs = _trace()
+    fig = viz.attention_pattern(trace, 1, 2, batch=1)
+    z = np.asarray(fig.data[0].z)
+    assert z.shape == (4, 4)  # two padding tokens cut away
+    np.testing.assert_allclose(z, probs[1, 2, :4, :4].numpy(), rtol=1e-6)
+    assert list(fig.layout.xaxis.ticktext) == [f"t1_{i}" for i in range(4)]
+    fused = np.asarray(viz.attention_pattern(trace, 0, [0, 2], fusion="max").data[0].z)
+    np.testing.assert_allclose(fused, torch.maximum(probs[0, 0], probs[0, 2]).numpy(), rtol=1e-6)
+    with pytest.raises(SiteError):
+        viz.attention_pattern(trace, 0, 7)
+
+
+def test_pattern_of_a_subset_of_heads_and_rows_uses_model_numbers():
+    probs = torch.softmax(torch.randn(1, 2, 3, 5), -1)
+    rec = SiteRecord(site=attnscope.Site("text", 0), probs=probs, head_index=torch.tensor([3, 9]),
+                     query_index=torch.tensor([2, 3, 4]), n_query=5, n_key=5)
+    p = viz.trace_pattern(AttentionTrace([rec]), 0, 9)
+    assert p.query_positions == [2, 3, 4]
+    np.testing.assert_allclose(p.matrix, probs[0, 1].numpy())
+
+
+def test_pooling_and_topk_against_numpy():
+    rng = np.random.default_rng(0)
+    m = rng.random((10, 7)).astype(np.float32)
+    pooled, block = viz.pool_pattern(m, 3, "max")
+    assert pooled.shape == (4, 3) and block == 3
+    assert pooled[3, 2] == m[9:, 6:].max() and pooled[1, 1] == m[3:6, 3:6].max()
+    mean, _ = viz.pool_pattern(m, 3, "mean")
+    assert mean[3, 2] == pytest.approx(m[9:, 6:].mean()) and mean[0, 0] == pytest.approx(m[:3, :3].mean())
+    rows, cols, values = viz.topk_sparsify(m, 2)
+    for r in range(10):
+        assert sorted(cols[rows == r].tolist()) == sorted(np.argsort(-m[r])[:2].tolist())
+    np.testing.assert_array_equal(values, m[rows, cols])
+
+
+def test_long_pattern_is_reduced_server_side():
+    n = 4096
+    probs = torch.rand(1, n, n, dtype=torch.float32)
+    pooled = viz.attention_pattern(probs, max_side=256)
+    assert np.asarray(pooled.data[0].z).shape == (256, 256)
+    assert viz.figure_size(pooled) < 70_000  # never 16M cells
+    assert float(np.asarray(pooled.data[0].z)[0, 0]) == pytest.approx(float(probs[0, :16, :16].max()))
+    topk = viz.attention_pattern(probs, mode="topk", k=4)
+    assert viz.figure_size(topk) <= 3 * 4 * n
+    assert len(pooled.to_json()) < 1_000_000
+
+
+def test_token_attribution_orders_tokens_and_excludes():
+    rows = [{"analysis": "attribution", "layer": -1, "head": -1, "metric": "relevance", "value": v,
+             "token_index": i, "token": t} for i, t, v in [(2, "cat", 0.7), (0, "[CLS]", 5.0), (1, "a", 0.2)]]
+    fig = viz.token_attribution(pd.DataFrame(rows), per_line=2, exclude=["[CLS]"])
+    assert fig.data[0].text.tolist() == [["[CLS]", "a"], ["cat", ""]]
+    z = np.asarray(fig.data[0].z)
+    assert np.isnan(z[0, 0]) and z[1, 0] == pytest.approx(0.7) and np.isnan(z[1, 1])
+    signed = viz.token_attribution([0.5, -1.0], ["x", "y"])
+    assert signed.data[0].zmid == 0
+    with pytest.raises(InputError):
+        viz.token_attribution([1.0, 2.0], ["only one"])
+
+
+def test_pruning_curves_mean_band_and_skips_nothing_given():
+    rows = [{"analysis": "pruning", "layer": -1, "head": -1, "metric": "acc", "value": v, "fraction": f,
+             "order": "random", "seed": s} for f, vals in ((0.0, (1.0, 1.0)), (0.5, (0.4, 0.8))) for s, v in
+            enumerate(vals)]
+    rows += [{"analysis": "pruning", "layer": -1, "head": -1, "metric": "acc", "value": 1 - f / 4, "fraction": f,
+              "order": "importance", "seed": 0} for f in (0.0, 0.5)]
+    rows += [{"analysis": "pruning", "layer": -1, "head": -1, "metric": "acc", "value": 0.6, "fraction": 0.5,
+              "order": "random_mean", "seed": -1}]  # as circuits.pruning.pruning_curve writes it: not drawn twice
+    fig = viz.pruning_curves(pd.DataFrame(rows), baseline=0.9)
+    lines = {t.name: t for t in fig.data if t.showlegend is not False}
+    assert sorted(lines) == ["importance", "random"]
+    assert list(lines["random"].y) == pytest.approx([1.0, 0.6]) and list(lines["importance"].y) == [1.0, 0.875]
+    band = next(t for t in fig.data if t.name == "random range")
+    assert max(band.y) == 1.0 and min(band.y) == pytest.approx(0.4)
+
+
+def test_context_profile_mean_and_top_heads():
+    rows = [{"analysis": "sinks", "layer": l, "head": h, "metric": "sink", "value": (l + h) * c / 1000,
+             "context_length": c} for l in range(2) for h in range(2) for c in (100, 1000)]
+    fig = viz.sink_profile(pd.DataFrame(rows), top=1)
+    names = [t.name for t in fig.data]
+    assert names == ["L1H1", "mean over heads"]
+    mean = fig.data[-1]
+    assert list(mean.y) == pytest.approx([0.1, 1.0]) and list(mean.customdata) == pytest.approx([0.0, 0.75])
+
+
+def test_image_overlay_cross_attention_is_the_key_column_on_the_grid():
+    from attnscope.probes.adapters.diffusers_unet import UNetAdapter, tiny_unet
+
+    adapter = UNetAdapter(tiny_unet())
+    trace = attnscope.capture(adapter, adapter.sample_inputs())
+    site = attnscope.Site("unet.up.1", 1, "cross")
+    grid = trace.get(site).meta["grid"]
+    m = viz.attention_map(trace, 1, 0, tower="unet.up.1", kind="cross", key=3)
+    expected = trace.get(site).probs[0, 0, :, 3].reshape(grid).numpy()
+    np.testing.assert_allclose(m.values, expected, rtol=1e-6)
+    self_map = viz.attention_map(trace, 1, None, tower="unet.up.1", kind="self")
+    np.testing.assert_allclose(self_map.values, trace.get(attnscope.Site("unet.up.1", 1)).probs[0].mean(0)
+                               .mean(0).reshape(grid).numpy(), rtol=1e-5)
+    image = np.zeros((grid[0] * 4, grid[1] * 4, 3), dtype=np.uint8)
+    fig = viz.image_overlay(trace, 1, 0, tower="unet.up.1", kind="cross", key=3, image=image)
+    assert [t.type for t in fig.data] == ["image", "heatmap"] and fig.data[1].dx == 4.0
+
+
+def test_image_overlay_vlm_row_over_image_tokens():
+    from attnscope.probes.adapters.hf_vlm import tiny_llava
+
+    model = attnscope.load(tiny_llava())
+    trace = attnscope.capture(model, model.adapter.sample_inputs())
+    image = trace.tokens.positions("image")
+    m = viz.attention_map(trace, 1, 2)  # text tower, last token -> image tokens
+    expected = trace.get(attnscope.Site("text", 1)).probs[0, 2, -1, image].reshape(4, 4).numpy()
+    np.testing.assert_allclose(m.values, expected, rtol=1e-6)
+    vision = viz.attention_map(trace, 0, 1, tower="vision")  # [CLS] row over the 4 x 4 patches
+    np.testing.assert_allclose(vision.values, trace.get(attnscope.Site("vision", 0)).probs[0, 1, 0, 1:]
+                               .reshape(4, 4).numpy(), rtol=1e-6)
+
+
+def test_show_dispatches_on_columns_and_content():
+    trace, _ = _trace()
+    assert viz.show_trace(trace).layout.yaxis.title.text == "query"
+    heads = viz.show_trace(trace, view="heads", metric="sink")
+    np.testing.assert_allclose(np.asarray(heads.data[0].z)[0], trace.get(attnscope.Site("text", 0)).probs[..., 0]
+                               .mean(dim=(0, 2)).numpy(), rtol=1e-6)
+    assert viz.show_table(_table()).data[0].type == "heatmap"
+    attr = pd.DataFrame([{"analysis": "x", "layer": -1, "head": -1, "metric": "r", "value": 1.0, "token": "a",
+                          "token_index": 0}])
+    assert viz.show_table(attnscope.ResultTable(attr)).data[0].texttemplate == "%{text}"
+    with pytest.raises(InputError):
+        viz.show_table(_table(), view="nope")
