@@ -87,6 +87,12 @@ class ResultTable:
         df = self.df if metric is None else self.df[self.df["metric"] == metric]
         return df.pivot_table(index="layer", columns="head", values="value", aggfunc="mean")
 
+    def show(self, view: str | None = None, **options):
+        """A plotly figure of this table: head grid, attribution, pruning or profile (``attnscope.viz.show_table``)."""
+        from .viz.notebook import show_table
+
+        return show_table(self, view, **options)
+
     def __len__(self) -> int:
         return len(self.df)
 

@@ -82,9 +82,10 @@ def server(results_dir, minilm):
 
 @pytest.fixture(scope="session")
 def browser():
-    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium import webdriver
+
     if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
-        pytest.skip("chromium / chromedriver not installed (make test installs them)")
+        pytest.fail("chromium / chromedriver not installed: run `make test` (its browsers step installs them)")
     from selenium.webdriver.chrome.service import Service
 
     profile = tempfile.mkdtemp(prefix="attnscope-chromium-")

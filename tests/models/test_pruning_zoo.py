@@ -42,17 +42,48 @@ def test_importance_order_beats_random_order_at_every_sparsity(induction_organis
 
 def test_organism_ground_truth_heads_rank_on_top_and_pruning_keeps_them(induction_organism):
     from attnscope import zoo
+    from attnscope.probes.heads import HeadSet
 
     model, batches, metric = induction_organism
     card = zoo.load_card("induction-2l")
-    truth = {tuple(int(x) for x in h.strip("L").split("H")) for role in card["ground_truth_heads"].values()
-             for h in role}
-    imp = head_importance(model, batches, metric).normalized
-    top = {divmod(int(i), imp.shape[1]) for i in imp.flatten().argsort(descending=True)[:len(truth)]}
-    assert truth <= top | truth and len(truth & top) >= max(1, len(truth) - 1), (truth, top)
-    result = iterative_pruning(model, batches, metric)
+    truth = set(HeadSet.parse(",".join(h for heads in card["ground_truth_heads"].values() for h in heads)))
+    for variant in ("abs_per_example", "abs_of_sum"):
+        imp = head_importance(model, batches, metric, variant=variant).normalized
+        ranked = [divmod(int(i), imp.shape[1]) for i in imp.flatten().argsort(descending=True)]
+        assert set(ranked[:len(truth)]) == truth, (variant, ranked, truth)
+    result = iterative_pruning(model, batches, metric)  # paper defaults: 10% per step, stop below 0.9x
     assert result.final >= 0.9 * result.original
     assert not truth & set(result.pruned), "Michel pruning removed a ground-truth head"
+    assert len(result.pruned) >= 8 - len(truth) - 1
+
+
+def test_gqa_organism_structural_pruning_of_whole_kv_groups(tmp_path):
+    import copy
+
+    from attnscope.circuits.structural import load_pruned, save_pruned
+    from attnscope.probes.head_slices import output_projections, query_heads_of
+    from attnscope.probes.heads import HeadSet
+    from attnscope.probes.interventions import InterventionPlan, apply_plan
+
+    model = _zoo("recall-llama")
+    suite = suite_from_name("default", model=model, n_items=32)
+    batches, metric = metric_for(model, suite, "accuracy", batch_size=32)
+    imp = head_importance(model, batches, metric).normalized
+    groups = [(p.layer, query_heads_of(kv, p.n_heads, p.n_kv_heads)) for p in output_projections(model)
+              for kv in range(p.n_kv_heads)]
+    groups.sort(key=lambda g: float(sum(imp[g[0], h] for h in g[1])))
+    heads = HeadSet((layer, h) for layer, hs in groups[:max(1, len(groups) // 4)] for h in hs)
+    batch = batches[0]
+    with torch.no_grad(), apply_plan(model, InterventionPlan(heads, "zero")):
+        masked = model.module(**batch.inputs).logits
+    pruned = copy.deepcopy(model.module)
+    report = prune_heads_structurally(pruned, heads)
+    assert report.kv_removed and report.params_after < report.params_before
+    real = batch.attention_mask.bool()
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(**batch.inputs).logits[real], masked[real], atol=1e-4, rtol=0)
+    save_pruned(pruned, tmp_path / "m")
+    assert sum(p.numel() for p in load_pruned(tmp_path / "m").parameters()) == report.params_after
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +118,8 @@ def test_minilm_structural_pruning_is_smaller_and_equal(minilm, minilm_curve):
         masked = minilm.module(**batch.inputs).last_hidden_state
     pruned = copy.deepcopy(minilm.module)
     report = prune_heads_structurally(pruned, heads)
+    real = batch.attention_mask.bool()  # padding rows amplify float32 rounding (exact in float64)
     with torch.no_grad():
-        torch.testing.assert_close(pruned(**batch.inputs).last_hidden_state, masked, atol=1e-5, rtol=0)
+        got = pruned(**batch.inputs).last_hidden_state
+    torch.testing.assert_close(got[real], masked[real], atol=1e-5, rtol=0)
     assert report.heads_per_layer == [10, 12, 1, 12, 11, 12] and report.params_after < report.params_before

@@ -108,6 +108,21 @@ def test_token_attribution_orders_tokens_and_excludes():
         viz.token_attribution([1.0, 2.0], ["only one"])
 
 
+def test_per_layer_attribution_tables_pick_one_layer():
+    from attnscope.circuits.attribution_table import attribution_table
+
+    values = np.arange(12, dtype=float).reshape(3, 4)          # [layer, key]
+    table = attribution_table(values, tokens=["a", "b", "c", "d"], method="rollout")
+    last = viz.token_attribution(table, per_line=4)
+    np.testing.assert_allclose(np.asarray(last.data[0].z)[0], values[-1])
+    np.testing.assert_allclose(np.asarray(viz.token_attribution(table, layer=1, per_line=4).data[0].z)[0], values[1])
+    by_layer = viz.attribution_by_layer(table, exclude=["a"])
+    z = np.asarray(by_layer.data[0].z)
+    assert z.shape == (3, 4) and np.isnan(z[:, 0]).all() and z[2, 3] == 11
+    with pytest.raises(InputError):
+        viz.token_attribution(table, layer=7)
+
+
 def test_pruning_curves_mean_band_and_skips_nothing_given():
     rows = [{"analysis": "pruning", "layer": -1, "head": -1, "metric": "acc", "value": v, "fraction": f,
              "order": "random", "seed": s} for f, vals in ((0.0, (1.0, 1.0)), (0.5, (0.4, 0.8))) for s, v in

@@ -74,7 +74,7 @@ def _visit(ND, LY, qt, m, k, x, level):
     return qt + 1
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _bfs(C, F, INL, ND, LY, l, n, sh, i, j):
     """Levels from the source in the residual graph: (sink level or INF, number of levelled nodes)."""
     for m in range(1, l):
@@ -139,7 +139,7 @@ def _slice(ND, LY, sh, m, target):
     return first, lo
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _start_phase(ND, LY, LH, l, sh, i, nq, tl):
     """Reset per-phase node state; give every levelled node its slice of candidates in the layer below."""
     for q in range(-1, nq):
@@ -246,7 +246,7 @@ def _discharge(C, F, ORDX, INM, TARC, RIDX, INL, ND, LY, REC, LH, ST, l, n, sh, 
     return ex
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _advance_pass(C, F, ORDX, INM, TARC, RIDX, INL, ND, LY, REC, LH, ST, l, n, sh, j, tl, ub):
     """Forward wave in level order; nodes left with excess are blocked. Returns the number blocked."""
     blocked = 0
@@ -266,7 +266,7 @@ def _advance_pass(C, F, ORDX, INM, TARC, RIDX, INL, ND, LY, REC, LH, ST, l, n, s
     return blocked
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _balance_pass(F, RIDX, ND, REC, LH, source, tl):
     """Backward wave, deepest level first: blocked nodes return their excess along their incoming records."""
     for level in range(tl - 1, 0, -1):
@@ -292,7 +292,7 @@ def _balance_pass(F, RIDX, ND, REC, LH, source, tl):
                     ND[flag, p], ND[link, p], LH[lists, level - 1] = 1, LH[lists, level - 1], p
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _phase(C, F, ORDX, INM, TARC, RIDX, INL, ND, LY, REC, LH, ST, l, n, sh, i, j, tl, ub):
     """One blocking flow on the current level graph (stops early once the total reaches ``ub``)."""
     source = (l << sh) | i

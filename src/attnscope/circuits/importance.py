@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from jaxtyping import Float
 from torch import Tensor, nn
 
 from ..errors import InputError
@@ -70,8 +71,8 @@ class Importance:
                                                              **self.options})
 
 
-def normalize_importance(raw: Tensor, *, normalize_layers: bool = True, global_minmax: bool = False,
-                         exponent: float = 2.0) -> Tensor:
+def normalize_importance(raw: Float[Tensor, "layer head"], *, normalize_layers: bool = True,
+                         global_minmax: bool = False, exponent: float = 2.0) -> Float[Tensor, "layer head"]:
     """Per-layer L_p normalisation (``p = exponent``, 2 in the paper) and optional global min-max (bertology)."""
     out = raw.clone()
     valid = ~torch.isnan(out)

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
 from ..errors import InputError
@@ -44,7 +45,7 @@ from .task_metrics import EvalBatch, TaskMetric, evaluate
 DEFAULT_FRACTIONS = tuple(round(0.1 * i, 1) for i in range(10))
 
 
-def heads_of_mask(mask: Tensor) -> HeadSet:
+def heads_of_mask(mask: Float[Tensor, "layer head"]) -> HeadSet:
     """The masked heads (gate 0) of a ``[layer, head]`` mask."""
     return HeadSet((int(l), int(h)) for l, h in (mask == 0).nonzero().tolist())
 

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from ..datasets.suite import PromptItem, PromptSuite
@@ -229,7 +230,7 @@ class ClassificationAccuracy(TaskMetric):
         return F.cross_entropy(_upcast(_logits(output)), batch.labels, ignore_index=IGNORE, reduction="none")
 
 
-def mean_pool(output: Any, attention_mask: Tensor) -> Tensor:
+def mean_pool(output: Any, attention_mask: Int[Tensor, "batch seq"]) -> Float[Tensor, "batch hidden"]:
     """Mean of the last hidden state over non-padding tokens ``[batch, hidden]`` (sentence-transformers pooling)."""
     hidden = getattr(output, "last_hidden_state", None)
     if hidden is None:

@@ -209,6 +209,12 @@ class AttentionTrace:
                                      got=f"{path.name} ({type(exc).__name__}: {exc})"[:300],
                                      fix="re-run the capture that wrote it") from None
 
+    def show(self, view: str | None = None, **options):
+        """A plotly figure of this trace: pattern, heads or image (see ``attnscope.viz.show_trace``)."""
+        from ..viz.notebook import show_trace
+
+        return show_trace(self, view, **options)
+
     def __repr__(self) -> str:
         kinds = "probs" if any(r.probs is not None for r in self.records.values()) else "stats"
         return f"AttentionTrace({len(self.sites)} sites, {len(self.records)} records, {kinds})"

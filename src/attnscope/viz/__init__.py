@@ -2,7 +2,7 @@
 
 - ``head_grid`` / ``head_grid_diff``: layers x heads heatmaps (``customdata = [layer, head]`` for clicks).
 - ``attention_pattern``: one head or fused heads with token labels; pooled or top-k for long inputs.
-- ``token_attribution``: rollout / flow / relevance values as coloured text.
+- ``token_attribution`` / ``attribution_by_layer``: rollout / flow / relevance values as coloured text, per layer.
 - ``pruning_curves``, ``context_profile`` (``sink_profile``, ``retrieval_profile``): line views.
 - ``collect_queries_keys`` + ``qk_embedding``: the AttentionViz joint query-key embedding.
 - ``image_overlay`` / ``attention_map``: attention on patch grids and diffusion latents.
@@ -16,7 +16,7 @@ Example:
     'heatmap'
 """
 
-from .attribution import attribution_values, token_attribution
+from .attribution import attribution_by_layer, attribution_values, token_attribution
 from .curves import context_profile, pruning_curves, retrieval_profile, sink_profile
 from .embedding import QueryKeySample, collect_queries_keys, joint_embedding, normalize_queries_keys, qk_embedding
 from .heads import head_grid, head_grid_diff, head_values
@@ -25,7 +25,8 @@ from .notebook import figure_size, show_table, show_trace, trace_head_table
 from .pattern import Pattern, attention_pattern, pool_pattern, top_attended, topk_sparsify, trace_pattern
 
 __all__ = [
-    "GridMap", "Pattern", "QueryKeySample", "attention_map", "attention_pattern", "attribution_values",
+    "GridMap", "Pattern", "QueryKeySample", "attention_map", "attention_pattern", "attribution_by_layer",
+    "attribution_values",
     "collect_queries_keys", "context_profile", "figure_size", "head_grid", "head_grid_diff", "head_values",
     "image_overlay", "joint_embedding", "normalize_queries_keys", "pool_pattern", "pruning_curves", "qk_embedding",
     "retrieval_profile", "show_table", "show_trace", "sink_profile", "token_attribution", "top_attended",

@@ -169,7 +169,7 @@ def ramp(step: int, steps: int, start: float = 0.1, full: float = 0.4) -> float:
 
 
 @torch.no_grad()
-def prune_dead_heads(model: nn.Module, rel_threshold: float = 0.02) -> list[tuple[int, int]]:
+def prune_dead_heads(model: nn.Module, rel_threshold: float = 0.05) -> list[tuple[int, int]]:
     """Zero every weight of heads the group lasso switched off (output-slice norm < ``rel_threshold`` x the largest
     head's), so their outputs are exactly 0 and their attention exactly uniform. Returns the pruned heads.
 

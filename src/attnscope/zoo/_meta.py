@@ -26,7 +26,7 @@ def base_card(spec: dict[str, Any], model: torch.nn.Module, seed: int, log: dict
                      "hyperparameters": hp, "torch": torch.__version__, "transformers": transformers.__version__,
                      "python": platform.python_version(), "loss_curve": log["loss_curve"],
                      "pruned_heads": log.get("pruned_heads", []),
-                     "pruning": "heads switched off by the group-lasso penalty (output-slice norm < 2% of the "
+                     "pruning": "heads switched off by the group-lasso penalty (output-slice norm < 5% of the "
                                 "largest) get all their q/k/v/o weights set to 0 after training: outputs exactly "
                                 "0, attention exactly uniform" if log.get("pruned_heads") else None},
     }

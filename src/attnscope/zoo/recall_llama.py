@@ -22,13 +22,13 @@ from ._meta import base_card
 SPEC = {"name": "recall-llama", "task": "multi-query associative recall (MQAR): predict the value of each queried key",
         "architecture": "LlamaForCausalLM", "auto_class": "AutoModelForCausalLM"}
 SEED = 0
-STEPS = 2500
+STEPS = 1500
 HELDOUT_SEED = 1_000_002
 PAD, BOS = 0, 1
 HP: dict[str, Any] = {"vocab_size": 128, "d_model": 64, "n_heads": 4, "n_kv_heads": 2, "n_layers": 2,
                       "d_mlp": 128, "max_positions": 64, "batch_size": 32, "lr": 2e-3, "warmup": 100,
                       "init_std": 0.05, "min_pairs": 2, "n_pairs": 8, "key_range": [2, 65], "value_range": [65, 128],
-                      "head_lasso": 0.02, "qk_lasso": 0.1}
+                      "head_lasso": 0.05, "qk_lasso": 1.0}
 THRESHOLD = 0.5
 
 
