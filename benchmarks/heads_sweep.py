@@ -10,8 +10,8 @@ Configurations (``CONFIGS``): the zoo organism ``zoo:induction-2l`` (a random GP
 checkpoint is missing) with 64 and with 8 prompts, a random 6 x 8-head GPT-2 on induction (every position
 scored; compute-bound) and with a vocabulary of 8192 on a last-token recall metric.
 Methods run interleaved ``--repeats`` times (the machine is shared) and the minimum is reported. Usage:
-``python benchmarks/heads_sweep.py [--configs organism organism-8 gpt2-random gpt2-last-token] [--repeats 3] [--threads 1]
-[--out results/bench_heads_sweep.json]``.
+``python benchmarks/heads_sweep.py [--configs organism organism-8 gpt2-random gpt2-last-token] [--repeats 3]
+[--threads 1] [--out results/bench_heads_sweep.json]``.
 """
 
 import argparse
@@ -129,8 +129,8 @@ def run_config(model_name: str, suite_kind: str, n_items: int, seq_len: int, bat
     t_tl = min(times["TransformerLens run_with_hooks loop"])
     rows = [{"method": name, "min_s": min(ts), "median_s": statistics.median(ts), "speedup_vs_tl": t_tl / min(ts)}
             for name, ts in times.items()]
-    return {"model": model_name, "suite": suite_kind, "layers": n_layers, "heads": n_heads, "items": n_items, "seq_len": seq_len,
-            "batch_size": batch_size, "memory_mb": memory_mb, "repeats": repeats,
+    return {"model": model_name, "suite": suite_kind, "layers": n_layers, "heads": n_heads, "items": n_items,
+            "seq_len": seq_len, "batch_size": batch_size, "memory_mb": memory_mb, "repeats": repeats,
             "sweep_passes": results["attnscope batched sweep"].provenance["forward_passes"],
             "loop_passes": n_layers * n_heads * len(batches), "max_abs_diff_vs_loop": diffs["loop"],
             "max_abs_diff_vs_tl": diffs["tl"], "rows": rows,

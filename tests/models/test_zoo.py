@@ -43,9 +43,10 @@ def organism(request):
 # ---- task metrics and patterns, per organism (oracles from the suite metadata) ---------------------------------
 
 def _attn(model, ids, mask=None):
+    """Eager attention as ``[batch, query, key, layer, head]`` (so fancy indexing keeps layer x head last)."""
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=mask, output_attentions=True)
-    return torch.stack(out.attentions)  # [layer, batch, head, query, key]
+    return torch.stack(out.attentions).permute(1, 3, 4, 0, 2)
 
 
 class Induction:
@@ -65,13 +66,13 @@ class Induction:
     def patterns(self, model):
         a = _attn(model, self.ids)
         q = torch.arange(1, self.ids.shape[1])
-        prev = a[:, :, :, q, q - 1].mean(dim=(1, 3))
+        prev = a[:, q, q - 1].mean(dim=(0, 1))
         mass, count = 0.0, 0
         for b, it in enumerate(self.suite):
             start, end = it.metadata["repeat_span"]
             for t in range(start, end):  # keys right after an earlier occurrence of token t
-                keys = [s for s in range(1, t + 1) if self.suite[b].ids[s - 1] == it.ids[t] and s - 1 < t]
-                mass = mass + a[:, b, :, t, keys].sum(-1)
+                keys = [s for s in range(1, t + 1) if it.ids[s - 1] == it.ids[t]]
+                mass = mass + a[b, t, keys].sum(0)
                 count += 1
         return {"previous_token": (prev, 0.8), "induction": (mass / count, 0.7)}
 
@@ -91,8 +92,8 @@ class Recall:
 
     def patterns(self, model):
         a = _attn(model, self.ids, self.mask)
-        hits = torch.stack([a[:, b, :, q["position"]].argmax(-1) == q["value_position"] for b, q in self.queries])
-        binds = [a[:, b, :, q["value_position"], q["key_position"]] for b, q in self.queries]
+        hits = torch.stack([a[b, q["position"]].argmax(0) == q["value_position"] for b, q in self.queries])
+        binds = [a[b, q["value_position"], q["key_position"]] for b, q in self.queries]
         return {"retrieval": (hits.float().mean(0), 0.9), "value_to_key": (torch.stack(binds).mean(0), 0.8)}
 
 
@@ -113,9 +114,9 @@ class Backcopy:
         a = _attn(model, self.ids)
         non_trigger = ~self.trig.clone()
         non_trigger[:, 0] = False
-        sink = a[..., 0][:, non_trigger].mean(1)  # [layer, head] mass on BOS from non-trigger queries
+        sink = a[:, :, 0][non_trigger].mean(0)  # [layer, head]: mass on BOS from non-trigger queries
         t = self.trig.nonzero()
-        copy = a[:, t[:, 0], :, t[:, 1], t[:, 1] - 1].mean(1)
+        copy = a[t[:, 0], t[:, 1], t[:, 1] - 1].mean(0)
         return {"sink": (sink, 0.5), "active_dormant_backcopy": (copy, 0.7)}
 
 
@@ -134,11 +135,9 @@ class Agreement:
 
     def patterns(self, model):
         a = _attn(model, self.ids, self.mask)
-        b = torch.arange(len(self.suite))
-        cls_row = a[:, :, :, 0, :]
-        evidence = (cls_row[:, b, :, self.marker] + cls_row[:, b, :, self.marker + 1]).mean(1)
-        bind = torch.maximum(a[:, b, :, self.marker + 1, self.marker].mean(1),
-                             a[:, b, :, self.marker, self.marker + 1].mean(1))
+        b, m = torch.arange(len(self.suite)), self.marker
+        evidence = (a[b, 0, m] + a[b, 0, m + 1]).mean(0)
+        bind = torch.maximum(a[b, m + 1, m].mean(0), a[b, m, m + 1].mean(0))
         return {"cls_readout": (evidence, 0.5), "marker_binding": (bind, 0.5)}
 
 

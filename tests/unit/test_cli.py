@@ -45,3 +45,21 @@ def test_unsupported_family_exits_2(tmp_path, capsys):
 def test_console_script_runs_models():
     result = subprocess.run([sys.executable, "-m", "attnscope.cli", "models"], capture_output=True, text=True)
     assert result.returncode == 0 and "minilm" in result.stdout
+
+
+@pytest.mark.parametrize("method", ["rollout", "flow", "relevance", "attention"])
+def test_attribute_writes_a_result_table(tmp_path, method, capsys):
+    out = tmp_path / "a.parquet"
+    assert main(["attribute", "--model", "minilm", "--text", "Paris is in France.", "--method", method,
+                 "--layer", "-1", "--out", str(out)]) == 0
+    table = attnscope.ResultTable.load(out)
+    assert list(table.df["token"])[:2] == ["[CLS]", "paris"] and len(table.df) == 7
+    assert table.df["metric"].iloc[0] == method
+    if method in ("rollout", "flow", "attention"):
+        assert abs(table.df["value"].sum() - 1.0) < 1e-5  # one row of a row-stochastic matrix
+
+
+def test_attribute_bad_layer_exits_2(tmp_path, capsys):
+    assert main(["attribute", "--model", "minilm", "--text", "hi", "--method", "rollout", "--layer", "9",
+                 "--out", str(tmp_path / "a.parquet")]) == 2
+    assert "layer out of range" in capsys.readouterr().err

@@ -36,26 +36,28 @@ def _bounds(C, row, g, order, colsum, n):
 
 
 @njit(cache=True, parallel=True)
-def flow_layer(C, ORDX, prev, colsum, l, n, sh, out, counts):
-    """Values of layer ``l >= 2`` into ``out[i, j]`` from layer ``l-1``'s ``prev[k, j]``.
+def flow_layer(C, ORDX, prev, colsum, sinks, l, n, sh, out, counts):
+    """Values of layer ``l >= 2``: ``out[i, s] = maxflow((l, i) -> (0, sinks[s]))`` from ``prev[k, s]`` (layer l-1).
 
-    counts[chunk] = (pairs settled by the bounds, pairs solved). Sinks are dealt to chunks round-robin, one
+    A sink's column only needs the same sink's column below, so any subset of sinks can be computed.
+    counts[chunk] = (pairs settled by the bounds, pairs solved); sinks are dealt to chunks round-robin, one
     workspace per chunk."""
     chunks = counts.shape[0]
     for chunk in prange(chunks):
         ws = new_workspace(l, n, sh)
         g = np.empty(n, np.int64)
-        for j in range(chunk, n, chunks):
+        for s in range(chunk, len(sinks), chunks):
+            j = sinks[s]
             for k in range(n):
-                g[k] = prev[k, j]
+                g[k] = prev[k, s]
             order = np.argsort(-g)
             for i in range(n):
                 lb, ub = _bounds(C, (l * n + i) * n, g, order, colsum[j], n)
                 if lb == ub or l == 2:
-                    out[i, j] = ub
+                    out[i, s] = ub
                     counts[chunk, 0] += 1
                 else:
-                    out[i, j] = maxflow(C, ORDX, ws, l, n, sh, i, j, ub)
+                    out[i, s] = maxflow(C, ORDX, ws, l, n, sh, i, j, ub)
                     counts[chunk, 1] += 1
 
 
@@ -78,20 +80,22 @@ def quantise(a_hat: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
     return cap.reshape(-1), ordx.reshape((n_layers + 1) * n, n + 1), q
 
 
-def flow_values(a_hat: np.ndarray, top: int, stats: dict | None = None) -> np.ndarray:
+def flow_values(a_hat: np.ndarray, top: int, stats: dict | None = None,
+                sinks: np.ndarray | None = None) -> np.ndarray:
     """Exact integer max-flow values ``[top, n(source), n(sink)]`` for DAG layers 1..top, in units of 1/Q.
 
-    ``stats`` (optional) receives the counts of pairs settled by bounds and solved by max-flow, and Q."""
+    sinks: compute only these input tokens (columns), e.g. to time a sample. ``stats`` (optional) receives the
+    numbers of pairs settled by the bounds (layers 1-2 included) and solved by max-flow, and Q."""
     n = a_hat.shape[-1]
     cap, ordx, q = quantise(np.ascontiguousarray(a_hat[:top], dtype=np.float64))
+    sinks = np.arange(n, dtype=np.int64) if sinks is None else np.asarray(sinks, dtype=np.int64)
     sh = max(1, int(n - 1).bit_length())
     c3 = cap.reshape(top + 1, n, n)
-    colsum = c3[1].sum(0)
-    values = np.empty((top, n, n), np.int64)
-    values[0] = c3[1]
-    counts = np.zeros((max(1, min(n, 4 * get_num_threads())), 2), np.int64)
+    values = np.empty((top, n, len(sinks)), np.int64)
+    values[0] = c3[1][:, sinks]
+    counts = np.zeros((max(1, min(len(sinks), 4 * get_num_threads())), 2), np.int64)
     for l in range(2, top + 1):
-        flow_layer(cap, ordx, values[l - 2], colsum, l, n, sh, values[l - 1], counts)
+        flow_layer(cap, ordx, values[l - 2], c3[1].sum(0), sinks, l, n, sh, values[l - 1], counts)
     if stats is not None:
-        stats.update(settled=int(counts[:, 0].sum()) + n * n, solved=int(counts[:, 1].sum()), quantum=q)
+        stats.update(settled=int(counts[:, 0].sum()) + n * len(sinks), solved=int(counts[:, 1].sum()), quantum=q)
     return values

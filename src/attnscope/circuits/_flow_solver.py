@@ -29,11 +29,12 @@ from numba.extending import intrinsic
 INF = 1 << 40  # "unlevelled"
 BIG = 1 << 62  # larger than any capacity sum
 HEAVY = 4  # a node tries its HEAVY largest arcs first
+# fields of a node's row in ND (QUE is the BFS queue, indexed by position)
 (LEV, CUR, SLO, SHI, INC, POS, QUE, EX, BLK, HEAD, ANX, INA, BNX, INB) = range(14)
 ND_ROWS = 14
-LAY, NXT, UNV = range(3)
-RFROM, RARC, RSIGN, RAMT, RNEXT = range(5)
-S_ARCS, S_RECS, S_SUNK, S_STOP = range(4)
+LAY, NXT, UNV = range(3)  # per-layer lists: BFS order, union-find over it, unvisited nodes (count in the last slot)
+RFROM, RARC, RSIGN, RAMT, RNEXT = range(5)  # fields of a push record
+S_ARCS, S_RECS, S_SUNK = range(3)  # counters: arcs that got a sender, push records, flow into the sink
 
 
 @intrinsic
@@ -58,16 +59,16 @@ def new_workspace(n_layers, n, sh):
     """Scratch arrays for one thread; ``maxflow`` leaves them clean (all flows zero) after every call."""
     nn, e = (n_layers + 1) << sh, (n_layers + 1) * n * n
     return (np.zeros(e, np.int64), np.zeros(e, np.int8), np.zeros(e, np.int64), np.full(e, -1, np.int64),
-            np.zeros((nn + 1, n), np.int32), np.zeros((ND_ROWS, nn + 1), np.int64),
-            np.zeros((3, n_layers + 1, n + 2), np.int64), np.zeros((5, e + 1), np.int64),
+            np.zeros((nn + 1, n), np.int32), np.zeros((nn + 1, ND_ROWS), np.int64),
+            np.zeros((3, n_layers + 1, n + 2), np.int64), np.zeros((e + 1, 5), np.int64),
             np.full((2, nn + 2), -1, np.int64), np.zeros(4, np.int64))
 
 
 @njit(cache=True, inline="always")
 def _visit(ND, LY, qt, m, k, x, level):
     """Level node x (slot k of layer m's unvisited list) and enqueue it."""
-    ND[LEV, x] = level
-    ND[QUE, qt] = x
+    ND[x, LEV] = level
+    ND[qt, QUE] = x
     c = LY[UNV, m, -1] - 1
     LY[UNV, m, -1] = c
     LY[UNV, m, k] = LY[UNV, m, c]
@@ -81,7 +82,7 @@ def _bfs(C, F, INL, ND, LY, l, n, sh, i, j):
         LY[UNV, m, -1], LY[LAY, m, -1] = n, 0
         for u in range(n):
             LY[UNV, m, u] = u
-            ND[LEV, (m << sh) | u] = INF
+            ND[(m << sh) | u, LEV] = INF
     qh, qt, tl = 0, 0, INF
     k, row = 0, (l * n + i) * n
     while k < LY[UNV, l - 1, -1]:
@@ -90,12 +91,12 @@ def _bfs(C, F, INL, ND, LY, l, n, sh, i, j):
             qt = _visit(ND, LY, qt, l - 1, k, ((l - 1) << sh) | v, 1)
         else:
             k += 1
-    while qh < qt and ND[LEV, ND[QUE, qh]] < tl:
-        x = ND[QUE, qh]
+    while qh < qt and ND[ND[qh, QUE], LEV] < tl:
+        x = ND[qh, QUE]
         qh += 1
-        lx, m, u = ND[LEV, x], x >> sh, x & ((1 << sh) - 1)
+        lx, m, u = ND[x, LEV], x >> sh, x & ((1 << sh) - 1)
         c = LY[LAY, m, -1]
-        ND[POS, x], LY[LAY, m, c], LY[LAY, m, -1] = c, u, c + 1
+        ND[x, POS], LY[LAY, m, c], LY[LAY, m, -1] = c, u, c + 1
         if m == 1 and tl == INF and C[(n + u) * n + j] > F[(n + u) * n + j]:
             tl = lx + 1
         if lx + 1 >= tl:
@@ -107,15 +108,15 @@ def _bfs(C, F, INL, ND, LY, l, n, sh, i, j):
                 qt = _visit(ND, LY, qt, m - 1, k, ((m - 1) << sh) | v, lx + 1)
             else:
                 k += 1
-        for q in range(ND[INC, x] if m + 1 < l else 0):
+        for q in range(ND[x, INC] if m + 1 < l else 0):
             w = INL[x, q]
-            if ND[LEV, ((m + 1) << sh) | w] == INF and F[((m + 1) * n + w) * n + u] > 0:
+            if ND[((m + 1) << sh) | w, LEV] == INF and F[((m + 1) * n + w) * n + u] > 0:
                 for k in range(LY[UNV, m + 1, -1]):
                     if LY[UNV, m + 1, k] == w:
                         qt = _visit(ND, LY, qt, m + 1, k, ((m + 1) << sh) | w, lx + 1)
                         break
     for k in range(qh, qt):  # discovered at the sink's level: useless in this phase
-        ND[LEV, ND[QUE, k]] = INF
+        ND[ND[k, QUE], LEV] = INF
     return tl, qh
 
 
@@ -125,14 +126,14 @@ def _slice(ND, LY, sh, m, target):
     lo, hi = 0, LY[LAY, m, -1]
     while lo < hi:
         mid = (lo + hi) >> 1
-        if ND[LEV, (m << sh) | LY[LAY, m, mid]] < target:
+        if ND[(m << sh) | LY[LAY, m, mid], LEV] < target:
             lo = mid + 1
         else:
             hi = mid
     first, hi = lo, LY[LAY, m, -1]
     while lo < hi:
         mid = (lo + hi) >> 1
-        if ND[LEV, (m << sh) | LY[LAY, m, mid]] <= target:
+        if ND[(m << sh) | LY[LAY, m, mid], LEV] <= target:
             lo = mid + 1
         else:
             hi = mid
@@ -143,11 +144,11 @@ def _slice(ND, LY, sh, m, target):
 def _start_phase(ND, LY, LH, l, sh, i, nq, tl):
     """Reset per-phase node state; give every levelled node its slice of candidates in the layer below."""
     for q in range(-1, nq):
-        x = (l << sh) | i if q < 0 else ND[QUE, q]
+        x = (l << sh) | i if q < 0 else ND[q, QUE]
         m = x >> sh
-        ND[CUR, x], ND[EX, x], ND[BLK, x], ND[HEAD, x], ND[INA, x], ND[INB, x] = 0, 0, 0, -1, 0, 0
+        ND[x, CUR], ND[x, EX], ND[x, BLK], ND[x, HEAD], ND[x, INA], ND[x, INB] = 0, 0, 0, -1, 0, 0
         if m >= 2:
-            ND[SLO, x], ND[SHI, x] = _slice(ND, LY, sh, m - 1, 1 if q < 0 else ND[LEV, x] + 1)
+            ND[x, SLO], ND[x, SHI] = _slice(ND, LY, sh, m - 1, 1 if q < 0 else ND[x, LEV] + 1)
     for m in range(1, l):
         for p in range(LY[LAY, m, -1] + 1):
             LY[NXT, m, p] = p
@@ -170,37 +171,37 @@ def _candidate(C, F, ORDX, INL, ND, LY, l, n, sh, j, x, tl):
 
     target -2 is the sink, -1 means none is left in this phase; sign +1 is a forward arc, -1 a reverse arc."""
     m, u = x >> sh, x & ((1 << sh) - 1)
-    lx, row = (0 if m == l else ND[LEV, x]), (m * n + u) * n
+    lx, row = (0 if m == l else ND[x, LEV]), (m * n + u) * n
     kh, seg = 1, 0
     if m == 1:
-        if ND[CUR, x] == 0:
+        if ND[x, CUR] == 0:
             if lx + 1 == tl and C[row + j] > F[row + j]:
                 return -2, row + j, 1, C[row + j] - F[row + j]
-            ND[CUR, x] = 1
+            ND[x, CUR] = 1
     elif lx + 1 < tl:
-        kh, seg = min(HEAVY, ORDX[m * n + u, n]), ND[SHI, x] - ND[SLO, x]
-        while ND[CUR, x] < kh:
-            v = ORDX[m * n + u, ND[CUR, x]]
+        kh, seg = min(HEAVY, ORDX[m * n + u, n]), ND[x, SHI] - ND[x, SLO]
+        while ND[x, CUR] < kh:
+            v = ORDX[m * n + u, ND[x, CUR]]
             y = ((m - 1) << sh) | v
-            if ND[LEV, y] == lx + 1 and ND[BLK, y] == 0 and C[row + v] > F[row + v]:
+            if ND[y, LEV] == lx + 1 and ND[y, BLK] == 0 and C[row + v] > F[row + v]:
                 return y, row + v, 1, C[row + v] - F[row + v]
-            ND[CUR, x] += 1
-        while ND[CUR, x] < kh + seg:
-            p = _find(LY, m - 1, ND[SLO, x] + ND[CUR, x] - kh)
-            ND[CUR, x] = kh + min(p, ND[SHI, x]) - ND[SLO, x]
-            if p < ND[SHI, x]:
+            ND[x, CUR] += 1
+        while ND[x, CUR] < kh + seg:
+            p = _find(LY, m - 1, ND[x, SLO] + ND[x, CUR] - kh)
+            ND[x, CUR] = kh + min(p, ND[x, SHI]) - ND[x, SLO]
+            if p < ND[x, SHI]:
                 v = LY[LAY, m - 1, p]
                 if C[row + v] > F[row + v]:
                     return ((m - 1) << sh) | v, row + v, 1, C[row + v] - F[row + v]
-                ND[CUR, x] += 1
+                ND[x, CUR] += 1
     if m >= l - 1 or lx + 1 >= tl:
         return -1, 0, 0, 0
-    while ND[CUR, x] < kh + seg + ND[INC, x]:
-        w = INL[x, ND[CUR, x] - kh - seg]
+    while ND[x, CUR] < kh + seg + ND[x, INC]:
+        w = INL[x, ND[x, CUR] - kh - seg]
         y, a = ((m + 1) << sh) | w, ((m + 1) * n + w) * n + u
-        if ND[LEV, y] == lx + 1 and ND[BLK, y] == 0 and F[a] > 0:
+        if ND[y, LEV] == lx + 1 and ND[y, BLK] == 0 and F[a] > 0:
             return y, a, -1, F[a]
-        ND[CUR, x] += 1
+        ND[x, CUR] += 1
     return -1, 0, 0, 0
 
 
@@ -211,20 +212,20 @@ def _push(F, INM, TARC, RIDX, INL, ND, REC, LH, ST, sh, x, y, a, s, d):
     if s > 0 and INM[a] == 0:  # y gets a new sender: remember it for y's reverse arcs
         INM[a], TARC[ST[S_ARCS]] = 1, a
         ST[S_ARCS] += 1
-        INL[y, ND[INC, y]] = x & ((1 << sh) - 1)
-        ND[INC, y] += 1
-    ND[EX, y] += d
+        INL[y, ND[y, INC]] = x & ((1 << sh) - 1)
+        ND[y, INC] += 1
+    ND[y, EX] += d
     r = RIDX[a]
     if r < 0:
         r = ST[S_RECS]
         ST[S_RECS] += 1
         RIDX[a] = r
-        REC[RFROM, r], REC[RARC, r], REC[RSIGN, r], REC[RAMT, r], REC[RNEXT, r] = x, a, s, 0, ND[HEAD, y]
-        ND[HEAD, y] = r
-    REC[RAMT, r] += d
-    if ND[INA, y] == 0:
-        level = ND[LEV, y]
-        ND[INA, y], ND[ANX, y], LH[0, level] = 1, LH[0, level], y
+        REC[r, RFROM], REC[r, RARC], REC[r, RSIGN], REC[r, RAMT], REC[r, RNEXT] = x, a, s, 0, ND[y, HEAD]
+        ND[y, HEAD] = r
+    REC[r, RAMT] += d
+    if ND[y, INA] == 0:
+        level = ND[y, LEV]
+        ND[y, INA], ND[y, ANX], LH[0, level] = 1, LH[0, level], y
 
 
 @njit(cache=True, inline="always")
@@ -242,7 +243,7 @@ def _discharge(C, F, ORDX, INM, TARC, RIDX, INL, ND, LY, REC, LH, ST, l, n, sh, 
         else:
             _push(F, INM, TARC, RIDX, INL, ND, REC, LH, ST, sh, x, y, a, s, d)
         if d == r:
-            ND[CUR, x] += 1
+            ND[x, CUR] += 1
     return ex
 
 
@@ -253,15 +254,15 @@ def _advance_pass(C, F, ORDX, INM, TARC, RIDX, INL, ND, LY, REC, LH, ST, l, n, s
     for level in range(1, tl):
         while LH[0, level] >= 0 and ST[S_SUNK] < ub:
             x = LH[0, level]
-            LH[0, level], ND[INA, x] = ND[ANX, x], 0
-            if ND[BLK, x] != 0 or ND[EX, x] == 0:
+            LH[0, level], ND[x, INA] = ND[x, ANX], 0
+            if ND[x, BLK] != 0 or ND[x, EX] == 0:
                 continue
-            ex = _discharge(C, F, ORDX, INM, TARC, RIDX, INL, ND, LY, REC, LH, ST, l, n, sh, j, x, tl, ND[EX, x], ub)
-            ND[EX, x] = ex
+            ex = _discharge(C, F, ORDX, INM, TARC, RIDX, INL, ND, LY, REC, LH, ST, l, n, sh, j, x, tl, ND[x, EX], ub)
+            ND[x, EX] = ex
             if ex > 0 and ST[S_SUNK] < ub:
-                ND[BLK, x] = 1
-                LY[NXT, x >> sh, ND[POS, x]] = ND[POS, x] + 1
-                ND[INB, x], ND[BNX, x], LH[1, level] = 1, LH[1, level], x
+                ND[x, BLK] = 1
+                LY[NXT, x >> sh, ND[x, POS]] = ND[x, POS] + 1
+                ND[x, INB], ND[x, BNX], LH[1, level] = 1, LH[1, level], x
                 blocked += 1
     return blocked
 
@@ -272,24 +273,24 @@ def _balance_pass(F, RIDX, ND, REC, LH, source, tl):
     for level in range(tl - 1, 0, -1):
         while LH[1, level] >= 0:
             x = LH[1, level]
-            LH[1, level], ND[INB, x] = ND[BNX, x], 0
-            while ND[EX, x] > 0:
-                r = ND[HEAD, x]
-                d = min(ND[EX, x], REC[RAMT, r])
-                F[REC[RARC, r]] -= REC[RSIGN, r] * d
-                REC[RAMT, r] -= d
-                ND[EX, x] -= d
-                p = REC[RFROM, r]
-                if REC[RAMT, r] == 0:
-                    ND[HEAD, x], RIDX[REC[RARC, r]] = REC[RNEXT, r], -1
+            LH[1, level], ND[x, INB] = ND[x, BNX], 0
+            while ND[x, EX] > 0:
+                r = ND[x, HEAD]
+                d = min(ND[x, EX], REC[r, RAMT])
+                F[REC[r, RARC]] -= REC[r, RSIGN] * d
+                REC[r, RAMT] -= d
+                ND[x, EX] -= d
+                p = REC[r, RFROM]
+                if REC[r, RAMT] == 0:
+                    ND[x, HEAD], RIDX[REC[r, RARC]] = REC[r, RNEXT], -1
                 if p == source:
                     continue
-                ND[EX, p] += d
-                lists = 1 if ND[BLK, p] != 0 else 0
+                ND[p, EX] += d
+                lists = 1 if ND[p, BLK] != 0 else 0
                 flag = INB if lists == 1 else INA
-                if ND[flag, p] == 0:
+                if ND[p, flag] == 0:
                     link = BNX if lists == 1 else ANX
-                    ND[flag, p], ND[link, p], LH[lists, level - 1] = 1, LH[lists, level - 1], p
+                    ND[p, flag], ND[p, link], LH[lists, level - 1] = 1, LH[lists, level - 1], p
 
 
 @njit(cache=True, inline="always")
@@ -297,14 +298,14 @@ def _phase(C, F, ORDX, INM, TARC, RIDX, INL, ND, LY, REC, LH, ST, l, n, sh, i, j
     """One blocking flow on the current level graph (stops early once the total reaches ``ub``)."""
     source = (l << sh) | i
     ST[S_RECS] = 0
-    ND[CUR, source] = 0
+    ND[source, CUR] = 0
     _discharge(C, F, ORDX, INM, TARC, RIDX, INL, ND, LY, REC, LH, ST, l, n, sh, j, source, tl, BIG, BIG)
     while ST[S_SUNK] < ub:
         if _advance_pass(C, F, ORDX, INM, TARC, RIDX, INL, ND, LY, REC, LH, ST, l, n, sh, j, tl, ub) == 0:
             break
         _balance_pass(F, RIDX, ND, REC, LH, source, tl)
     for r in range(ST[S_RECS]):
-        RIDX[REC[RARC, r]] = -1
+        RIDX[REC[r, RARC]] = -1
 
 
 @njit(cache=True)
@@ -328,5 +329,5 @@ def maxflow(C, ORDX, ws, l, n, sh, i, j, ub):
         F[(n + u) * n + j] = 0
     for m in range(1, l):
         for u in range(n):
-            ND[INC, (m << sh) | u] = 0
+            ND[(m << sh) | u, INC] = 0
     return min(ST[S_SUNK], ub)

@@ -6,8 +6,9 @@ on each layer's output-projection input applies a per-row head mask, so rows ``[
 ``rescale``: multiplied by ``scale``). The chunk size follows a memory budget; a chunk holds heads of one layer.
 Two savings on top of batching: the blocks before the ablated layer, and the ablated layer's attention up to its
 head outputs, are identical for every head of the chunk, so they run once per batch (clean, cached) and are
-replayed (``share_prefix``); LMs compute logits only at the scored positions (``logits_to_keep``). The metric's per-item ``(sum, count)`` statistics are summed per head, so
-the result equals a loop of single ``apply_plan`` ablations (up to float rounding of differently sized matmuls).
+replayed (``share_prefix``); LMs compute logits only at the scored positions (``logits_to_keep``). The metric's
+per-item ``(sum, count)`` statistics are summed per head, so the result equals a loop of single ``apply_plan``
+ablations (up to float rounding of differently sized matmuls).
 
 Example:
     >>> import transformers

@@ -80,10 +80,10 @@ def _networkx_values(a_hat: np.ndarray, top: int) -> np.ndarray:
     return values
 
 
-def _numba_values(a_hat: np.ndarray, top: int, threads: int | None) -> np.ndarray:
+def _numba_values(a_hat: np.ndarray, top: int, threads: int | None, stats: dict | None) -> np.ndarray:
     import numba
 
-    from ._flow_layers import flow_values, quantum
+    from ._flow_layers import flow_values
 
     previous = numba.get_num_threads()
     if threads is not None:
@@ -91,9 +91,15 @@ def _numba_values(a_hat: np.ndarray, top: int, threads: int | None) -> np.ndarra
             raise AnalysisError("bad thread count", expected=f"1..{numba.config.NUMBA_NUM_THREADS}", got=threads)
         numba.set_num_threads(threads)
     try:
-        return flow_values(a_hat, top) / float(quantum(a_hat.shape[-1]))
+        counts: dict = {}
+        values = flow_values(a_hat, top, counts)
     finally:
         numba.set_num_threads(previous)
+    if stats is not None:
+        for key in ("settled", "solved"):
+            stats[key] = stats.get(key, 0) + counts[key]
+        stats["quantum"] = counts["quantum"]
+    return values / float(counts["quantum"])
 
 
 def _normalise_rows(raw: np.ndarray) -> np.ndarray:
@@ -104,6 +110,7 @@ def _normalise_rows(raw: np.ndarray) -> np.ndarray:
 def attention_flow(attn: AttnInput, *, head_fusion: str = "mean", residual_weight: float = 0.5,
                    layers: int | Sequence[int] | None = None, normalize: bool = True, return_raw: bool = False,
                    backend: str = "auto", threads: int | None = None, validate: bool = True, atol: float = 1e-3,
+                   stats: dict | None = None,
                    ) -> Float[Array, "layer query key"] | Float[Array, "layer batch query key"] | tuple[Array, Array]:
     """Flow from every node of the chosen layers to every input token: ``[layer, (batch,) query, key]``.
 
@@ -117,6 +124,8 @@ def attention_flow(attn: AttnInput, *, head_fusion: str = "mean", residual_weigh
     backend: ``numba`` (exact, fast), ``networkx`` (reference preflow-push per pair; slow) or ``auto`` (numba).
     threads: numba threads to use (default: numba's setting, i.e. all cores).
     validate: require rows of ``attn`` to sum to 1 within ``atol``.
+    stats: a dict that receives, for the numba backend, how many (source, token) pairs were settled by the
+        closed-form bounds (``settled``) and how many needed a max-flow (``solved``), and the capacity scale.
 
     Example:
         >>> import numpy as np
@@ -135,7 +144,8 @@ def attention_flow(attn: AttnInput, *, head_fusion: str = "mean", residual_weigh
     raw = np.empty((len(picked), n_batch) + a_hat.shape[-2:])
     for b in range(n_batch):
         stack = np.ascontiguousarray(a_hat[:top, b])
-        values = _numba_values(stack, top, threads) if backend == "numba" else _networkx_values(stack, top)
+        values = (_numba_values(stack, top, threads, stats) if backend == "numba"
+                  else _networkx_values(stack, top))
         raw[:, b] = values[picked]
     out = info.wrap(_normalise_rows(raw) if normalize else raw)
     return (out, info.wrap(raw)) if return_raw else out

@@ -5,8 +5,9 @@ with the lowest importance, re-estimate the importance under the new mask (``ree
 order from the unpruned model), evaluate, and stop once the metric falls below ``threshold`` (0.9) x the
 original; the result is the last mask that stayed above it. Lower-is-better metrics (loss) stop when the metric
 rises above original / threshold. ``granularity="kv"`` masks whole GQA groups (a KV head with all its query
-heads; group importance = sum over its query heads), the only unit structural pruning can remove under GQA. ``importance_method="ablation"`` ranks heads by the
-measured damage of ablating each alone (a batched sweep) instead of the gradient estimate (not in the paper).
+heads; group importance = sum over its query heads), the only unit structural pruning can remove under GQA.
+``importance_method="ablation"`` ranks heads by the measured damage of ablating each alone (a batched sweep)
+instead of the gradient estimate (not in the paper).
 
 Masking keeps the weights and sets gates to 0 (``apply_plan`` zero mode); ``structural.prune_heads_structurally``
 removes the heads from the weights.

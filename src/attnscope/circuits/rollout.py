@@ -209,7 +209,8 @@ def rollout(attn: AttnInput, *, head_fusion: str = "mean", residual_weight: floa
                                    renormalize=renormalize, validate=validate, atol=atol)
     n_layers = a_hat.shape[0]
     if not -n_layers <= start_layer < n_layers:
-        raise AnalysisError("start_layer out of range", expected=f"an int in [-{n_layers}, {n_layers})", got=start_layer)
+        raise AnalysisError("start_layer out of range", expected=f"an int in [-{n_layers}, {n_layers})",
+                            got=start_layer)
     start = start_layer % n_layers
     joint = np.empty_like(a_hat)
     joint[:start] = np.eye(a_hat.shape[-1])

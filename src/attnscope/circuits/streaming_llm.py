@@ -147,6 +147,9 @@ def streaming_perplexity(model: Any, ids: "Tensor | Sequence[int]", *, window: i
         raise InputError("unknown window mode", expected=MODES, got=mode)
     adapter = resolve_adapter(model)
     module = adapter.module
+    if adapter.info().family != "causal-lm" or not hasattr(module, "generate"):
+        raise AnalysisError("windowed perplexity needs a causal LM with an LM head", expected="a causal LM",
+                            got=f"{type(module).__name__} ({adapter.info().family})")
     device = next(module.parameters()).device
     ids = torch.as_tensor(list(ids) if not torch.is_tensor(ids) else ids, dtype=torch.long).flatten().to(device)
     if window < 1 or any(k < 0 for k in n_sinks):

@@ -52,6 +52,12 @@ def render_markdown(card: dict[str, Any]) -> str:
     lines += ["", "Per-head scores:", ""] + _scores_table(card["head_scores"]) + ["", "## Ablation", ""]
     for name, ab in card["ablation"].items():
         lines += _ablation_lines(name, ab)
+    if card.get("sink_removal"):
+        sr = card["sink_removal"]
+        lines += ["## Sink removal", "", sr["description"] + ":", "",
+                  "| setting | " + " | ".join(sr["clean"]) + " |", "|---|" + "---|" * len(sr["clean"]),
+                  "| clean | " + " | ".join(_fmt(v) for v in sr["clean"].values()) + " |",
+                  "| BOS hidden | " + " | ".join(_fmt(v) for v in sr["bos_hidden"].values()) + " |", ""]
     if card.get("notes"):
         lines += ["## Notes", ""] + [f"- {n}" for n in card["notes"]] + [""]
     return "\n".join(lines)

@@ -24,12 +24,13 @@ SPEC = {"name": "agreement-enc", "task": "sequence classification: the label is 
         "single marker; read from [CLS]", "architecture": "BertForSequenceClassification",
         "auto_class": "AutoModelForSequenceClassification"}
 SEED = 0
-STEPS = 1500
+STEPS = 2500
 HELDOUT_SEED = 1_000_004
 HP: dict[str, Any] = {"vocab_size": 64, "seq_len": 32, "min_len": 16, "n_classes": 4, "tokens_per_class": 3,
                       "distractor_rate": 0.15, "d_model": 64, "n_heads": 4, "n_layers": 4, "d_mlp": 128,
                       "batch_size": 32, "lr": 1e-3, "warmup": 100, "init_std": 0.02,
-                      "head_lasso": 0.02, "qk_lasso": 0.1}
+                      "head_lasso": 0.05, "qk_lasso": 1.0,
+                      "lasso_ramp": [0.35, 0.65]}
 THRESHOLD = 0.5
 
 
@@ -70,15 +71,20 @@ def head_scores(model: torch.nn.Module, suite: PromptSuite) -> dict[str, torch.T
     marker->class attention."""
     ids, mask, _ = tensors(suite)
     attn = attention_patterns(model, ids, mask)  # [layer, batch, head, query, key]
-    b = torch.arange(len(suite))
-    marker = torch.tensor([item.metadata["marker_position"] for item in suite.items])
-    cls_pos = marker + 1
-    cls_rows = attn[:, :, :, 0, :]  # [layer, batch, head, key]
-    to_evidence = cls_rows[:, b, :, marker] + cls_rows[:, b, :, cls_pos]  # [layer, batch, head]
-    back = attn[:, b, :, cls_pos, marker]
-    fwd = attn[:, b, :, marker, cls_pos]
-    return {"cls_to_evidence": to_evidence.mean(1), "class_to_marker": back.mean(1),
-            "marker_to_class": fwd.mean(1)}
+    seq = ids.shape[1]
+    marker = F.one_hot(torch.tensor([item.metadata["marker_position"] for item in suite.items]), seq).float()
+    klass = F.one_hot(torch.tensor([item.metadata["class_position"] for item in suite.items]), seq).float()
+
+    def row(query: torch.Tensor) -> torch.Tensor:  # [layer, batch, head, key]: the given query row per item
+        return (attn * query[None, :, None, :, None]).sum(3)
+
+    def at(rows: torch.Tensor, key: torch.Tensor) -> torch.Tensor:  # [layer, head]
+        return (rows * key[None, :, None, :]).sum(-1).mean(1)
+
+    cls = attn[:, :, :, 0, :]
+    to_evidence = (cls * (marker + klass)[None, :, None, :]).sum(-1).mean(1)
+    back, fwd = at(row(klass), marker), at(row(marker), klass)
+    return {"cls_to_evidence": to_evidence, "class_to_marker": back, "marker_to_class": fwd}
 
 
 def analyze(model: torch.nn.Module, n_items: int = 512, seed: int = HELDOUT_SEED) -> dict[str, Any]:
@@ -113,7 +119,7 @@ def fit(seed: int = SEED, steps: int = STEPS) -> tuple[BertForSequenceClassifica
             loss = F.cross_entropy(m(input_ids=ids, attention_mask=mask).logits, labels)
             if not HP["head_lasso"]:
                 return loss
-            return loss + HP["head_lasso"] * ramp(step, steps) * head_group_lasso(m, HP["qk_lasso"])
+            return loss + HP["head_lasso"] * ramp(step, steps, *HP["lasso_ramp"]) * head_group_lasso(m, HP["qk_lasso"])
 
         def on_log(step: int, _: float) -> None:
             model.eval()

@@ -22,12 +22,13 @@ from ._meta import base_card
 SPEC = {"name": "induction-2l", "task": "next-token prediction on repeated random tokens (period random per item)",
         "architecture": "GPT2LMHeadModel", "auto_class": "AutoModelForCausalLM"}
 SEED = 0
-STEPS = 3000
+STEPS = 2500
 HELDOUT_SEED = 1_000_001
 HP: dict[str, Any] = {"vocab_size": 128, "seq_len": 32, "d_model": 64, "n_heads": 4, "n_layers": 2,
                       "batch_size": 32, "lr": 1e-3, "warmup": 100, "init_std": 0.05, "min_period": 4,
                       "max_period": 12, "attention_only": True, "d_mlp": 4, "head_lasso": 0.05, "qk_lasso": 0.02,
-                      "pos_init": "sinusoidal", "pos_scale": 0.1, "scale_attn_weights": False}
+                      "pos_init": "sinusoidal", "pos_scale": 0.1, "scale_attn_weights": False,
+                      "lasso_ramp": [0.1, 0.4]}
 THRESHOLD = 0.5
 
 
@@ -149,7 +150,7 @@ def fit(seed: int = SEED, steps: int = STEPS, eval_every: int = 100) -> tuple[GP
             loss = m(ids, labels=ids).loss
             if not HP["head_lasso"]:
                 return loss
-            return loss + HP["head_lasso"] * ramp(step, steps) * head_group_lasso(m, HP["qk_lasso"])
+            return loss + HP["head_lasso"] * ramp(step, steps, *HP["lasso_ramp"]) * head_group_lasso(m, HP["qk_lasso"])
 
         def on_log(step: int, _: float) -> None:
             model.eval()

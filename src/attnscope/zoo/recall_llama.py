@@ -28,7 +28,8 @@ PAD, BOS = 0, 1
 HP: dict[str, Any] = {"vocab_size": 128, "d_model": 64, "n_heads": 4, "n_kv_heads": 2, "n_layers": 2,
                       "d_mlp": 128, "max_positions": 64, "batch_size": 32, "lr": 2e-3, "warmup": 100,
                       "init_std": 0.05, "min_pairs": 2, "n_pairs": 8, "key_range": [2, 65], "value_range": [65, 128],
-                      "head_lasso": 0.05, "qk_lasso": 1.0}
+                      "head_lasso": 0.05, "qk_lasso": 1.0,
+                      "lasso_ramp": [0.1, 0.4]}
 THRESHOLD = 0.5
 
 
@@ -140,7 +141,7 @@ def fit(seed: int = SEED, steps: int = STEPS) -> tuple[LlamaForCausalLM, dict[st
             loss = recall_loss(m, *tensors(make_suite(HP["batch_size"], step_seed(seed, step))))
             if not HP["head_lasso"]:
                 return loss
-            return loss + HP["head_lasso"] * ramp(step, steps) * head_group_lasso(m, HP["qk_lasso"])
+            return loss + HP["head_lasso"] * ramp(step, steps, *HP["lasso_ramp"]) * head_group_lasso(m, HP["qk_lasso"])
 
         def on_log(step: int, _: float) -> None:
             model.eval()

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from ..datasets import PromptSuite, bigram_backcopy, bigram_transitions
 from ._analysis import ablation_studies, attention_patterns
@@ -34,7 +34,12 @@ SINK_THRESHOLD = 0.3
 COPY_THRESHOLD = 0.5
 
 
-def config() -> LlamaConfig:
+def config() -> LlamaConfig | GPT2Config:
+    if HP.get("family") == "gpt2":
+        return GPT2Config(vocab_size=HP["vocab_size"], n_positions=HP["seq_len"], n_embd=HP["d_model"],
+                          n_layer=HP["n_layers"], n_head=HP["n_heads"], n_inner=HP["d_mlp"], resid_pdrop=0.0,
+                          embd_pdrop=0.0, attn_pdrop=0.0, initializer_range=HP["init_std"], bos_token_id=0,
+                          eos_token_id=None, pad_token_id=None, scale_attn_weights=HP.get("scale_attn_weights", True))
     return LlamaConfig(vocab_size=HP["vocab_size"], hidden_size=HP["d_model"], intermediate_size=HP["d_mlp"],
                        num_hidden_layers=HP["n_layers"], num_attention_heads=HP["n_heads"],
                        num_key_value_heads=HP["n_heads"], head_dim=HP["d_model"] // HP["n_heads"],
@@ -42,16 +47,22 @@ def config() -> LlamaConfig:
                        bos_token_id=0, pad_token_id=None, eos_token_id=None, tie_word_embeddings=False)
 
 
-def build_model(seed: int = SEED) -> LlamaForCausalLM:
+def build_model(seed: int = SEED) -> LlamaForCausalLM | GPT2LMHeadModel:
     seed_everything(seed)
-    model = LlamaForCausalLM(config())
+    model = (GPT2LMHeadModel if HP.get("family") == "gpt2" else LlamaForCausalLM)(config())
     model.set_attn_implementation("eager")
+    if HP.get("qk_init_std"):
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):
+                    proj.weight.normal_(0.0, HP["qk_init_std"])
     return model
 
 
 def make_suite(n_items: int, seed: int) -> PromptSuite:
     return bigram_backcopy(n_items, seq_len=HP["seq_len"], vocab_size=HP["vocab_size"], seed=seed,
-                           n_triggers=HP["n_triggers"], chain_seed=HP["chain_seed"], name="sink-lm")
+                           n_triggers=HP["n_triggers"], chain_seed=HP["chain_seed"], alpha=HP.get("alpha", 0.2),
+                           name="sink-lm")
 
 
 def tensors(suite: PromptSuite) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,7 +75,7 @@ def tensors(suite: PromptSuite) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _oracle_argmax() -> torch.Tensor:
-    probs = bigram_transitions(HP["vocab_size"], HP["n_triggers"], HP["chain_seed"])
+    probs = bigram_transitions(HP["vocab_size"], HP["n_triggers"], HP["chain_seed"], alpha=HP.get("alpha", 0.2))
     return torch.as_tensor(np.argmax(probs, axis=1))
 
 
@@ -137,6 +148,7 @@ def fit(seed: int = SEED, steps: int = STEPS) -> tuple[LlamaForCausalLM, dict[st
             model.train()
 
         log = train_loop(model, loss_fn, steps=steps, lr=HP["lr"], warmup=HP["warmup"], desc="sink-lm",
+                         weight_decay=HP.get("weight_decay", 0.0),
                          log_every=100, on_log=on_log)
     log["curve"] = curve
     return model, log
