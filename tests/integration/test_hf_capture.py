@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import tiny_text_model
+from tiny_models import tiny_text_model
 
 import attnscope
 from attnscope.probes import validate

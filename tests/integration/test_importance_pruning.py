@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_text_model
+from tiny_models import tiny_text_model
 
 from attnscope.circuits.ablation_sweep import ablation_loop, single_head_sweep
 from attnscope.circuits.importance import VARIANTS, head_importance, normalize_importance

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_text_model
+from tiny_models import tiny_text_model
 
 import attnscope
 from attnscope.probes import validate

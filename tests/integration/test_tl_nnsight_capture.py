@@ -12,7 +12,7 @@ import nnsight
 import pytest
 import torch
 import transformers
-from conftest import tiny_text_model
+from tiny_models import tiny_text_model
 
 import attnscope
 from attnscope.probes import tl_guard, validate

@@ -4,7 +4,7 @@ equal the unsplit model exactly."""
 
 import pytest
 import torch
-from conftest import tiny_text_model
+from tiny_models import tiny_text_model
 
 import attnscope
 from attnscope.probes.device_map import dispatch, parse_device_map, placement, split_layers

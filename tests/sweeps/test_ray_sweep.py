@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import tiny_text_model
+from tiny_models import tiny_text_model
 from plugins import word_tokenizer
 
 from attnscope.sweeps import load_sweep, parse_spec, run_sweep

@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from conftest import tiny_text_model
+from tiny_models import tiny_text_model
 from plugins import word_tokenizer
 
 import attnscope

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import tiny_text_model
+from tiny_models import tiny_text_model
 
 from attnscope.sweeps import load_sweep, load_spec, run_sweep
 from attnscope.sweeps.store import PART

@@ -55,7 +55,7 @@ def test_bad_specs_say_where(changes, where):
 
 
 def test_yaml_file_and_relative_paths(tmp_path):
-    from conftest import tiny_text_model
+    from tiny_models import tiny_text_model
 
     tiny_text_model("gpt2").save_pretrained(tmp_path / "gpt2")
     (tmp_path / "s.yaml").write_text(yaml.safe_dump({**BASE, "models": ["./gpt2"], "name": "t"}))

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import tiny_text_model
+from tiny_models import tiny_text_model
 
 import attnscope
 from attnscope.circuits import detectors, retrieval, sinks, streaming_llm

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_text_model
+from tiny_models import tiny_text_model
 
 import attnscope
 from attnscope.dashboards import PathRefused, ResultsRoot, create_app, run_ablation

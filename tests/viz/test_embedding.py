@@ -5,7 +5,7 @@ softmax and equalises the mean norms; the embedding figure has both sets."""
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_text_model
+from tiny_models import tiny_text_model
 
 import attnscope
 from attnscope.errors import InputError

@@ -19,7 +19,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from ..datasets import PromptSuite, bigram_backcopy, bigram_transitions
 from ._analysis import ablation_studies, attention_patterns
 from ._card import write_card
-from ._common import head_name, save_checkpoint, scores_table, seed_everything, step_seed, torch_threads, train_loop
+from ._common import head_group_lasso, head_name, prune_dead_heads, ramp, save_checkpoint, scores_table, seed_everything, step_seed, torch_threads, train_loop
 from ._meta import base_card
 
 SPEC = {"name": "sink-lm", "task": "Bigram-Backcopy next-token prediction (Guo et al. 2024); grows a BOS sink",
@@ -83,13 +83,15 @@ def _oracle_argmax() -> torch.Tensor:
 def task_metrics(model: torch.nn.Module, ids: torch.Tensor, trigger: torch.Tensor,
                  attention_mask: torch.Tensor | None = None) -> dict[str, float]:
     """``backcopy``: accuracy at triggers; ``bigram``: agreement with the chain's most likely next token elsewhere."""
-    pred = model(input_ids=ids, attention_mask=attention_mask).logits.argmax(-1)[:, :-1]
+    logits = model(input_ids=ids, attention_mask=attention_mask).logits[:, :-1]
+    pred = logits.argmax(-1)
     trig = trigger[:, :-1]
     plain = ~trig & (ids[:, :-1] > HP["n_triggers"])
     plain[:, 0] = False
     backcopy = (pred == ids[:, 1:])[trig].float().mean()
     bigram = (pred == _oracle_argmax()[ids[:, :-1]])[plain].float().mean()
-    return {"backcopy": float(backcopy), "bigram": float(bigram)}
+    nll = F.cross_entropy(logits[:, 1:].reshape(-1, logits.shape[-1]), ids[:, 2:].reshape(-1))
+    return {"backcopy": float(backcopy), "bigram": float(bigram), "nll": float(nll)}
 
 
 def head_scores(model: torch.nn.Module, ids: torch.Tensor, trigger: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -138,7 +140,10 @@ def fit(seed: int = SEED, steps: int = STEPS) -> tuple[LlamaForCausalLM, dict[st
 
         def loss_fn(m: torch.nn.Module, step: int) -> torch.Tensor:
             ids, _ = tensors(make_suite(HP["batch_size"], step_seed(seed, step)))
-            return m(input_ids=ids, labels=ids).loss
+            loss = m(input_ids=ids, labels=ids).loss
+            if not HP.get("head_lasso"):
+                return loss
+            return loss + HP["head_lasso"] * ramp(step, steps, *HP["lasso_ramp"]) * head_group_lasso(m, HP["qk_lasso"])
 
         def on_log(step: int, _: float) -> None:
             model.eval()
@@ -151,6 +156,7 @@ def fit(seed: int = SEED, steps: int = STEPS) -> tuple[LlamaForCausalLM, dict[st
                          weight_decay=HP.get("weight_decay", 0.0),
                          log_every=100, on_log=on_log)
     log["curve"] = curve
+    log["pruned_heads"] = [head_name(*h) for h in prune_dead_heads(model)] if HP.get("head_lasso") else []
     return model, log
 
 
