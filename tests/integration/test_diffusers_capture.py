@@ -8,7 +8,7 @@ pipeline's CFG batch.
 import pytest
 import torch
 
-pytest.importorskip("diffusers")
+import diffusers  # noqa: F401
 
 import attnscope  # noqa: E402
 from attnscope.errors import UnsupportedAttentionError  # noqa: E402

@@ -9,16 +9,12 @@ from attnscope.circuits.importance import head_importance
 from attnscope.circuits.pruning import curve_gap, iterative_pruning, pruning_curve
 from attnscope.circuits.structural import prune_heads_structurally
 from attnscope.circuits.task_metrics import builtin_sentences, metric_for, suite_from_name
-from attnscope.errors import ModelNotFoundError
 
 
 def _zoo(name):
     from attnscope import zoo
 
-    try:
-        zoo.checkpoint_path(name)
-    except ModelNotFoundError:
-        pytest.skip(f"zoo checkpoint {name} not built")
+    zoo.checkpoint_path(name)  # raises ModelNotFoundError if the shipped checkpoint is missing
     return attnscope.load(f"zoo:{name}")
 
 

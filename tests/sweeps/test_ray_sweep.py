@@ -13,7 +13,7 @@ from attnscope.sweeps import load_sweep, parse_spec, run_sweep
 from attnscope.sweeps.cells import run_cell
 from attnscope.sweeps.store import LABEL_COLUMNS, PART, cell_dir
 
-ray = pytest.importorskip("ray")
+import ray
 PLUGINS = str(Path(__file__).with_name("plugins.py"))
 
 

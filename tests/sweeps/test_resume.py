@@ -8,14 +8,14 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
+import pytest  # noqa: F401
 import yaml
 from tiny_models import tiny_text_model
 
 from attnscope.sweeps import load_sweep, load_spec, run_sweep
 from attnscope.sweeps.store import PART
 
-pytest.importorskip("ray")
+import ray  # noqa: F401
 PLUGINS = str(Path(__file__).with_name("plugins.py"))
 N = 6
 

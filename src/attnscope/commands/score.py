@@ -148,8 +148,9 @@ def _run_trace_analysis(analysis: Any, model: Any, suite: Any, options: dict) ->
     return analysis.fn(trace, **{k: v for k, v in options.items() if k not in _UNIVERSAL})
 
 
-def print_table(table: Any, analysis: str, top: int, out=sys.stdout) -> None:
+def print_table(table: Any, analysis: str, top: int, out=None) -> None:
     """The main metric's top heads (or, for model-level analyses, its rows), then summary rows."""
+    out = out or sys.stdout
     import pandas as pd
 
     df = table.df

@@ -86,11 +86,23 @@ def _load_hf(source: str, attn_implementation: str | None, placement: dict[str, 
              **kwargs: Any) -> LoadedModel:
     import transformers
 
+    if _is_pruned_dir(source):  # structurally pruned by attnscope: per-layer head counts differ
+        from ..circuits.structural import load_pruned
+
+        return _wrap(load_pruned(source).eval(), _load_tokenizer(source), source)
     config = transformers.AutoConfig.from_pretrained(source, **kwargs)
     cls = _hf_class(config)
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     module = cls.from_pretrained(source, **extra, **(placement or {}), **kwargs).eval()
     return _wrap(module, _load_tokenizer(source, **kwargs), source)
+
+
+def _is_pruned_dir(source: str) -> bool:
+    config = Path(source) / "config.json"
+    try:
+        return config.is_file() and "attnscope_pruning" in json.loads(config.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
 
 
 def _load_diffusers(path: Path) -> LoadedModel:
