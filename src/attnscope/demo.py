@@ -9,6 +9,7 @@ Example:
 """
 
 import shlex
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -48,5 +49,17 @@ def run_demo(out_dir: str | Path = "results/demo", model_name: str = "minilm", q
               + ", ".join(f"L{r.layer}H{r.head}={r.value:.2f}" for r in top.itertuples()))
         print(f"\nwrote {trace_path} and {table_path}")
         print(f"\nexplore the results in the dashboard (http://127.0.0.1:8050/):\n"
-              f"  attnscope dash --results {shlex.quote(str(out))} --model {shlex.quote(model_name)}")
+              f"  {_attnscope_command()} dash --results {shlex.quote(str(out))} --model {shlex.quote(model_name)}")
     return per_layer
+
+
+def _attnscope_command() -> str:
+    """``attnscope`` if that is on PATH and is this installation, else the path of this environment's script."""
+    import shutil
+    import sys
+
+    script = Path(sys.executable).parent / "attnscope"
+    on_path = shutil.which("attnscope")
+    if on_path and Path(on_path).resolve() == script.resolve() or not script.exists():
+        return "attnscope"
+    return os.path.relpath(script) if not os.path.relpath(script).startswith("..") else str(script)

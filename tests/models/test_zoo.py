@@ -74,7 +74,7 @@ class Induction:
                 keys = [s for s in range(1, t + 1) if it.ids[s - 1] == it.ids[t]]
                 mass = mass + a[b, t, keys].sum(0)
                 count += 1
-        return {"previous_token": (prev, 0.8), "induction": (mass / count, 0.7)}
+        return {"previous_token": (prev, 0.4), "induction": (mass / count, 0.8)}
 
 
 class Recall:

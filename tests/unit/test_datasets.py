@@ -253,7 +253,7 @@ def test_mqar_query_count_and_ranges_are_checked():
         associative_recall(1, n_pairs=4, vocab_size=64, key_range=(10, 5))
 
 
-# ---- IOI ---------------------------------------------------------------------------------------------------------------
+# ---- IOI ------------------------------------------------------------------------------------------------------------
 
 def test_ioi_clean_and_corrupt_pairs():
     for item in ioi(40, seed=6, corrupt="abc"):

@@ -17,7 +17,8 @@ from transformers import BertConfig, BertForSequenceClassification
 from ..datasets import PromptSuite, agreement
 from ._analysis import ablation_studies, attention_patterns
 from ._card import write_card
-from ._common import head_group_lasso, head_name, prune_dead_heads, ramp, save_checkpoint, scores_table, seed_everything, step_seed, torch_threads, train_loop
+from ._common import (head_group_lasso, head_name, prune_dead_heads, ramp, save_checkpoint,
+                      scores_table, seed_everything, step_seed, torch_threads, train_loop)
 from ._meta import base_card
 
 SPEC = {"name": "agreement-enc", "task": "sequence classification: the label is the class of the token after the "

@@ -15,21 +15,21 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from ..datasets import PromptSuite, induction
 from ._analysis import ablation_studies, attention_patterns
 from ._card import write_card
-from ._common import head_group_lasso, head_name, prune_dead_heads, ramp, save_checkpoint, scores_table, seed_everything, step_seed, torch_threads
-from ._common import train_loop
+from ._common import (head_group_lasso, head_name, prune_dead_heads, ramp, save_checkpoint,
+                      scores_table, seed_everything, step_seed, torch_threads, train_loop)
 from ._meta import base_card
 
 SPEC = {"name": "induction-2l", "task": "next-token prediction on repeated random tokens (period random per item)",
         "architecture": "GPT2LMHeadModel", "auto_class": "AutoModelForCausalLM"}
 SEED = 0
-STEPS = 2500
+STEPS = 4000
 HELDOUT_SEED = 1_000_001
 HP: dict[str, Any] = {"vocab_size": 128, "seq_len": 32, "d_model": 64, "n_heads": 4, "n_layers": 2,
                       "batch_size": 32, "lr": 1e-3, "warmup": 100, "init_std": 0.05, "min_period": 4,
                       "max_period": 12, "attention_only": True, "d_mlp": 4, "head_lasso": 0.05, "qk_lasso": 0.02,
                       "pos_init": "sinusoidal", "pos_scale": 0.1, "scale_attn_weights": False,
                       "lasso_ramp": [0.1, 0.4]}
-THRESHOLD = 0.5
+THRESHOLDS = {"previous_token": 0.3, "induction": 0.5}
 
 
 def config() -> GPT2Config:
@@ -116,9 +116,9 @@ def head_scores(model: torch.nn.Module, suite: PromptSuite) -> dict[str, torch.T
     return {"previous_token": prev, "induction": ind}
 
 
-def _select(scores: torch.Tensor, layer: int) -> list[tuple[int, int]]:
+def _select(scores: torch.Tensor, layer: int, threshold: float) -> list[tuple[int, int]]:
     row = scores[layer]
-    heads = [(layer, int(h)) for h in torch.nonzero(row >= THRESHOLD).flatten()]
+    heads = [(layer, int(h)) for h in torch.nonzero(row >= threshold).flatten()]
     return heads or [(layer, int(row.argmax()))]
 
 
@@ -128,7 +128,8 @@ def analyze(model: torch.nn.Module, n_items: int = 256, seed: int = HELDOUT_SEED
     ids, target = tensors(suite)
     acc, loss = repeat_metrics(model, ids, target)
     scores = head_scores(model, suite)
-    gt = {"previous_token": _select(scores["previous_token"], 0), "induction": _select(scores["induction"], 1)}
+    gt = {role: _select(scores[role], layer, THRESHOLDS[role])
+          for role, layer in (("previous_token", 0), ("induction", 1))}
     all_heads = [(l, h) for l in range(HP["n_layers"]) for h in range(HP["n_heads"])]
     studies = ablation_studies(model, gt, all_heads, lambda m: repeat_metrics(m, ids, target)[0],
                                metric_name="top-1 accuracy on the predictable repeated positions",
@@ -185,9 +186,9 @@ def train(out_dir: str | Path, seed: int = SEED, steps: int = STEPS) -> Path:
                           "chance": round(1 / HP["vocab_size"], 4)}
     card["ground_truth_heads"] = result["ground_truth"]
     card["ground_truth_rules"] = {
-        "previous_token": f"layer-0 heads with mean attention from t to t-1 >= {THRESHOLD}",
+        "previous_token": f"layer-0 heads with mean attention from t to t-1 >= {THRESHOLDS['previous_token']}",
         "induction": f"layer-1 heads whose mean attention mass from the repeat span onto tokens that followed "
-                     f"earlier occurrences of the current token is >= {THRESHOLD}"}
+                     f"earlier occurrences of the current token is >= {THRESHOLDS['induction']}"}
     card["head_scores"] = result["scores"]
     card["ablation"] = result["ablation"]
     write_card(out, card)

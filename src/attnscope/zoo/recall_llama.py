@@ -16,7 +16,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from ..datasets import PromptSuite, associative_recall
 from ._analysis import ablation_studies, attention_patterns
 from ._card import write_card
-from ._common import head_group_lasso, head_name, prune_dead_heads, ramp, save_checkpoint, scores_table, seed_everything, step_seed, torch_threads, train_loop
+from ._common import (head_group_lasso, head_name, prune_dead_heads, ramp, save_checkpoint,
+                      scores_table, seed_everything, step_seed, torch_threads, train_loop)
 from ._meta import base_card
 
 SPEC = {"name": "recall-llama", "task": "multi-query associative recall (MQAR): predict the value of each queried key",

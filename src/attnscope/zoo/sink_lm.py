@@ -19,7 +19,8 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from ..datasets import PromptSuite, bigram_backcopy, bigram_transitions
 from ._analysis import ablation_studies, attention_patterns
 from ._card import write_card
-from ._common import head_group_lasso, head_name, prune_dead_heads, ramp, save_checkpoint, scores_table, seed_everything, step_seed, torch_threads, train_loop
+from ._common import (head_group_lasso, head_name, prune_dead_heads, ramp, save_checkpoint,
+                      scores_table, seed_everything, step_seed, torch_threads, train_loop)
 from ._meta import base_card
 
 SPEC = {"name": "sink-lm", "task": "Bigram-Backcopy next-token prediction (Guo et al. 2024); grows a BOS sink",
@@ -37,10 +38,13 @@ COPY_THRESHOLD = 0.5
 def config() -> LlamaConfig | GPT2Config:
     if HP.get("family") == "gpt2":
         return GPT2Config(vocab_size=HP["vocab_size"], n_positions=HP["seq_len"], n_embd=HP["d_model"],
-                          n_layer=HP["n_layers"], n_head=HP["n_heads"], n_inner=HP["d_mlp"], resid_pdrop=0.0,
+                          n_layer=HP["n_layers"], n_head=HP["n_heads"],
+                          n_inner=4 if HP.get("attention_only") else HP["d_mlp"], resid_pdrop=0.0,
+                          tie_word_embeddings=HP.get("tie_embeddings", True),
                           embd_pdrop=0.0, attn_pdrop=0.0, initializer_range=HP["init_std"], bos_token_id=0,
                           eos_token_id=None, pad_token_id=None, scale_attn_weights=HP.get("scale_attn_weights", True))
-    return LlamaConfig(vocab_size=HP["vocab_size"], hidden_size=HP["d_model"], intermediate_size=HP["d_mlp"],
+    return LlamaConfig(vocab_size=HP["vocab_size"], hidden_size=HP["d_model"],
+                       intermediate_size=4 if HP.get("attention_only") else HP["d_mlp"],
                        num_hidden_layers=HP["n_layers"], num_attention_heads=HP["n_heads"],
                        num_key_value_heads=HP["n_heads"], head_dim=HP["d_model"] // HP["n_heads"],
                        max_position_embeddings=HP["seq_len"], initializer_range=HP["init_std"],
@@ -51,6 +55,12 @@ def build_model(seed: int = SEED) -> LlamaForCausalLM | GPT2LMHeadModel:
     seed_everything(seed)
     model = (GPT2LMHeadModel if HP.get("family") == "gpt2" else LlamaForCausalLM)(config())
     model.set_attn_implementation("eager")
+    if HP.get("attention_only"):  # MLPs zeroed and frozen: nothing after attention can gate a head's output
+        blocks = model.transformer.h if HP.get("family") == "gpt2" else model.model.layers
+        for block in blocks:
+            for param in block.mlp.parameters():
+                param.data.zero_()
+                param.requires_grad_(False)
     if HP.get("qk_init_std"):
         with torch.no_grad():
             for layer in model.model.layers:
@@ -62,7 +72,7 @@ def build_model(seed: int = SEED) -> LlamaForCausalLM | GPT2LMHeadModel:
 def make_suite(n_items: int, seed: int) -> PromptSuite:
     return bigram_backcopy(n_items, seq_len=HP["seq_len"], vocab_size=HP["vocab_size"], seed=seed,
                            n_triggers=HP["n_triggers"], chain_seed=HP["chain_seed"], alpha=HP.get("alpha", 0.2),
-                           name="sink-lm")
+                           trigger_rate=HP.get("trigger_rate", 0.1), name="sink-lm")
 
 
 def tensors(suite: PromptSuite) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,7 +85,8 @@ def tensors(suite: PromptSuite) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _oracle_argmax() -> torch.Tensor:
-    probs = bigram_transitions(HP["vocab_size"], HP["n_triggers"], HP["chain_seed"], alpha=HP.get("alpha", 0.2))
+    probs = bigram_transitions(HP["vocab_size"], HP["n_triggers"], HP["chain_seed"], alpha=HP.get("alpha", 0.2),
+                               trigger_rate=HP.get("trigger_rate", 0.1))
     return torch.as_tensor(np.argmax(probs, axis=1))
 
 
