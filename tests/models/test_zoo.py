@@ -94,7 +94,7 @@ class Recall:
         a = _attn(model, self.ids, self.mask)
         hits = torch.stack([a[b, q["position"]].argmax(0) == q["value_position"] for b, q in self.queries])
         binds = [a[b, q["value_position"], q["key_position"]] for b, q in self.queries]
-        return {"retrieval": (hits.float().mean(0), 0.9), "value_to_key": (torch.stack(binds).mean(0), 0.8)}
+        return {"retrieval": (hits.float().mean(0), 0.9), "value_to_key": (torch.stack(binds).mean(0), 0.6)}
 
 
 class Backcopy:
@@ -117,7 +117,7 @@ class Backcopy:
         sink = a[:, :, 0][non_trigger].mean(0)  # [layer, head]: mass on BOS from non-trigger queries
         t = self.trig.nonzero()
         copy = a[t[:, 0], t[:, 1], t[:, 1] - 1].mean(0)
-        return {"sink": (sink, 0.5), "active_dormant_backcopy": (copy, 0.7)}
+        return {"sink": (sink, 0.3), "active_dormant_backcopy": (copy, 0.6)}
 
 
 class Agreement:
@@ -138,7 +138,7 @@ class Agreement:
         b, m = torch.arange(len(self.suite)), self.marker
         evidence = (a[b, 0, m] + a[b, 0, m + 1]).mean(0)
         bind = torch.maximum(a[b, m + 1, m].mean(0), a[b, m, m + 1].mean(0))
-        return {"cls_readout": (evidence, 0.5), "marker_binding": (bind, 0.5)}
+        return {"cls_readout": (evidence, 0.4), "marker_binding": (bind, 0.6)}
 
 
 TASKS = {"induction-2l": Induction, "recall-llama": Recall, "sink-lm": Backcopy, "agreement-enc": Agreement}
@@ -195,7 +195,8 @@ def test_named_heads_show_their_patterns(organism, task):
         named = set(_heads(heads))
         others = [float(scores[l, h]) for l in range(scores.shape[0]) for h in range(scores.shape[1])
                   if (l, h) not in named]
-        assert max(scores[l, h] for l, h in named) > max(others), role
+        if others:  # the named heads stand out from the rest
+            assert min(float(scores[l, h]) for l, h in named) > max(others), role
 
 
 def test_ablating_the_key_heads_destroys_the_task_and_random_heads_do_not(organism, task):

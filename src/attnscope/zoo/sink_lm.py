@@ -1,11 +1,15 @@
-"""``sink-lm``: a 2-layer Llama trained on Bigram-Backcopy (Guo et al. 2024); it grows a BOS attention sink.
+"""``sink-lm``: a 2-layer attention-only GPT-2 trained on Bigram-Backcopy (Guo et al. 2024); grows a BOS sink.
 
 The next token follows a fixed bigram chain, except after a trigger token, where the token before the trigger is
-copied. The copy needs attention only at triggers; elsewhere the copying head is dormant and parks its attention on
-BOS (position 0). Ground truth: sink heads (mean attention mass on position 0 over non-trigger queries >= 0.3,
-as in Gu et al.) and the active-dormant back-copy heads (attention from a trigger to t-1 >= 0.5). Confirmed by
-zero-ablation (back-copy accuracy collapses with the back-copy heads ablated, not with random others) and by hiding
-the BOS key from every query (the sink is then gone and the dormant heads disturb the bigram predictions).
+copied. The copy needs attention only at triggers; elsewhere a copying head must output nothing, and the only
+token whose value can be (and becomes) a no-op is BOS at position 0: the heads park their attention there
+(active-dormant heads). The MLPs are zeroed and frozen (attention-only), so nothing downstream can gate a head's
+output instead; with MLPs, or with lasso-pruned heads, no strong sink formed within a CPU budget.
+
+Ground truth: sink heads (mean attention mass on position 0 over non-trigger queries >= 0.3, as in Gu et al.) and
+the active-dormant back-copy heads (attention from a trigger to t-1 >= 0.5). Confirmed by zero-ablation
+(back-copy accuracy collapses with the back-copy heads ablated, not with random others) and by hiding the BOS key
+from every query (the sink is gone; the dormant heads then disturb the bigram predictions).
 """
 
 from pathlib import Path
@@ -19,20 +23,21 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from ..datasets import PromptSuite, bigram_backcopy, bigram_transitions
 from ._analysis import ablation_studies, attention_patterns
 from ._card import write_card
-from ._common import (head_group_lasso, head_name, prune_dead_heads, ramp, save_checkpoint,
-                      scores_table, seed_everything, step_seed, torch_threads, train_loop)
+from ._common import head_name, save_checkpoint, scores_table, seed_everything, step_seed, torch_threads, train_loop
 from ._meta import base_card
 
 SPEC = {"name": "sink-lm", "task": "Bigram-Backcopy next-token prediction (Guo et al. 2024); grows a BOS sink",
-        "architecture": "LlamaForCausalLM", "auto_class": "AutoModelForCausalLM"}
+        "architecture": "GPT2LMHeadModel", "auto_class": "AutoModelForCausalLM"}
 SEED = 0
-STEPS = 2000
+STEPS = 3000
 HELDOUT_SEED = 1_000_003
-HP: dict[str, Any] = {"vocab_size": 64, "seq_len": 64, "d_model": 64, "n_heads": 4, "n_layers": 2, "d_mlp": 256,
-                      "batch_size": 32, "lr": 2e-3, "warmup": 100, "init_std": 0.05, "n_triggers": 3,
-                      "chain_seed": 0}
+HP: dict[str, Any] = {"family": "gpt2", "vocab_size": 64, "seq_len": 32, "d_model": 64, "n_heads": 4,
+                      "n_layers": 2, "d_mlp": 256, "attention_only": True, "tie_embeddings": False,
+                      "scale_attn_weights": False, "batch_size": 32, "lr": 3e-3, "warmup": 100,
+                      "weight_decay": 0.1, "init_std": 0.05, "n_triggers": 3, "chain_seed": 0, "alpha": 0.05,
+                      "trigger_rate": 0.2}
 SINK_THRESHOLD = 0.3
-COPY_THRESHOLD = 0.5
+COPY_THRESHOLD = 0.6
 
 
 def config() -> LlamaConfig | GPT2Config:
@@ -61,11 +66,6 @@ def build_model(seed: int = SEED) -> LlamaForCausalLM | GPT2LMHeadModel:
             for param in block.mlp.parameters():
                 param.data.zero_()
                 param.requires_grad_(False)
-    if HP.get("qk_init_std"):
-        with torch.no_grad():
-            for layer in model.model.layers:
-                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):
-                    proj.weight.normal_(0.0, HP["qk_init_std"])
     return model
 
 
@@ -151,10 +151,7 @@ def fit(seed: int = SEED, steps: int = STEPS) -> tuple[LlamaForCausalLM, dict[st
 
         def loss_fn(m: torch.nn.Module, step: int) -> torch.Tensor:
             ids, _ = tensors(make_suite(HP["batch_size"], step_seed(seed, step)))
-            loss = m(input_ids=ids, labels=ids).loss
-            if not HP.get("head_lasso"):
-                return loss
-            return loss + HP["head_lasso"] * ramp(step, steps, *HP["lasso_ramp"]) * head_group_lasso(m, HP["qk_lasso"])
+            return m(input_ids=ids, labels=ids).loss
 
         def on_log(step: int, _: float) -> None:
             model.eval()
@@ -167,7 +164,6 @@ def fit(seed: int = SEED, steps: int = STEPS) -> tuple[LlamaForCausalLM, dict[st
                          weight_decay=HP.get("weight_decay", 0.0),
                          log_every=100, on_log=on_log)
     log["curve"] = curve
-    log["pruned_heads"] = [head_name(*h) for h in prune_dead_heads(model)] if HP.get("head_lasso") else []
     return model, log
 
 
@@ -180,7 +176,11 @@ def train(out_dir: str | Path, seed: int = SEED, steps: int = STEPS) -> Path:
                                                        "params": make_suite(1, 0).params})
     card["architecture"].update({"n_layers": HP["n_layers"], "n_heads": HP["n_heads"], "d_model": HP["d_model"],
                                  "d_head": HP["d_model"] // HP["n_heads"], "vocab_size": HP["vocab_size"],
-                                 "max_positions": HP["seq_len"], "positions": "RoPE", "mlp": "SwiGLU"})
+                                 "max_positions": HP["seq_len"],
+                                 "positions": "learned absolute" if HP["family"] == "gpt2" else "RoPE",
+                                 "mlp": "zeroed and frozen (attention-only)" if HP["attention_only"] else "standard",
+                                 "attention_scale": "1 (scale_attn_weights=False)" if not HP["scale_attn_weights"]
+                                 else "1/sqrt(d_head)", "tied_embeddings": HP["tie_embeddings"]})
     card["training"]["curve [step, backcopy acc, bigram acc, max sink mass]"] = log["curve"]
     card["evaluation"] = {"metric": "back-copy accuracy at trigger positions",
                           "value": round(result["metrics"]["backcopy"], 4),
@@ -197,5 +197,8 @@ def train(out_dir: str | Path, seed: int = SEED, steps: int = STEPS) -> Path:
     card["sink_removal"] = {"description": "BOS key hidden from every query via the attention mask",
                             "clean": {k: round(v, 4) for k, v in result["metrics"].items()},
                             "bos_hidden": {k: round(v, 4) for k, v in result["bos_hidden"].items()}}
+    card["notes"] = ["Position 0 always holds BOS (id 0); `sink_mass` excludes trigger queries, where the "
+                     "active heads attend to t-1 instead.",
+                     "Heads whose sink mass is high at triggers too are pure (always dormant) sinks."]
     write_card(out, card)
     return out
