@@ -370,6 +370,49 @@ def test_rolling_cache_with_rerotated_keys_equals_recomputed_windows_in_one_laye
                                    streaming_llm.recompute_nll(model, ids, k, 8), atol=1e-5, rtol=1e-5)
 
 
+def _manual_streaming_nll(model, ids, n_sink, window):
+    """StreamingLLM written out by hand for a Llama: per layer a list of un-rotated keys and values; at every step
+    RoPE is applied to the keys at their current cache index (PAPERS.md 2.4), the query at its own index."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    base, cfg = model.model, model.config
+    n_kv, d = cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
+    cache = [[] for _ in base.layers]
+    nll = []
+    with torch.no_grad():
+        for t in range(len(ids) - 1):
+            if len(cache[0]) >= n_sink + window:
+                for entries in cache:
+                    del entries[n_sink]
+            h = base.embed_tokens(ids[t:t + 1])[None]
+            for layer, entries in zip(base.layers, cache):
+                attn, x = layer.self_attn, layer.input_layernorm(h)
+                q = attn.q_proj(x).view(1, 1, -1, d).transpose(1, 2)
+                entries.append((attn.k_proj(x).view(1, 1, n_kv, d).transpose(1, 2),
+                                attn.v_proj(x).view(1, 1, n_kv, d).transpose(1, 2)))
+                keys, values = (torch.cat([e[i] for e in entries], 2) for i in (0, 1))
+                n = keys.shape[2]
+                cos, sin = base.rotary_emb(x, torch.arange(n)[None])
+                keys = apply_rotary_pos_emb(keys, keys, cos, sin)[1]
+                q = apply_rotary_pos_emb(q, q, cos[:, -1:], sin[:, -1:])[0]
+                groups = q.shape[1] // n_kv
+                keys, values = keys.repeat_interleave(groups, 1), values.repeat_interleave(groups, 1)
+                probs = torch.softmax(q @ keys.transpose(-1, -2) * d ** -0.5, -1)
+                h = h + attn.o_proj((probs @ values).transpose(1, 2).reshape(1, 1, -1))
+                h = h + layer.mlp(layer.post_attention_layernorm(h))
+            logits = model.lm_head(base.norm(h))[0, -1]
+            nll.append(-torch.log_softmax(logits, -1)[ids[t + 1]])
+    return torch.stack(nll)
+
+
+def test_rolling_cache_matches_a_hand_written_streaming_llm_in_two_layers():
+    model = tiny_text_model("llama")  # 2 layers, GQA
+    ids = torch.randint(0, 64, (24,))
+    for k in (0, 2):
+        torch.testing.assert_close(streaming_llm.cache_nll(model, ids, k, 6), _manual_streaming_nll(model, ids, k, 6),
+                                   atol=1e-4, rtol=1e-4)
+
+
 def test_windows_without_eviction_equal_dense_and_recompute_matches_a_plain_loop():
     model = tiny_text_model("llama")
     ids = torch.randint(0, 64, (20,))
