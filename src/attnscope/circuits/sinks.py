@@ -69,12 +69,6 @@ def sink_keys(enc: Encoded, positions: Sequence[int], specials: dict[int, str]) 
     return keys
 
 
-def _exact_rows(adapter: Any) -> str | None:
-    """Rows spec forcing the exact chunked path where the streaming kernel would drop a float mask (eager)."""
-    cfg = getattr(adapter.module, "config", None)
-    return "0:" if str(getattr(cfg, "_attn_implementation", "")) == "eager" else None
-
-
 def _item_sink_scores(mass: Tensor, keys: dict[str, list[int]], span_of: dict[int, int], n: int,
                       from_key: bool) -> dict[str, Tensor]:
     """mass ``[head, query, span]`` of one item -> label -> ``[head]`` sink score (plus the ``other`` baseline)."""
@@ -114,7 +108,7 @@ def sink_scores(model: Any, suite: PromptSuite, *, positions: Sequence[int] = (0
         union = sorted({p for k in keys for ps in k.values() for p in ps})
         span_of = {p: i for i, p in enumerate(union)}
         trace = capture(adapter, inputs, stats=("mass",), mass_spans=[(p, p + 1) for p in union],
-                        heads=parse_heads(model, heads), rows=_exact_rows(adapter))
+                        heads=parse_heads(model, heads))
         provenance = dict(trace.provenance)
         for site in self_sites(trace, tower):
             rec = trace.get(site)
