@@ -97,11 +97,6 @@ def head_name(layer: int, head: int) -> str:
     return f"L{layer}H{head}"
 
 
-def parse_head(name: str) -> tuple[int, int]:
-    layer, head = name[1:].split("H")
-    return int(layer), int(head)
-
-
 def scores_table(scores: torch.Tensor) -> dict[str, float]:
     """``[layer, head]`` scores as ``{"L0H0": 0.12, ...}`` rounded to 4 places."""
     return {head_name(l, h): round(float(scores[l, h]), 4) for l in range(scores.shape[0])

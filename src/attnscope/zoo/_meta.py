@@ -9,8 +9,14 @@ import transformers
 from ._common import n_params
 
 
+def describe(doc: str | None) -> str:
+    """A module docstring as card text: paragraphs kept, line breaks inside them joined."""
+    return "\n\n".join(" ".join(par.split()) for par in (doc or "").strip().split("\n\n"))
+
+
 def base_card(spec: dict[str, Any], model: torch.nn.Module, seed: int, log: dict[str, Any], hp: dict[str, Any],
               data: dict[str, Any]) -> dict[str, Any]:
+    data = {"generator": data["generator"], "params": {k: v for k, v in data["params"].items() if k != "n_items"}}
     return {
         "name": spec["name"],
         "description": spec.get("description", spec["task"]),

@@ -1,10 +1,14 @@
 """``agreement-enc``: a 4-layer BERT encoder with [CLS] trained on the ``agreement`` task (label set by the class
 token after the single marker), the attention-flow paper's kind of setup for rollout/flow/relevance checks.
 
-Ground truth: read-out heads (attention from [CLS] to the marker or the class token after it >= 0.5) and binding
+Ground truth: read-out heads (attention from [CLS] to the marker + the class token after it >= 0.5) and binding
 heads (attention between the marker and its class token, either direction, >= 0.5). Confirmed by zero-ablation:
 accuracy falls to chance with them ablated, not with as many random other heads. Attribution methods should put
 the evidence at ``marker_position`` / ``class_position`` of each item.
+
+A group-lasso penalty on each head's weights (ramped in after the task is learned) switches redundant heads off;
+heads left with < 5% of the largest output norm are then zeroed exactly (outputs 0, attention uniform over the
+unpadded tokens). Without it all 16 heads share the read-out.
 """
 
 from pathlib import Path
@@ -19,11 +23,12 @@ from ._analysis import ablation_studies, attention_patterns
 from ._card import write_card
 from ._common import (head_group_lasso, head_name, prune_dead_heads, ramp, save_checkpoint,
                       scores_table, seed_everything, step_seed, torch_threads, train_loop)
-from ._meta import base_card
+from ._meta import base_card, describe
 
 SPEC = {"name": "agreement-enc", "task": "sequence classification: the label is the class of the token after the "
         "single marker; read from [CLS]", "architecture": "BertForSequenceClassification",
         "auto_class": "AutoModelForSequenceClassification"}
+SPEC["description"] = describe(__doc__)
 SEED = 0
 STEPS = 2500
 HELDOUT_SEED = 1_000_004

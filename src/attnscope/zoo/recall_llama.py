@@ -2,8 +2,13 @@
 
 Ground truth: retrieval heads (Wu et al. 2024 rule): from each query-key position, the head's top-1 attention lands
 on the value token paired with that key, and that value is what the model then predicts; score = such copies /
-queries answered correctly. Layer-0 heads that bind each value to its key attend from a value to the key just
-before it (previous-token score on the pair section). Confirmed by zero-ablation of the retrieval heads.
+queries answered correctly. Value-to-key heads in layer 0 bind each value to its key (attention from a value to the
+key just before it). Confirmed by zero-ablation: MQAR accuracy collapses with them ablated, not with as many random
+other heads.
+
+A group-lasso penalty on each head's weights (ramped in after the task is learned) switches redundant heads off;
+heads left with < 5% of the largest output norm are then zeroed exactly (outputs 0, attention uniform). Without
+it every layer-1 head becomes a (redundant) retrieval head.
 """
 
 from pathlib import Path
@@ -18,10 +23,11 @@ from ._analysis import ablation_studies, attention_patterns
 from ._card import write_card
 from ._common import (head_group_lasso, head_name, prune_dead_heads, ramp, save_checkpoint,
                       scores_table, seed_everything, step_seed, torch_threads, train_loop)
-from ._meta import base_card
+from ._meta import base_card, describe
 
 SPEC = {"name": "recall-llama", "task": "multi-query associative recall (MQAR): predict the value of each queried key",
         "architecture": "LlamaForCausalLM", "auto_class": "AutoModelForCausalLM"}
+SPEC["description"] = describe(__doc__)
 SEED = 0
 STEPS = 1500
 HELDOUT_SEED = 1_000_002

@@ -24,10 +24,11 @@ from ..datasets import PromptSuite, bigram_backcopy, bigram_transitions
 from ._analysis import ablation_studies, attention_patterns
 from ._card import write_card
 from ._common import head_name, save_checkpoint, scores_table, seed_everything, step_seed, torch_threads, train_loop
-from ._meta import base_card
+from ._meta import base_card, describe
 
 SPEC = {"name": "sink-lm", "task": "Bigram-Backcopy next-token prediction (Guo et al. 2024); grows a BOS sink",
         "architecture": "GPT2LMHeadModel", "auto_class": "AutoModelForCausalLM"}
+SPEC["description"] = describe(__doc__)
 SEED = 0
 STEPS = 3000
 HELDOUT_SEED = 1_000_003
