@@ -274,3 +274,13 @@ def test_ablation_hooks_are_removed_even_on_error():
         with zero_ablate_heads(model, {0: [4]}):
             pass
     assert all(not m._forward_pre_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("name", ["induction-2l", "recall-llama", "sink-lm", "agreement-enc"])
+def test_every_organism_loads_and_passes_validate(name):
+    import attnscope
+    from attnscope.probes import validate
+
+    report = validate(attnscope.load(f"zoo:{name}"))
+    assert report.ok, str(report)
+    assert report.output_bit_identical

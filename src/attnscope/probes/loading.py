@@ -60,8 +60,18 @@ def _hf_class(config: Any):
     return transformers.AutoModel
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "merges.txt",
+                    "tokenizer.model", "spiece.model", "preprocessor_config.json", "processor_config.json")
+
+
 def _load_tokenizer(source: str, **kwargs: Any) -> Any:
+    """The folder's own tokenizer or processor; None when a local folder ships none (transformers would otherwise
+    build a default tokenizer of the architecture that does not match the model's vocabulary)."""
     import transformers
+
+    folder = Path(source)
+    if folder.is_dir() and not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+        return None
 
     for loader in (transformers.AutoProcessor, transformers.AutoTokenizer):
         try:
