@@ -210,3 +210,22 @@ def prune_dead_heads(model: nn.Module, rel_threshold: float = 0.05) -> list[tupl
                         if m.bias is not None:
                             m.bias[kv * d:(kv + 1) * d] = 0.0
     return pruned
+
+
+def with_head_lasso(loss: torch.Tensor, model: nn.Module, step: int, steps: int, hp: dict) -> torch.Tensor:
+    """``loss`` plus the ramped head group-lasso penalty of ``hp`` (none when ``hp["head_lasso"]`` is 0)."""
+    if not hp.get("head_lasso"):
+        return loss
+    return loss + hp["head_lasso"] * ramp(step, steps, *hp["lasso_ramp"]) * head_group_lasso(model, hp["qk_lasso"])
+
+
+def pruned_head_names(model: nn.Module, hp: dict) -> list[str]:
+    """Zero the heads the lasso switched off (when it was used) and name them for the card."""
+    return [head_name(*h) for h in prune_dead_heads(model)] if hp.get("head_lasso") else []
+
+
+def architecture_fields(hp: dict, max_positions: int, **extra: Any) -> dict:
+    """The card's shared architecture entries (layers, heads, sizes) plus organism-specific ``extra``."""
+    return {"n_layers": hp["n_layers"], "n_heads": hp["n_heads"], "d_model": hp["d_model"],
+            "d_head": hp["d_model"] // hp["n_heads"], "vocab_size": hp["vocab_size"],
+            "max_positions": max_positions, **extra}

@@ -21,8 +21,8 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from ..datasets import PromptSuite, induction
 from ._analysis import ablation_studies, attention_patterns
 from ._card import write_card
-from ._common import (head_group_lasso, head_name, prune_dead_heads, ramp, save_checkpoint,
-                      scores_table, seed_everything, step_seed, torch_threads, train_loop)
+from ._common import (architecture_fields, head_name, pruned_head_names, save_checkpoint, scores_table,
+                      seed_everything, step_seed, torch_threads, train_loop, with_head_lasso)
 from ._meta import base_card, describe
 
 SPEC = {"name": "induction-2l", "task": "next-token prediction on repeated random tokens (period random per item)",
@@ -155,10 +155,7 @@ def fit(seed: int = SEED, steps: int = STEPS, eval_every: int = 100) -> tuple[GP
 
         def loss_fn(m: torch.nn.Module, step: int) -> torch.Tensor:
             ids, _ = tensors(make_suite(HP["batch_size"], step_seed(seed, step)))
-            loss = m(ids, labels=ids).loss
-            if not HP["head_lasso"]:
-                return loss
-            return loss + HP["head_lasso"] * ramp(step, steps, *HP["lasso_ramp"]) * head_group_lasso(m, HP["qk_lasso"])
+            return with_head_lasso(m(ids, labels=ids).loss, m, step, steps, HP)
 
         def on_log(step: int, _: float) -> None:
             model.eval()
@@ -169,7 +166,7 @@ def fit(seed: int = SEED, steps: int = STEPS, eval_every: int = 100) -> tuple[GP
         log = train_loop(model, loss_fn, steps=steps, lr=HP["lr"], warmup=HP["warmup"], desc="induction-2l",
                          log_every=eval_every, on_log=on_log)
     log["repeat_curve"] = curve
-    log["pruned_heads"] = [head_name(*h) for h in prune_dead_heads(model)] if HP["head_lasso"] else []
+    log["pruned_heads"] = pruned_head_names(model, HP)
     hits = [step for step, _, acc in curve if acc >= 0.5]
     log["phase_change_step"] = hits[0] if hits else None
     return model, log
@@ -182,9 +179,7 @@ def train(out_dir: str | Path, seed: int = SEED, steps: int = STEPS) -> Path:
         result = analyze(model)
     out = save_checkpoint(model, Path(out_dir))
     card = base_card(SPEC, model, seed, log, HP, data={"generator": "induction", "params": make_suite(1, 0).params})
-    card["architecture"].update({"n_layers": HP["n_layers"], "n_heads": HP["n_heads"], "d_model": HP["d_model"],
-                                 "d_head": HP["d_model"] // HP["n_heads"], "vocab_size": HP["vocab_size"],
-                                 "max_positions": HP["seq_len"], "mlp": "standard GPT-2 MLP (4 x d_model)"})
+    card["architecture"].update(architecture_fields(HP, HP["seq_len"], mlp="standard GPT-2 MLP (4 x d_model)"))
     card["training"].update({"phase_change_step": log["phase_change_step"],
                              "repeat_curve [step, loss, acc]": log["repeat_curve"]})
     card["evaluation"] = {"metric": "top-1 next-token accuracy on the predictable repeated positions",

@@ -21,8 +21,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from ..datasets import PromptSuite, associative_recall
 from ._analysis import ablation_studies, attention_patterns
 from ._card import write_card
-from ._common import (head_group_lasso, head_name, prune_dead_heads, ramp, save_checkpoint,
-                      scores_table, seed_everything, step_seed, torch_threads, train_loop)
+from ._common import (architecture_fields, head_name, pruned_head_names, save_checkpoint, scores_table,
+                      seed_everything, step_seed, torch_threads, train_loop, with_head_lasso)
 from ._meta import base_card, describe
 
 SPEC = {"name": "recall-llama", "task": "multi-query associative recall (MQAR): predict the value of each queried key",
@@ -146,9 +146,7 @@ def fit(seed: int = SEED, steps: int = STEPS) -> tuple[LlamaForCausalLM, dict[st
 
         def loss_fn(m: torch.nn.Module, step: int) -> torch.Tensor:
             loss = recall_loss(m, *tensors(make_suite(HP["batch_size"], step_seed(seed, step))))
-            if not HP["head_lasso"]:
-                return loss
-            return loss + HP["head_lasso"] * ramp(step, steps, *HP["lasso_ramp"]) * head_group_lasso(m, HP["qk_lasso"])
+            return with_head_lasso(loss, m, step, steps, HP)
 
         def on_log(step: int, _: float) -> None:
             model.eval()
@@ -158,7 +156,7 @@ def fit(seed: int = SEED, steps: int = STEPS) -> tuple[LlamaForCausalLM, dict[st
         log = train_loop(model, loss_fn, steps=steps, lr=HP["lr"], warmup=HP["warmup"], desc="recall-llama",
                          log_every=100, on_log=on_log)
     log["accuracy_curve"] = curve
-    log["pruned_heads"] = [head_name(*h) for h in prune_dead_heads(model)] if HP["head_lasso"] else []
+    log["pruned_heads"] = pruned_head_names(model, HP)
     return model, log
 
 
@@ -169,10 +167,8 @@ def train(out_dir: str | Path, seed: int = SEED, steps: int = STEPS) -> Path:
     out = save_checkpoint(model, Path(out_dir))
     card = base_card(SPEC, model, seed, log, HP,
                      data={"generator": "associative_recall", "params": make_suite(1, 0).params})
-    card["architecture"].update({"n_layers": HP["n_layers"], "n_heads": HP["n_heads"],
-                                 "n_kv_heads": HP["n_kv_heads"], "d_model": HP["d_model"],
-                                 "d_head": HP["d_model"] // HP["n_heads"], "vocab_size": HP["vocab_size"],
-                                 "max_positions": HP["max_positions"], "positions": "RoPE", "mlp": "SwiGLU"})
+    card["architecture"].update(architecture_fields(HP, HP["max_positions"], n_kv_heads=HP["n_kv_heads"],
+                                                    positions="RoPE", mlp="SwiGLU"))
     card["training"]["accuracy_curve [step, acc]"] = log["accuracy_curve"]
     card["evaluation"] = {"metric": "MQAR top-1 accuracy over all queries (teacher forced)",
                           "value": round(result["accuracy"], 4), "n_items": result["n_items"],

@@ -23,7 +23,8 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from ..datasets import PromptSuite, bigram_backcopy, bigram_transitions
 from ._analysis import ablation_studies, attention_patterns
 from ._card import write_card
-from ._common import head_name, save_checkpoint, scores_table, seed_everything, step_seed, torch_threads, train_loop
+from ._common import (architecture_fields, head_name, save_checkpoint, scores_table, seed_everything, step_seed,
+                      torch_threads, train_loop)
 from ._meta import base_card, describe
 
 SPEC = {"name": "sink-lm", "task": "Bigram-Backcopy next-token prediction (Guo et al. 2024); grows a BOS sink",
@@ -175,13 +176,11 @@ def train(out_dir: str | Path, seed: int = SEED, steps: int = STEPS) -> Path:
     out = save_checkpoint(model, Path(out_dir))
     card = base_card(SPEC, model, seed, log, HP, data={"generator": "bigram_backcopy",
                                                        "params": make_suite(1, 0).params})
-    card["architecture"].update({"n_layers": HP["n_layers"], "n_heads": HP["n_heads"], "d_model": HP["d_model"],
-                                 "d_head": HP["d_model"] // HP["n_heads"], "vocab_size": HP["vocab_size"],
-                                 "max_positions": HP["seq_len"],
-                                 "positions": "learned absolute" if HP["family"] == "gpt2" else "RoPE",
-                                 "mlp": "zeroed and frozen (attention-only)" if HP["attention_only"] else "standard",
-                                 "attention_scale": "1 (scale_attn_weights=False)" if not HP["scale_attn_weights"]
-                                 else "1/sqrt(d_head)", "tied_embeddings": HP["tie_embeddings"]})
+    card["architecture"].update(architecture_fields(
+        HP, HP["seq_len"], positions="learned absolute" if HP["family"] == "gpt2" else "RoPE",
+        mlp="zeroed and frozen (attention-only)" if HP["attention_only"] else "standard",
+        attention_scale="1 (scale_attn_weights=False)" if not HP["scale_attn_weights"] else "1/sqrt(d_head)",
+        tied_embeddings=HP["tie_embeddings"]))
     card["training"]["curve [step, backcopy acc, bigram acc, max sink mass]"] = log["curve"]
     card["evaluation"] = {"metric": "back-copy accuracy at trigger positions",
                           "value": round(result["metrics"]["backcopy"], 4),
