@@ -5,13 +5,14 @@ import json
 import os
 
 import numpy as np
+from contextlib import contextmanager
+
 import pytest
 import torch
 from tiny_models import tiny_text_model
 
 import attnscope
 from attnscope.dashboards import PathRefused, ResultsRoot, create_app, run_ablation
-from attnscope.dashboards.ablation import zero_hooks
 from attnscope.dashboards.callbacks import clicked_head, deep_link, pattern_view, selection
 from attnscope.dashboards.data import load_site, trace_header
 from attnscope.probes.adapters.tl_bridge import tiny_word_tokenizer
@@ -20,6 +21,30 @@ from attnscope.probes.tokens import TokenInfo
 from attnscope.probes.trace import AttentionTrace, SiteRecord
 
 SECRET = "top secret, outside the results"
+
+
+@contextmanager
+def zero_hooks(module, heads):
+    """Independent oracle: zero the heads' slices of each output projection's input with forward pre-hooks."""
+    from attnscope.probes.head_slices import output_projections
+
+    projections, handles = output_projections(module), []
+
+    def hook_for(head_list, d_head):
+        def hook(proj, args):
+            x = args[0].clone()
+            for h in head_list:
+                x[..., h * d_head:(h + 1) * d_head] = 0
+            return (x,) + tuple(args[1:])
+        return hook
+    try:
+        for layer in heads.layers:
+            p = projections[layer]
+            handles.append(p.module.register_forward_pre_hook(hook_for(heads.heads_in_layer(layer), p.d_head)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 @pytest.fixture

@@ -1,10 +1,8 @@
 """``run_ablation``: ablate heads on one text and report the metric and the output before and after.
 
 Heads are ablated through ``attnscope.probes.interventions`` (``InterventionPlan`` + ``apply_plan``: modes ``zero``,
-``mean``, ``resample``, ``uniform``, ``rescale``) when that module can be imported; otherwise zero ablation runs
-through forward pre-hooks on each attention output projection (GPT-2 ``attn.c_proj``, Llama ``self_attn.o_proj``,
-BERT ``attention.output.dense``), removed in ``finally``. ``mean`` and ``resample`` take their reference inputs
-from the demo sentences plus the text itself.
+``mean``, ``resample``, ``uniform``, ``rescale``). ``mean`` and ``resample`` take their reference inputs from the
+demo sentences plus the text itself.
 
 What is measured:
 - language models (token logits): ``log p`` of the clean model's top next token after the text (or, with
@@ -23,8 +21,6 @@ Example:
 
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -65,29 +61,6 @@ def compact_heads(heads: HeadSet, module: nn.Module) -> str:
     return ",".join(parts)
 
 
-@contextmanager
-def zero_hooks(module: nn.Module, heads: HeadSet) -> Iterator[None]:
-    """Zero the heads' slices of each output projection's input (forward pre-hooks, removed in ``finally``)."""
-    projections = _projections(module)
-    handles = []
-
-    def hook_for(head_list: list[int], d_head: int):
-        def hook(proj: nn.Module, args: tuple):
-            x = args[0].clone()
-            for h in head_list:
-                x[..., h * d_head:(h + 1) * d_head] = 0
-            return (x,) + tuple(args[1:])
-        return hook
-    try:
-        for layer in heads.layers:
-            p = projections[layer]
-            handles.append(p.module.register_forward_pre_hook(hook_for(heads.heads_in_layer(layer), p.d_head)))
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 def _reference_ids(adapter: Any, text: str) -> list[list[int]]:
     from ..demo import DEMO_SENTENCES
 
@@ -99,15 +72,8 @@ def _reference_ids(adapter: Any, text: str) -> list[list[int]]:
 
 def _ablation_context(adapter: Any, heads: HeadSet, mode: str, text: str, scale: float | None):
     """(context manager, path) applying the ablation."""
-    try:
-        from ..probes import interventions as iv
-    except ImportError:
-        iv = None
-    if iv is None:
-        if mode != "zero":
-            raise InputError("only zero ablation is available", expected="mode 'zero'", got=mode,
-                             fix="install a version of attnscope with probes.interventions")
-        return zero_hooks(adapter.module, heads), "forward pre-hooks"
+    from ..probes import interventions as iv
+
     if mode == "mean":
         plan = iv.mean_plan(adapter.module, heads, _reference_ids(adapter, text))
     elif mode == "resample":
@@ -196,4 +162,4 @@ def _measure(adapter: Any, heads: HeadSet, mode: str, text: str, scale: float | 
                      "output_after": f"norm {float(emb_a.norm()):.3f}; " + _encoder_text(strings, hid_b, hid_a, n)}
 
 
-__all__ = ["MODES", "compact_heads", "parse_heads", "run_ablation", "zero_hooks"]
+__all__ = ["MODES", "compact_heads", "parse_heads", "run_ablation"]

@@ -22,7 +22,6 @@ from contextlib import contextmanager
 
 from torch import nn
 
-from .head_slices import OutputProjection, output_projections  # noqa: F401  (re-exported for existing users)
 from .heads import HeadSet
 
 

@@ -15,7 +15,6 @@ import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from torch import nn
 
 from .adapter import ModelAdapter, adapter_for
 from .heads import HeadSet
@@ -103,12 +102,3 @@ def capture(model: Any, inputs: Any = None, *,
     cap = Capture(adapter, request, implementation)
     return cap if inputs is None else cap.run(inputs)
 
-
-def restore_check(model: nn.Module) -> None:  # pragma: no cover - debugging aid
-    """Raise if any attnscope routing is still installed on ``model``."""
-    from .adapters.hf_route import PREFIX
-
-    for m in model.modules():
-        cfg = getattr(m, "config", None)
-        if cfg is not None and str(getattr(cfg, "_attn_implementation", "")).startswith(PREFIX):
-            raise RuntimeError("attnscope attention routing left installed")

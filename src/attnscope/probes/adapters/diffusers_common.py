@@ -20,7 +20,6 @@ Example:
 """
 
 import contextlib
-import inspect
 import math
 import threading
 from collections.abc import Callable, Iterator
@@ -35,6 +34,7 @@ from ..adapter import ModelAdapter, ModelInfo, Prepared, TowerInfo
 from ..recorder import Recorder
 from ..site import Site
 from ..tokens import Span, TokenInfo
+from .source_check import method_mentions
 
 _LOCAL = threading.local()
 _LOCK = threading.Lock()
@@ -241,20 +241,11 @@ def reference_processor(module: nn.Module) -> Any:
     return AttnProcessor()
 
 
-_observable_cache: dict[type, bool] = {}
-
-
 def _observable(processor: Any) -> bool:
     """True when the processor's attention goes through SDPA or ``get_attention_scores`` (so we can see it)."""
     cls = type(processor)
-    if cls not in _observable_cache:
-        try:
-            source = inspect.getsource(cls.__call__)
-        except (OSError, TypeError):
-            source = ""
-        _observable_cache[cls] = not any(u in cls.__name__ for u in _UNSUPPORTED) and any(
-            s in source for s in ("scaled_dot_product_attention", "get_attention_scores", "dispatch_attention_fn"))
-    return _observable_cache[cls]
+    return not any(u in cls.__name__ for u in _UNSUPPORTED) and method_mentions(
+        cls, "__call__", ("scaled_dot_product_attention", "get_attention_scores", "dispatch_attention_fn"))
 
 
 def processor_names(modules: list[nn.Module]) -> str:

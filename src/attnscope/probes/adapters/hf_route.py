@@ -9,7 +9,6 @@ back to eager, which the trace records. Everything is restored in ``finally``.
 """
 
 import contextlib
-import inspect
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -20,11 +19,11 @@ from torch import nn
 from ...errors import UnsupportedAttentionError
 from ..recorder import Recorder
 from ..site import Site
+from .source_check import method_mentions
 
 PREFIX = "attnscope|"
 _FALLBACK_TO_EAGER = ("flex_attention",)
 _ACTIVE: dict[int, "_Entry"] = {}
-_uses_interface_cache: dict[type, bool] = {}
 
 
 @dataclass
@@ -40,14 +39,7 @@ AttentionEditor = Callable[..., torch.Tensor]
 
 def uses_attention_interface(module: nn.Module) -> bool:
     """True when the module's forward dispatches through ``ALL_ATTENTION_FUNCTIONS``."""
-    cls = type(module)
-    if cls not in _uses_interface_cache:
-        try:
-            source = inspect.getsource(cls.forward)
-        except (OSError, TypeError):
-            source = ""
-        _uses_interface_cache[cls] = "ALL_ATTENTION_FUNCTIONS" in source
-    return _uses_interface_cache[cls]
+    return method_mentions(type(module), "forward", ("ALL_ATTENTION_FUNCTIONS",))
 
 
 def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
