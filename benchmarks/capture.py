@@ -1,7 +1,11 @@
 """Capture cost on a tiny Llama-class model with GQA: time and peak memory of
 
 (a) plain SDPA forward, (b) eager with output_attentions, (c) TransformerLens run_with_cache of patterns,
-(d) attnscope full-pattern capture, (e) attnscope streaming statistics (mass on token 0, entropy, top-5).
+(d) attnscope full-pattern capture, (e) attnscope streaming statistics (mass on token 0, entropy, top-5),
+(f) the same without top-k (mass on token 0, entropy).
+
+Two model shapes: ``--shape tiny`` (hidden 256, 8 heads of 32, attention is about half of a 4096-token forward:
+the worst case for capture overhead) and ``--shape wide`` (hidden 1024, 16 heads of 64, GQA 4 KV heads).
 
 Each (mode, length) runs in a fresh subprocess; peak memory is the growth of the process's max RSS over the
 model-built baseline. Usage: ``python benchmarks/capture.py [--lengths 512 4096] [--out results/bench_capture.json]``.
@@ -16,16 +20,17 @@ import sys
 import time
 from pathlib import Path
 
-MODES = ["sdpa", "eager", "transformer_lens", "attnscope_patterns", "attnscope_stats"]
+MODES = ["sdpa", "eager", "transformer_lens", "attnscope_patterns", "attnscope_stats", "attnscope_mass_entropy"]
+SHAPES = {"tiny": dict(hidden_size=256, intermediate_size=688, num_attention_heads=8, num_key_value_heads=2),
+          "wide": dict(hidden_size=1024, intermediate_size=2816, num_attention_heads=16, num_key_value_heads=4)}
 
 
-def build_model():
+def build_model(shape: str = "tiny"):
     import torch
     import transformers
 
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                                   num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=8192)
+    cfg = transformers.LlamaConfig(vocab_size=512, num_hidden_layers=4, max_position_embeddings=8192, **SHAPES[shape])
     cfg._attn_implementation = "sdpa"
     return transformers.LlamaForCausalLM(cfg).eval()
 
@@ -37,13 +42,13 @@ def _tl_bridge(model):
     return boot_bridge(model, tiny_word_tokenizer(model.config.vocab_size))
 
 
-def run_one(mode: str, length: int, repeats: int) -> dict:
+def run_one(mode: str, length: int, repeats: int, shape: str = "tiny") -> dict:
     import torch
 
     import attnscope
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
-    model = build_model()
+    model = build_model(shape)
     ids = torch.randint(0, 512, (1, length), generator=torch.Generator().manual_seed(0))
     if mode == "transformer_lens":
         bridge = _tl_bridge(model)
@@ -55,6 +60,8 @@ def run_one(mode: str, length: int, repeats: int) -> dict:
         fn = lambda: model(ids)  # noqa: E731
     elif mode == "attnscope_patterns":
         fn = lambda: attnscope.capture(model, ids)  # noqa: E731
+    elif mode == "attnscope_mass_entropy":
+        fn = lambda: attnscope.capture(model, ids, stats=("mass", "entropy"))  # noqa: E731
     else:
         fn = lambda: attnscope.capture(model, ids, stats=("mass", "entropy", "topk"), topk=5)  # noqa: E731
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -66,7 +73,7 @@ def run_one(mode: str, length: int, repeats: int) -> dict:
             times.append(time.perf_counter() - start)
             del result
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"mode": mode, "length": length, "seconds": min(times[1:]) if repeats else times[0],
+    return {"mode": mode, "length": length, "shape": shape, "seconds": min(times[1:]) if repeats else times[0],
             "peak_mb": (peak - base_rss) / 1024}
 
 
@@ -75,17 +82,18 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 4096])
     parser.add_argument("--modes", nargs="+", default=MODES)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
     parser.add_argument("--out", default="results/bench_capture.json")
     parser.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(run_one(args.one[0], int(args.one[1]), args.repeats)))
+        print(json.dumps(run_one(args.one[0], int(args.one[1]), args.repeats, args.shape)))
         return
     rows = []
     for length in args.lengths:
         for mode in args.modes:
             proc = subprocess.run([sys.executable, __file__, "--one", mode, str(length), "--repeats",
-                                   str(args.repeats)], capture_output=True, text=True)
+                                   str(args.repeats), "--shape", args.shape], capture_output=True, text=True)
             if proc.returncode != 0:
                 rows.append({"mode": mode, "length": length, "error": proc.stderr.strip().splitlines()[-1][:200]})
             else:

@@ -99,13 +99,16 @@ def test_chunk_size_respects_budget():
     assert _chunk_rows(1, 1, 10, 10, 1e9) == 10
 
 
-@pytest.mark.parametrize("case", ["causal", "decode", "padding", "full"])
-def test_streaming_path_matches_naive(qk, case):
+@pytest.mark.parametrize("budget_mb", [1e-5, 7e-4, 64.0])  # top-k chunks of 1 row, 3 rows, all rows
+@pytest.mark.parametrize("case", ["causal", "square", "decode", "padding", "full"])
+def test_streaming_path_matches_naive(qk, case, budget_mb):
     from attnscope.probes.streaming import streaming_statistics
 
     q, k = qk
     k = k.repeat_interleave(2, dim=1)
-    mask, causal = None, case in ("causal", "decode")
+    mask, causal = None, case in ("causal", "square", "decode")
+    if case == "square":  # query and key lengths equal: the kernel's causal flag, no mask built
+        k = k[:, :, :q.shape[2]]
     n_q, n_k = q.shape[2], k.shape[2]
     keep = np.ones((2, 1, n_q, n_k), dtype=bool)
     if case == "decode":
@@ -119,7 +122,7 @@ def test_streaming_path_matches_naive(qk, case):
         mask = torch.from_numpy(keep)
     ref = naive_probs(q, k, keep, 0.3)
     fast = streaming_statistics(q, k, mask, scaling=0.3, is_causal=causal, stats=("entropy", "mass", "topk"),
-                                mass_spans=((0, 1), (2, 5), (7, 20)), topk=3, budget_mb=1e-5)
+                                mass_spans=((0, 1), (2, 5), (7, 20)), topk=3, budget_mb=budget_mb)
     ent, mass, topw = naive_stats(ref, [(0, 1), (2, 5), (7, 20)], 3)
     np.testing.assert_allclose(fast["entropy"].numpy(), ent, atol=2e-5)
     np.testing.assert_allclose(fast["mass"].numpy(), mass, atol=2e-6)

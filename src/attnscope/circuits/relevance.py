@@ -126,12 +126,14 @@ def relevance(model: Any, inputs: Any, target: "int | Callable | None" = None, *
         matrix = self_attention_update(matrix, gradient_weighted_heads(attn[0].detach(), attn.grad[0]).float())
     strings = prepared.tokens.strings[0] if prepared.tokens.strings else None
     result = Relevance(matrix, position % n, index, strings)
-    result.image_map = _image_map(result.row, prepared.tokens)
+    cls_first = getattr(getattr(adapter.module, "config", None), "vision_feature_select_strategy", None) == "full"
+    result.image_map = _image_map(result.row, prepared.tokens, leading=int(cls_first))
     return result
 
 
-def _image_map(row: Tensor, tokens: Any) -> Tensor | None:
-    positions = tokens.positions("image")
+def _image_map(row: Tensor, tokens: Any, leading: int = 0) -> Tensor | None:
+    """The row at the image tokens on the patch grid; ``leading`` non-patch tokens (LLaVA's ``full`` CLS) skipped."""
+    positions = tokens.positions("image")[leading:]
     if not positions:
         return None
     side = int(round(len(positions) ** 0.5))

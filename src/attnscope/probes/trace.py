@@ -10,7 +10,7 @@ Example:
     >>> rec = SiteRecord(site=Site("text", 0, "self"), probs=torch.full((1, 2, 3, 3), 1 / 3), n_query=3, n_key=3)
     >>> trace = AttentionTrace([rec])
     >>> path = os.path.join(tempfile.mkdtemp(), "t.safetensors")
-    >>> trace.save(path)
+    >>> _ = trace.save(path)
     >>> torch.equal(AttentionTrace.load(path)[Site("text", 0, "self")].probs, rec.probs)
     True
 """

@@ -197,8 +197,12 @@ class JointReferenceProcessor:
     ``softmax(q k^T / sqrt(d))`` over the concatenated ``[image; text]`` keys, with image queries/keys
     ``norm_q(to_q(x))``, ``norm_k(to_k(x))`` and text ones ``norm_added_q(add_q_proj(c))``,
     ``norm_added_k(add_k_proj(c))``; without ``encoder_hidden_states`` it is (q/k-normed) self-attention.
-    Returns what ``JointAttnProcessor2_0`` returns.
+    Returns what ``JointAttnProcessor2_0`` returns. ``edit_logits`` / ``edit_probs`` (optional callables
+    ``(attn, tensor [batch, head, query, key]) -> tensor``) edit the scores before / after the softmax.
     """
+
+    def __init__(self, edit_logits: Callable | None = None, edit_probs: Callable | None = None):
+        self.edit_logits, self.edit_probs = edit_logits, edit_probs
 
     def __call__(self, attn: nn.Module, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
                  attention_mask: Tensor | None = None, *args: Any, **kwargs: Any) -> Any:
@@ -216,7 +220,9 @@ class JointReferenceProcessor:
             q = torch.cat([q, heads(attn.add_q_proj(c), getattr(attn, "norm_added_q", None))], 2)
             k = torch.cat([k, heads(attn.add_k_proj(c), getattr(attn, "norm_added_k", None))], 2)
             v = torch.cat([v, heads(attn.add_v_proj(c))], 2)
-        probs = torch.softmax(q.float() @ k.float().transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1)
+        logits = q.float() @ k.float().transpose(-1, -2) * q.shape[-1] ** -0.5
+        probs = torch.softmax(logits if self.edit_logits is None else self.edit_logits(attn, logits), dim=-1)
+        probs = probs if self.edit_probs is None else self.edit_probs(attn, probs)
         emit_probs(attn, probs)
         out = (probs.to(v.dtype) @ v).transpose(1, 2).reshape(batch, -1, attn.heads * v.shape[-1])
         context = None
