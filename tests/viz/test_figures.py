@@ -193,3 +193,20 @@ def test_show_dispatches_on_columns_and_content():
     assert viz.show_table(attnscope.ResultTable(attr)).data[0].texttemplate == "%{text}"
     with pytest.raises(InputError):
         viz.show_table(_table(), view="nope")
+
+
+def test_latent_self_attention_pattern_ignores_the_prompt_tokens():
+    """Diffusion self-attention runs over latent pixels; the trace's strings and padding are the prompt's."""
+    import torch
+
+    from attnscope.probes.site import Site
+    from attnscope.probes.tokens import TokenInfo
+    from attnscope.probes.trace import AttentionTrace, SiteRecord
+    from attnscope.viz.pattern import trace_pattern
+
+    probs = torch.softmax(torch.randn(1, 2, 16, 16, generator=torch.Generator().manual_seed(0)), -1)
+    record = SiteRecord(site=Site("unet.down.0", 0, "self"), probs=probs, n_query=16, n_key=16)
+    tokens = TokenInfo(ids=[[0, 5, 1]], strings=[["<s>", "cat", "</s>"]], padding=[[1, 1, 0]], grid=(4, 4))
+    pattern = trace_pattern(AttentionTrace([record], tokens=tokens), 0, 1, tower="unet.down.0")
+    assert torch.equal(torch.from_numpy(pattern.matrix), probs[0, 1])  # not cut to the prompt's 2 real tokens
+    assert pattern.query_tokens is None and pattern.key_tokens is None

@@ -1,35 +1,39 @@
 """The dashboard's callbacks. Every path that arrives from the browser goes through ``ResultsRoot.resolve`` first:
 component values can be forged by any client, so a listed option is never trusted.
 
-The view functions (``grid_view``, ``pattern_view``, ``diff_view``, ``deep_link``) are plain functions of the
-root and the request values, tested without a browser.
+The view functions (``grid_view``, ``pattern_view``, ``diff_view``, ``deep_link``, and ``maps.map_view`` /
+``maps.maps_view`` for images) are plain functions of the root and the request values, tested without a browser.
 """
 
 import json
-import re
 from pathlib import PurePosixPath
 from typing import Any
 from urllib.parse import parse_qs, quote
 
 import plotly.graph_objects as go
 
-from ..errors import AttnscopeError, InputError
-from ..probes.heads import HeadSet
+from ..errors import AttnscopeError
 from ..probes.site import Site
 from ..viz._common import base_layout, new_figure
 from ..viz.heads import head_grid, head_grid_diff
 from ..viz.pattern import attention_pattern, top_attended, trace_pattern
 from .data import load_site, load_table, read_json, trace_header
 from .files import PathRefused, ResultsRoot
+from .layout import MAP_MODE, PATTERN_MODES
+from .maps import fit_strings, is_map_table, map_choices, map_view, map_words, maps_view
+from .target import resolve_target, target_heads
+from .target import site_of as _site_of
 
-_LAYER = re.compile(r"^\s*L(\d+)H", re.IGNORECASE)
+
+MAP_TABLE_NOTE = ("this table holds heat maps (word × y × x), not per-head values:<br>"
+                  "see the Maps card below the pattern view")
 
 
-def message_figure(text: str, height: int = 300) -> go.Figure:
+def message_figure(text: str, height: int = 300, color: str = "#8a1c12") -> go.Figure:
     """An empty figure showing ``text`` (for errors and empty states)."""
     fig = new_figure()
     fig.add_annotation(text=text, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper",
-                       font=dict(size=13, color="#8a1c12"))
+                       font=dict(size=13, color=color))
     fig.update_xaxes(visible=False)
     fig.update_yaxes(visible=False)
     return base_layout(fig, None, height=height)
@@ -127,9 +131,13 @@ def selection(root: ResultsRoot, trigger: str | None, search: str | None, run: s
 
 
 def grid_view(root: ResultsRoot, table: str, metric: str | None, selected: Any = None) -> go.Figure:
+    """The head grid of a table; heat-map tables (layer = head = -1) get a note pointing to the Maps card."""
     path = root.resolve(table, ("table",))
+    loaded = load_table(path)
+    if is_map_table(loaded.df):
+        return message_figure(MAP_TABLE_NOTE, color="#555")
     sel = tuple(int(v) for v in selected) if selected else None
-    return head_grid(load_table(path), metric, title=f"{metric} · {table}", selected=sel)
+    return head_grid(loaded, metric, title=f"{metric} · {table}", selected=sel)
 
 
 def diff_view(root: ResultsRoot, table: str, other: str, metric: str | None) -> go.Figure:
@@ -145,50 +153,13 @@ def _short(path: str, other: str) -> str:
     return (mine.parent.as_posix() if mine.parent != theirs.parent and mine.parent.as_posix() != "." else mine.name)
 
 
-def _site_of(value: str | None, header: Any) -> tuple[str, str]:
-    options = header.towers_kinds()
-    if value and "|" in value and tuple(value.split("|", 1)) in options:
-        return tuple(value.split("|", 1))  # type: ignore[return-value]
-    if not options:
-        raise InputError("trace has no sites", expected="a trace with patterns", got=str(header.path.name))
-    return ("text", "self") if ("text", "self") in options else options[0]
-
-
-def _heads_of(spec: str, layer: int, n_heads: int) -> list[int]:
-    heads = HeadSet.parse(spec, n_heads=n_heads)
-    if heads.layers != [layer]:
-        raise InputError("a fused pattern needs heads of one layer", expected=f"heads of layer {layer}",
-                         got=str(heads), fix="write e.g. L2H1,L2H5 or L2H*")
-    return heads.heads_in_layer(layer)
-
-
 def pattern_view(root: ResultsRoot, trace: str, site_value: str | None, item: Any, spec: str | None,
                  click: tuple[int, int] | None, mode: str) -> tuple[go.Figure, list[tuple[int, str, float]]]:
     """The pattern figure and the top attended keys of the clicked head (or of ``spec``, e.g. ``L2H*``)."""
-    path = root.resolve(trace, ("trace",))
-    header = trace_header(path)
-    tower, kind = _site_of(site_value, header)
-    layers = header.layers(tower, kind)
-    batch = int(item or 0)
-    heads: list[int] | None = None
-    if click is not None:
-        layer, heads = int(click[0]), [int(click[1])]
-    elif spec and spec.strip():
-        match = _LAYER.match(spec)
-        if match is None:
-            raise InputError("heads of one layer expected", expected="e.g. L2H7, L2H1,L2H5 or L2H*", got=spec,
-                             fix="name one layer; the grid shows every layer")
-        layer = int(match.group(1))
-    else:
-        layer, spec = layers[0], None
-    if layer not in layers:
-        raise InputError("layer not in this trace", expected=f"layers {layers}", got=layer,
-                         fix="pick another trace or site")
-    one = load_site(path, Site(tower, layer, kind), None, batch)
-    held = one.get(Site(tower, layer, kind)).heads()
-    if heads is None:
-        heads = _heads_of(spec, layer, max(held) + 1) if spec else held[:1]
-    pattern = trace_pattern(one, layer, heads, tower=tower, kind=kind)
+    t = resolve_target(root, trace, site_value, item, spec, click)
+    one = fit_strings(load_site(t.path, Site(t.tower, t.layer, t.kind), None, t.batch))
+    heads = target_heads(t, one.get(Site(t.tower, t.layer, t.kind)).heads())
+    pattern = trace_pattern(one, t.layer, heads, tower=t.tower, kind=t.kind)
     fig = attention_pattern(pattern, mode="topk" if mode == "topk" else "auto")
     return fig, top_attended(pattern, 10)
 
@@ -232,9 +203,53 @@ def _ablation_text(result: dict) -> str:
             f"before: {result['output_before']}\nafter:  {result['output_after']}")
 
 
+def register_map_callbacks(app: Any, root: ResultsRoot) -> None:
+    """Wire the map mode's pickers (offered only for traces with image structure) and the Maps card."""
+    from dash import Input, Output, State, no_update
+
+    @app.callback(Output("mode", "options"), Output("mode", "value"), Output("map-token", "options"),
+                  Output("map-token", "value"), Output("map-token", "placeholder"), Output("map-step", "options"),
+                  Output("map-step", "value"), Input("trace", "value"), Input("site", "value"),
+                  Input("item", "value"), State("mode", "value"))
+    def _map_pickers(trace, site, item, mode):
+        able, what, tokens, steps = map_choices(root, trace, site, item)
+        options = PATTERN_MODES + [MAP_MODE] if able else PATTERN_MODES
+        value = "auto" if mode == "map" and not able else no_update
+        return options, value, tokens, None, what or "nothing to pick", steps, steps[0] if steps else None
+
+    @app.callback(Output("map-controls", "style"), Input("mode", "value"))
+    def _map_controls(mode):
+        return {"display": "flex"} if mode == "map" else {"display": "none"}
+
+    @app.callback(Output("maps-card", "style"), Output("maps-word", "options"), Output("maps-word", "value"),
+                  Output("maps-item", "options"), Output("maps-item", "value"), Input("table", "value"))
+    def _maps_pickers(table):
+        hidden = {"display": "none", "marginTop": "14px"}
+        try:
+            df = load_table(root.resolve(table, ("table",))).df if table else None
+        except AttnscopeError:
+            df = None
+        if df is None or not is_map_table(df):
+            return hidden, [], None, [], None
+        words, items = map_words(df)
+        return hidden | {"display": "block"}, words, words[0] if words else None, items, items[0]
+
+    @app.callback(Output("maps-fig", "figure"), Output("maps-msg", "children"), Input("maps-word", "value"),
+                  Input("maps-item", "value"), Input("table", "value"))
+    def _maps_figure(word, item, table):
+        if not table or word is None:
+            return no_update, ""
+        try:
+            return maps_view(root, table, word, item), ""
+        except AttnscopeError as exc:
+            return message_figure(str(exc)[:160]), str(exc)
+
+
 def register_callbacks(app: Any, root: ResultsRoot, model: Any = None) -> None:
     """Wire the page of ``layout.build_layout`` to the views."""
     from dash import Input, Output, State, ctx, html, no_update
+
+    register_map_callbacks(app, root)
 
     selection_outputs = [Output("run", "value"), Output("table", "options"), Output("table", "value"),
                          Output("metric", "options"), Output("metric", "value"), Output("trace", "options"),
@@ -279,13 +294,16 @@ def register_callbacks(app: Any, root: ResultsRoot, model: Any = None) -> None:
 
     @app.callback(Output("pattern", "figure"), Output("top-tokens", "children"), Output("pattern-msg", "children"),
                   Input("head-grid", "clickData"), Input("heads", "n_submit"), Input("trace", "value"),
-                  Input("site", "value"), Input("item", "value"), Input("mode", "value"), State("heads", "value"))
-    def _pattern(click, _submit, trace, site, item, mode, spec):
+                  Input("site", "value"), Input("item", "value"), Input("mode", "value"), Input("map-token", "value"),
+                  Input("map-step", "value"), State("heads", "value"))
+    def _pattern(click, _submit, trace, site, item, mode, token, step, spec):
         if not trace:
             return message_figure("no trace (.safetensors) in this run: patterns need one"), None, ""
         point = clicked_head(click)
         use_click = point if ctx.triggered_id == "head-grid" or not spec else None
         try:
+            if mode == "map":
+                return map_view(root, trace, site, item, spec, use_click, token, step)[0], None, ""
             fig, top = pattern_view(root, trace, site, item, spec, use_click, mode)
         except AttnscopeError as exc:
             return message_figure(str(exc)[:160]), None, str(exc)
@@ -316,5 +334,5 @@ def register_callbacks(app: Any, root: ResultsRoot, model: Any = None) -> None:
         return html.Span(_ablation_text(result), id="abl-done")
 
 
-__all__ = ["clicked_head", "deep_link", "diff_view", "grid_view", "message_figure", "pattern_view",
-           "register_callbacks", "selection"]
+__all__ = ["MAP_TABLE_NOTE", "clicked_head", "deep_link", "diff_view", "grid_view", "message_figure", "pattern_view",
+           "register_callbacks", "register_map_callbacks", "selection"]

@@ -2,7 +2,8 @@
 
 A request names a file by its path *relative to the results directory*. It is refused, before anything is read,
 when it is absolute, contains ``..``, resolves (``Path.resolve()``, following symlinks) outside the directory,
-is not a result file type (``.parquet``, ``.safetensors``, ``.json``), or does not exist. Nothing is unpickled:
+is not a result file type (``.parquet``, ``.safetensors``, ``.json``; images ``.png``/``.jpg`` only where the
+caller asks for kind ``image``), or does not exist. Nothing is unpickled:
 parquet is read by pyarrow, safetensors by safetensors, JSON by ``json``.
 
 Example:
@@ -25,6 +26,7 @@ from pathlib import Path, PurePosixPath
 from ..errors import InputError
 
 RESULT_TYPES = {".parquet": "table", ".safetensors": "trace", ".json": "json"}
+IMAGE_TYPES = {".png": "image", ".jpg": "image", ".jpeg": "image"}  # drawn under maps; never listed
 MAX_FILES = 5000
 MAX_DEPTH = 8
 
@@ -73,9 +75,9 @@ class ResultsRoot:
             raise self._refuse("a path relative to the results directory, not an absolute one", relative)
         if ".." in pure.parts:
             raise self._refuse("a path inside the results directory without '..'", relative)
-        kind = RESULT_TYPES.get(pure.suffix.lower())
+        kind = (RESULT_TYPES | IMAGE_TYPES).get(pure.suffix.lower())
         if kind is None or kind not in kinds:
-            allowed = sorted(s for s, k in RESULT_TYPES.items() if k in kinds)
+            allowed = sorted(s for s, k in (RESULT_TYPES | IMAGE_TYPES).items() if k in kinds)
             raise self._refuse(f"a result file ({', '.join(allowed)})", relative)
         full = (self.root / pure).resolve()
         if not full.is_relative_to(self.root):
@@ -122,4 +124,4 @@ class ResultsRoot:
         raise self._refuse("a folder of the results directory that holds result files", path)
 
 
-__all__ = ["MAX_FILES", "PathRefused", "RESULT_TYPES", "ResultsRoot", "Run"]
+__all__ = ["IMAGE_TYPES", "MAX_FILES", "PathRefused", "RESULT_TYPES", "ResultsRoot", "Run"]

@@ -1,4 +1,5 @@
-"""The dashboard's page: run and table pickers, head grid, pattern view, top tokens, comparison, ablation panel.
+"""The dashboard's page: run and table pickers, head grid, pattern view (pooled, top-k or image map), top tokens,
+Maps card (heat-map tables), comparison, ablation panel.
 
 Component ids are the contract between this module, ``callbacks`` and the browser tests.
 """
@@ -46,6 +47,8 @@ INDEX_STRING = """<!DOCTYPE html>
   </body>
 </html>"""
 
+PATTERN_MODES = [{"label": " pooled", "value": "auto"}, {"label": " top-k", "value": "topk"}]
+MAP_MODE = {"label": " map (image)", "value": "map"}  # offered when the trace site has image structure
 GRAPH_CONFIG = {"displaylogo": False, "modeBarButtonsToRemove": ["lasso2d", "select2d"]}
 
 
@@ -95,13 +98,31 @@ def _pattern_panel() -> Any:
             _control("item", dcc.Input(id="item", type="number", min=0, step=1, value=0), "small"),
             _control("heads (Enter)", dcc.Input(id="heads", type="text", value="", debounce=True,
                                                 placeholder="L2H7 or L2H*"), "small"),
-            _control("long inputs", dcc.RadioItems(id="mode", value="auto", inline=True, options=[
-                {"label": " pooled", "value": "auto"}, {"label": " top-k", "value": "topk"}])),
+            _control("view", dcc.RadioItems(id="mode", value="auto", inline=True, options=PATTERN_MODES)),
         ], className="row"),
+        html.Div([
+            _control("map token", dcc.Dropdown(id="map-token", placeholder="default")),
+            _control("step", dcc.Dropdown(id="map-step", clearable=False), "small"),
+        ], id="map-controls", className="row", style={"display": "none"}),
         dcc.Graph(id="pattern", config=GRAPH_CONFIG),
         html.Div(id="pattern-msg", className="msg"),
         html.Div(id="top-tokens"),
     ], className="card grow")
+
+
+def _maps_panel() -> Any:
+    from dash import dcc, html
+
+    return html.Div([
+        html.Div([html.B("Maps "), html.Span("heat maps of this table (word × y × x), over the run's image when "
+                                             "the folder holds one", className="hint")]),
+        html.Div([
+            _control("word", dcc.Dropdown(id="maps-word", clearable=False)),
+            _control("item", dcc.Dropdown(id="maps-item", clearable=False), "small"),
+        ], className="row"),
+        dcc.Graph(id="maps-fig", config=GRAPH_CONFIG),
+        html.Div(id="maps-msg", className="msg"),
+    ], id="maps-card", className="card", style={"display": "none", "marginTop": "14px"})
 
 
 def _ablation_panel(model_name: str | None) -> Any:
@@ -139,6 +160,7 @@ def build_layout(root: ResultsRoot, model_name: str | None) -> Any:
             html.Div(id="alert"),
             _pickers(root),
             html.Div([_grid_panel(), _pattern_panel()], className="row", style={"marginTop": "14px"}),
+            _maps_panel(),
             _ablation_panel(model_name),
             html.Div([html.B("Files of this run "), html.Span("(download)", className="hint"),
                       html.Ul(id="files", className="files")], className="card", style={"marginTop": "14px"}),
@@ -146,4 +168,4 @@ def build_layout(root: ResultsRoot, model_name: str | None) -> Any:
     ])
 
 
-__all__ = ["GRAPH_CONFIG", "INDEX_STRING", "build_layout"]
+__all__ = ["GRAPH_CONFIG", "INDEX_STRING", "MAP_MODE", "PATTERN_MODES", "build_layout"]

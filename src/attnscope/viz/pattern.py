@@ -94,7 +94,12 @@ def trace_pattern(trace: AttentionTrace, layer: int = 0, heads: "int | Sequence[
     rows = record.rows()
     strings = trace.tokens.strings[batch] if trace.tokens.strings and batch < len(trace.tokens.strings) else None
     n_key = matrix.shape[-1]
-    if kind == "self" and trim_padding:
+    # the trace's tokens describe this site only when their count matches its keys: diffusion self-attention runs
+    # over latent pixels while the strings (and padding) are the prompt's
+    tokens_fit = strings is None or len(strings) == n_key
+    if not tokens_fit:
+        strings = None if kind == "self" else strings
+    if kind == "self" and trim_padding and tokens_fit:
         n_key = _valid_length(trace, batch, n_key)
         keep = [i for i, q in enumerate(rows) if q < n_key]
         if len(keep) < len(rows) or n_key < matrix.shape[-1]:  # copy only when padding is cut away
