@@ -261,7 +261,7 @@ def test_planted_head_prefers_its_concept(pipes):
     assert hrv.ranking("colour")[0] == (Site("dit", 0, "cross"), 0)
 
 
-@pytest.mark.parametrize("name", ["unet", "pixart"])
+@pytest.mark.parametrize("name", ["unet", "pixart", "sd3"])
 def test_ordered_weakening_curve(pipes, name):
     pipe = pipes[name]
     hrv = head_relevance(pipe, ["a red cat"], {"colour": ["red"], "animal": ["dog"]}, num_inference_steps=2,
@@ -278,6 +278,7 @@ def test_ordered_weakening_curve(pipes, name):
     assert score[("MoRHF", 0)] == score[("LeRHF", 0)] == scorer(plain)  # k = 0 edits nothing
     assert score[("MoRHF", n)] == score[("LeRHF", n)]  # all heads: the same head set
     assert score[("MoRHF", 2)] != score[("MoRHF", 0)]  # weakening two heads changes the image
+    assert table["heads"].iloc[1].count("joint" if name == "sd3" else "cross") == 2
     plan = weakening_plan(hrv.ranking("colour")[:3], [2, 3], -2.0)
     assert sum(len(e.heads) for e in plan.edits) == 3 and all(e.factor == -2.0 for e in plan.edits)
 

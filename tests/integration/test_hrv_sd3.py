@@ -17,7 +17,6 @@ from attnscope import Site
 from attnscope.circuits.hrv import head_relevance, relevance_counts
 from attnscope.circuits.hrv_joint import JointHrvRecorder, concept_sequence, encode_concepts
 from attnscope.errors import InputError
-from attnscope.circuits.hrv_weakening import ordered_weakening
 from tiny_diffusion import BUILDERS, call_kwargs
 
 CONCEPTS = {"colour": ["red"], "animal": ["dog"], "shape": ["circle"]}
@@ -175,21 +174,3 @@ def test_planted_joint_head_prefers_its_concept():
     assert hrv.counts[:, column].tolist() == [6.0, 0.0]  # 2 prompts x 3 steps, all on "colour"
     assert hrv.ranking("colour")[0] == (Site("mmdit", 0, "joint"), 0)
     assert hrv.ranking("animal", "LeRHF")[0] == (Site("mmdit", 0, "joint"), 0)
-
-
-def test_ordered_weakening_runs_on_sd3(pipe):
-    hrv = head_relevance(pipe, ["a red cat"], {"colour": ["red"], "animal": ["dog"]}, num_inference_steps=2,
-                         guidance_scale=4.0, pipeline_kwargs=call_kwargs("sd3"))
-    n = len(hrv.heads)
-    kwargs = {k: v for k, v in call_kwargs("sd3").items() if k not in ("num_inference_steps", "guidance_scale")}
-    scorer = lambda images: float(images.double().mean())  # noqa: E731
-    table = ordered_weakening(pipe, ["a red cat"], hrv, "colour", "red", scorer, ks=(0, 2, n), seed=3,
-                              num_inference_steps=2, guidance_scale=4.0, output_type="latent",
-                              pipeline_kwargs=kwargs).df
-    score = table.set_index(["order", "k"])["value"]
-    plain = pipe("a red cat", generator=torch.Generator().manual_seed(3), num_inference_steps=2, guidance_scale=4.0,
-                 **dict(kwargs, output_type="latent")).images
-    assert score[("MoRHF", 0)] == score[("LeRHF", 0)] == scorer(plain)  # k = 0 edits nothing
-    assert score[("MoRHF", n)] == score[("LeRHF", n)]  # all heads: the same head set
-    assert score[("MoRHF", 2)] != score[("MoRHF", 0)]  # weakening "red" in two joint heads changes the latents
-    assert table["heads"].iloc[1].count("joint") == 2

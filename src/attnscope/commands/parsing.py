@@ -33,3 +33,13 @@ def parse_spans(spec: str | None) -> list[tuple[int, int]]:
         except ValueError:
             raise InputError("malformed key span", expected="START:END[,START:END]", got=part) from None
     return spans
+
+
+def int_list(spec: str | None, what: str = "integers") -> list[int] | None:
+    """``200,400`` -> [200, 400]; None or empty -> None."""
+    if not spec:
+        return None
+    try:
+        return [int(v) for v in spec.split(",")]
+    except ValueError:
+        raise InputError(f"malformed list of {what}", expected="comma-separated integers, e.g. 0,2", got=spec) from None

@@ -16,18 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import AnalysisError, InputError
+from .parsing import int_list
 
-SUITES = ("induction", "needle", "needle-text", "recall", "ioi", "agreement", "sentences", "bigram")
-_UNIVERSAL = ("heads", "batch_size", "progress")  # passed to analyses that take **options
-
-
-def _ints(spec: str | None) -> list[int] | None:
-    if not spec:
-        return None
-    try:
-        return [int(v) for v in spec.split(",")]
-    except ValueError:
-        raise InputError("malformed integer list", expected="e.g. 200,400", got=spec) from None
+SUITES = ("induction", "needle", "needle-text", "recall", "ioi", "agreement", "sentences", "bigram", "shapes")
+_UNIVERSAL = ("heads", "batch_size", "progress")  # passed only to analyses that name them
+_NAMED_ONLY = (*_UNIVERSAL, "partial")
 
 
 def _floats(spec: str | None) -> list[float] | None:
@@ -84,6 +77,8 @@ def build_suite(name: str, model: Any, args: argparse.Namespace) -> Any:
         return ds.PromptSuite.from_json(Path(name))
     if name not in SUITES:
         raise InputError("unknown suite", expected=list(SUITES) + ["PATH.json"], got=name)
+    if name == "shapes":
+        return shapes_suite(model, args.n_items, args.seed)
     tok = model.adapter.tokenizer
     vocab = int(getattr(model.adapter.module.config, "vocab_size", 128))
     n, seed = args.n_items, args.seed
@@ -108,12 +103,57 @@ def build_suite(name: str, model: Any, args: argparse.Namespace) -> Any:
     if name == "bigram":
         return ds.bigram_backcopy(n, **{"vocab_size": vocab, **params}, seed=seed)
     if name == "needle-text":
-        lengths = _ints(args.context_lengths) or [args.seq_len or 200]
+        lengths = int_list(args.context_lengths) or [args.seq_len or 200]
         depths = _floats(args.depths) or [0.5]
         return ds.needle_grid(lengths, depths, n_per_cell=n, seed=seed, unit="tokens", tokenizer=tok)
     if name == "ioi":
         return ds.ioi(n, seed=seed, tokenizer=tok)
     return _sentences_suite(n, seed)
+
+
+class PromptList(list):
+    """Prompts of a text-to-image suite, with a name (what pipeline analyses such as ``hrv`` take)."""
+
+    def __init__(self, name: str, prompts: list[str]):
+        super().__init__(prompts)
+        self.name, self.prompts = name, list(prompts)
+
+
+def shapes_suite(model: Any, n_items: int, seed: int) -> Any:
+    """Shapes for the model's family: VQA examples (VLMs) or scene captions (diffusion pipelines)."""
+    from ..datasets.shapes import shapes_scenes
+    from ..datasets.shapes_vlm_examples import ShapesVLMSuite
+
+    family = model.info().family
+    if family == "vlm":
+        return ShapesVLMSuite(model, n_items=n_items, seed=seed)
+    if family.startswith("diffusers-pipeline"):
+        return PromptList(f"shapes captions(n={n_items}, seed={seed})",
+                          [s.caption for s in shapes_scenes(n_items, seed=seed)])
+    raise InputError("the shapes suite needs a VLM or a diffusion pipeline", expected="family vlm or "
+                     "diffusers-pipeline", got=family, fix="use a text suite for text models")
+
+
+def parse_concepts(spec: str | None) -> dict[str, list[str]] | None:
+    """``red,green,circle`` (each word its own concept) or ``colour=red|green;shape=circle|square``."""
+    if not spec:
+        return None
+    concepts: dict[str, list[str]] = {}
+    for part in spec.replace(";", ",").split(",") if "=" not in spec else spec.split(";"):
+        name, sep, words = part.partition("=")
+        words_list = [w.strip() for w in (words if sep else name).split("|") if w.strip()]
+        if not name.strip() or not words_list:
+            raise InputError("malformed --concepts", expected="w1,w2 or name=w1|w2;name2=w3", got=spec)
+        concepts[name.strip()] = words_list
+    return concepts
+
+
+def _default_concepts(args: argparse.Namespace) -> dict[str, list[str]] | None:
+    if args.suite != "shapes":
+        return None
+    from ..datasets.shapes import COLORS, SHAPES
+
+    return {w: [w] for w in (*COLORS, *SHAPES)}
 
 
 def _literal(text: str) -> Any:
@@ -127,11 +167,14 @@ def _options(fn: Any, args: argparse.Namespace, partial: Path | None) -> dict:
     """Keyword arguments for ``fn`` from the command line: only those it takes (explicitly or via **options)."""
     wanted = {"heads": args.heads, "batch_size": args.batch_size, "progress": not args.no_progress,
               "threshold": args.threshold, "template": args.template, "window": args.window,
-              "n_sinks": _ints(args.n_sinks), "mode": args.mode, "partial": partial,
-              "max_new_tokens": args.max_new_tokens}
+              "n_sinks": int_list(args.n_sinks), "mode": args.mode, "partial": partial,
+              "max_new_tokens": args.max_new_tokens,
+              "concept_words": parse_concepts(args.concepts) or _default_concepts(args),
+              "num_inference_steps": args.steps}
     params = inspect.signature(fn).parameters
     var_kw = any(p.kind is p.VAR_KEYWORD for p in params.values())
-    out = {k: v for k, v in wanted.items() if v is not None and (k in params or (var_kw and k in _UNIVERSAL))}
+    # named parameters get what they name; **options get the analysis-specific values, never the universal ones
+    out = {k: v for k, v in wanted.items() if v is not None and (k in params or (var_kw and k not in _NAMED_ONLY))}
     for spec in args.option or []:
         key, sep, value = spec.partition("=")
         if not sep or not key.strip():
@@ -148,6 +191,13 @@ def _run_trace_analysis(analysis: Any, model: Any, suite: Any, options: dict) ->
     return analysis.fn(trace, **{k: v for k, v in options.items() if k not in _UNIVERSAL})
 
 
+def _head_label(row: Any) -> str:
+    """``L3H5``, prefixed by the tower when it is not the text model's (``unet.up.1.L0H2``)."""
+    tower = row.get("tower") if hasattr(row, "get") else None
+    prefix = f"{tower}." if isinstance(tower, str) and tower and tower != "text" else ""
+    return f"{prefix}L{int(row['layer'])}H{int(row['head'])}"
+
+
 def print_table(table: Any, analysis: str, top: int, out=None) -> None:
     """The main metric's top heads (or, for model-level analyses, its rows), then summary rows."""
     out = out or sys.stdout
@@ -159,9 +209,14 @@ def print_table(table: Any, analysis: str, top: int, out=None) -> None:
     heads = rows[rows["head"] >= 0].sort_values("value", ascending=False).head(top)
     print(f"{analysis}: {metric} ({table.provenance.get('suite', '')}, model "
           f"{table.provenance.get('model', '?')})", file=out)
-    if len(heads):
+    if "concept" in rows and len(heads):  # per-concept analyses (hrv): each concept's top heads
+        for concept, group in rows[rows["head"] >= 0].groupby("concept", sort=False):
+            best = group.sort_values("value", ascending=False).head(3)
+            print(f"  {concept:>10s}: " + ", ".join(f"{_head_label(r)} {r['value']:.3g}" for _, r in best.iterrows()),
+                  file=out)
+    elif len(heads):
         view = pd.DataFrame({"rank": range(1, len(heads) + 1),
-                             "head": [f"L{int(l)}H{int(h)}" for l, h in zip(heads["layer"], heads["head"])],
+                             "head": [_head_label(r) for _, r in heads.iterrows()],
                              metric: heads["value"].round(4).to_numpy()})
         print(view.to_string(index=False), file=out)
     else:
@@ -242,6 +297,9 @@ def register(sub) -> None:
     g.add_argument("--window", type=int, default=None, help="streaming-llm: recent-token window")
     g.add_argument("--n-sinks", help="streaming-llm: kept initial tokens, e.g. 0,1,4")
     g.add_argument("--mode", choices=("recompute", "cache"), default=None, help="streaming-llm window mode")
+    g.add_argument("--concepts", help="hrv: concepts, 'red,green,circle' or 'colour=red|green;shape=circle|square' "
+                   "(default for --suite shapes: each colour and shape)")
+    g.add_argument("--steps", type=int, default=None, help="diffusion analyses: denoising steps")
     g.add_argument("--option", action="append", help="any other analysis option, KEY=VALUE (repeatable)")
     g.add_argument("--top", type=int, default=10, help="heads to print")
     g.add_argument("--no-progress", action="store_true")

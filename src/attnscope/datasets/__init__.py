@@ -16,12 +16,14 @@ from .induction import induction
 from .ioi import ioi
 from .needle import needle, needle_grid, needle_text, needle_tokens
 from .recall import associative_recall
+from .shapes import ShapesScene, shapes_scenes, shapes_vqa
 from .suite import PromptBatch, PromptItem, PromptSuite, pad_ids
 
 __all__ = [
     "PromptBatch",
     "PromptItem",
     "PromptSuite",
+    "ShapesScene",
     "agreement",
     "associative_recall",
     "bigram_backcopy",
@@ -33,4 +35,6 @@ __all__ = [
     "needle_text",
     "needle_tokens",
     "pad_ids",
+    "shapes_scenes",
+    "shapes_vqa",
 ]

@@ -119,7 +119,14 @@ def _load_diffusers(path: Path) -> LoadedModel:
     import diffusers
 
     if (path / "model_index.json").is_file():
-        pipe = diffusers.DiffusionPipeline.from_pretrained(str(path))
+        was_enabled = diffusers.utils.logging.is_progress_bar_enabled()
+        diffusers.utils.logging.disable_progress_bar()  # stderr stays clean: CLI errors are one line
+        try:
+            pipe = diffusers.DiffusionPipeline.from_pretrained(str(path))
+        finally:
+            if was_enabled:
+                diffusers.utils.logging.enable_progress_bar()
+        pipe.set_progress_bar_config(disable=True)
         return _wrap(pipe, getattr(pipe, "tokenizer", None), str(path))
     class_name = json.loads((path / "config.json").read_text())["_class_name"]
     module = getattr(diffusers, class_name).from_pretrained(str(path)).eval()
@@ -154,6 +161,9 @@ def load(name_or_path: Any, *, attn_implementation: str | None = None, **kwargs:
     if name.startswith("zoo:"):
         from .. import zoo
 
+        if zoo.has_own_loader(name[4:]):  # a diffusers pipeline or a plain torch module
+            module = zoo.load_model(name[4:])
+            return _named(_wrap(module, getattr(module, "tokenizer", None), str(zoo.checkpoint_path(name[4:]))), name)
         return _named(_load_hf(str(zoo.checkpoint_path(name[4:])), attn_implementation, placement), name)
     path = Path(name).expanduser()
     if path.exists():

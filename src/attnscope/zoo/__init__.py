@@ -7,8 +7,10 @@ rendered ``MODEL_CARD.md``.
 
 Example:
     >>> from attnscope import zoo
-    >>> [o["name"] for o in zoo.list_organisms()]
+    >>> [o["name"] for o in zoo.list_organisms()][:4]
     ['induction-2l', 'recall-llama', 'sink-lm', 'agreement-enc']
+    >>> zoo.organism_names()[4:]
+    ['shapes-classifier', 'shapes-vlm', 'shapes-diffusion']
     >>> zoo.checkpoint_path("induction-2l").name
     'induction-2l'
 """
@@ -27,9 +29,13 @@ _MODULES = {
     "recall-llama": "recall_llama",
     "sink-lm": "sink_lm",
     "agreement-enc": "agreement_enc",
+    "shapes-classifier": "shapes_classifier",
+    "shapes-vlm": "shapes_vlm",
+    "shapes-diffusion": "shapes_diffusion",
 }
 
-__all__ = ["checkpoint_path", "list_organisms", "load_card", "load_model", "organism_names", "train", "train_all"]
+__all__ = ["checkpoint_path", "has_own_loader", "list_organisms", "load_card", "load_model", "organism_names",
+           "train", "train_all"]
 
 
 def organism_names() -> list[str]:
@@ -44,11 +50,18 @@ def _module(name: str) -> ModuleType:
     return importlib.import_module(f".{_MODULES[name]}", __name__)
 
 
+def has_own_loader(name: str) -> bool:
+    """True when ``name`` is not a plain transformers checkpoint and loads with its module's ``load(path)``."""
+    return hasattr(_module(name), "load")
+
+
 def checkpoint_path(name: str) -> Path:
-    """Directory of the shipped checkpoint of ``name`` (config.json + model.safetensors + card.json)."""
+    """Directory of the shipped checkpoint of ``name`` (config.json + model.safetensors, or a diffusers pipeline's
+    model_index.json, + card.json)."""
     _module(name)
     path = CHECKPOINTS / name
-    if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
+    weights = (path / "config.json").is_file() and (path / "model.safetensors").is_file()
+    if not weights and not (path / "model_index.json").is_file():
         raise ModelNotFoundError(f"zoo checkpoint {name!r} is missing", expected=f"{path}/config.json and "
                                  "model.safetensors", got="no checkpoint files",
                                  fix=f"run `attnscope zoo train {name}` to rebuild it")
@@ -65,9 +78,12 @@ def load_card(name: str) -> dict[str, Any]:
 
 
 def load_model(name: str, **kwargs: Any) -> Any:
-    """Load the shipped checkpoint with its transformers class (eager attention unless told otherwise)."""
+    """Load the shipped checkpoint with its transformers class (eager attention unless told otherwise), or with
+    the organism's own ``load(path)`` when it has one (diffusers pipeline, plain torch module)."""
     import transformers
 
+    if has_own_loader(name):
+        return _module(name).load(checkpoint_path(name))
     card = load_card(name)
     cls = getattr(transformers, card["architecture"]["class"])
     kwargs.setdefault("attn_implementation", "eager")
