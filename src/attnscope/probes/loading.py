@@ -8,8 +8,10 @@ Example:
     (6, 12)
 """
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -119,13 +121,7 @@ def _load_diffusers(path: Path) -> LoadedModel:
     import diffusers
 
     if (path / "model_index.json").is_file():
-        was_enabled = diffusers.utils.logging.is_progress_bar_enabled()
-        diffusers.utils.logging.disable_progress_bar()  # stderr stays clean: CLI errors are one line
-        try:
-            pipe = diffusers.DiffusionPipeline.from_pretrained(str(path))
-        finally:
-            if was_enabled:
-                diffusers.utils.logging.enable_progress_bar()
+        pipe = diffusers.DiffusionPipeline.from_pretrained(str(path))
         pipe.set_progress_bar_config(disable=True)
         return _wrap(pipe, getattr(pipe, "tokenizer", None), str(path))
     class_name = json.loads((path / "config.json").read_text())["_class_name"]
@@ -152,6 +148,29 @@ def load(name_or_path: Any, *, attn_implementation: str | None = None, **kwargs:
     device_map / max_memory / offload_folder / dtype: passed to the model's ``from_pretrained`` only (accelerate
     places layers across devices, ``"disk"`` offloads to ``offload_folder``); see ``attnscope.probes.device_map``.
     """
+    with quiet_progress_bars():
+        return _load(name_or_path, attn_implementation, **kwargs)
+
+
+@contextlib.contextmanager
+def quiet_progress_bars() -> Iterator[None]:
+    """No transformers / diffusers loading bars while attnscope loads (stderr stays for errors, one line)."""
+    import diffusers
+    import transformers
+
+    libraries = [transformers.utils.logging, diffusers.utils.logging]
+    enabled = [lib.is_progress_bar_enabled() for lib in libraries]
+    for lib in libraries:
+        lib.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for lib, was in zip(libraries, enabled):
+            if was:
+                lib.enable_progress_bar()
+
+
+def _load(name_or_path: Any, attn_implementation: str | None, **kwargs: Any) -> LoadedModel:
     placement = _split_placement(kwargs)
     if not isinstance(name_or_path, (str, os.PathLike)):
         return _wrap(name_or_path, kwargs.get("tokenizer"), type(name_or_path).__name__)
