@@ -20,7 +20,8 @@ demo: setup
 	HF_HUB_OFFLINE=1 $(VENV)/bin/attnscope demo --out results/demo
 
 test: setup browsers
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n 2 --dist loadfile -m "not slow" tests src/attnscope --doctest-modules
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n 2 --dist loadfile -m "not slow" tests
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n 2 --doctest-modules src/attnscope
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m slow tests; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ]
 
 # headless Chromium + chromedriver for tests/browser (Debian packages; skipped when already installed)

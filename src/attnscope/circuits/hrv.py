@@ -238,9 +238,15 @@ def head_relevance(model: Any, prompts: Sequence[str], concept_words: Mapping[st
 
 
 @register_analysis("hrv", takes="model", description="Head Relevance Vectors of cross-attention heads (Park 2024)")
-def hrv_table(model: Any, suite: Any, concept_words: Mapping[str, Sequence[str]], **options: Any) -> ResultTable:
-    """``head_relevance`` as a table; ``suite``: the prompts (a list of strings or an object with ``prompts``)."""
+def hrv_table(model: Any, suite: Any, concept_words: Mapping[str, Sequence[str]], *, heads: Any = None,
+              batch_size: int | None = None, progress: bool = False, **options: Any) -> ResultTable:
+    """``head_relevance`` as a table; ``suite``: the prompts (a list of strings or an object with ``prompts``).
+
+    ``batch_size`` and ``progress`` (the CLI's common options) do not apply: one pipeline run per prompt."""
     dx.pipeline_adapter(model)  # a clear error for non-pipelines before the suite is read
+    if heads is not None:
+        raise InputError("hrv scores every cross-attention head", expected="no head restriction", got=str(heads),
+                         fix="drop --heads; select heads from the table afterwards")
     prompts = getattr(suite, "prompts", suite)
     if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not all(isinstance(p, str) for p in prompts):
         raise InputError("hrv needs text prompts", expected="a list of prompts (or an object with .prompts)",

@@ -19,8 +19,8 @@ from ..errors import AnalysisError, InputError
 from .parsing import int_list
 
 SUITES = ("induction", "needle", "needle-text", "recall", "ioi", "agreement", "sentences", "bigram", "shapes")
-_UNIVERSAL = ("heads", "batch_size", "progress")  # passed only to analyses that name them
-_NAMED_ONLY = (*_UNIVERSAL, "partial")
+_UNIVERSAL = ("heads", "batch_size", "progress")  # passed to analyses that take **options
+_NAMED_ONLY = ("partial",)
 
 
 def _floats(spec: str | None) -> list[float] | None:
@@ -173,7 +173,7 @@ def _options(fn: Any, args: argparse.Namespace, partial: Path | None) -> dict:
               "num_inference_steps": args.steps}
     params = inspect.signature(fn).parameters
     var_kw = any(p.kind is p.VAR_KEYWORD for p in params.values())
-    # named parameters get what they name; **options get the analysis-specific values, never the universal ones
+    # named parameters get what they name; **options get everything but the retrieval-only resume file
     out = {k: v for k, v in wanted.items() if v is not None and (k in params or (var_kw and k not in _NAMED_ONLY))}
     for spec in args.option or []:
         key, sep, value = spec.partition("=")
