@@ -168,9 +168,12 @@ def main() -> None:
             from attnscope.errors import ModelNotFoundError
 
             try:
-                zoo.checkpoint_path(cfg["model"][4:])
+                config = json.loads((zoo.checkpoint_path(cfg["model"][4:]) / "config.json").read_text())
+                unscaled = config.get("scale_attn_weights") is False
             except ModelNotFoundError:
-                cfg["model"] = "organism-random"  # same architecture, random weights
+                unscaled = True
+            if unscaled:  # no checkpoint, or attention TransformerLens cannot reproduce (scale_attn_weights=False)
+                cfg["model"] = "organism-random"  # same architecture and cost, random weights
         r = run_config(cfg["model"], cfg["suite"], cfg["n_items"], cfg["seq_len"], cfg["batch_size"],
                        args.memory_mb, args.repeats)
         r["config"] = name

@@ -243,3 +243,13 @@ def test_nnsight_restored_after_a_forward_that_raises(wrapped_llama):
     assert wrapped_llama._module.config._attn_implementation == "sdpa"
     assert not hf_route._ACTIVE
     assert validate(adapter).ok
+
+
+def test_bridge_refuses_attention_transformer_lens_would_compute_differently():
+    """TransformerLens ignores GPT-2's ``scale_attn_weights=False``; its outputs would differ from the HF model's."""
+    from attnscope.errors import UnsupportedModelError
+
+    cfg = transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=1, n_head=4,
+                                  scale_attn_weights=False)
+    with pytest.raises(UnsupportedModelError, match="scale_attn_weights=False"):
+        boot_bridge(transformers.GPT2LMHeadModel(cfg).eval(), tiny_word_tokenizer(64))

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...errors import CaptureError, InputError
+from ...errors import CaptureError, InputError, UnsupportedModelError
 from .. import tl_guard
 from ..adapter import ModelAdapter, ModelInfo, Prepared, TowerInfo, register_adapter
 from ..recorder import Recorder
@@ -84,6 +84,10 @@ def boot_bridge(hf_model: nn.Module, tokenizer: Any, name: str | None = None, de
     """
     tl_guard.install()
     tl_guard.refuse_multimodal(hf_model.config)
+    if getattr(hf_model.config, "scale_attn_weights", True) is False:  # GPT-2 option TransformerLens ignores
+        raise UnsupportedModelError("TransformerLens would compute a different model", expected="attention scaled "
+                                    "by 1/sqrt(d_head) (scale_attn_weights=True)", got="scale_attn_weights=False",
+                                    fix="capture the HF model directly (attnscope.capture), not through a bridge")
     if tokenizer is None:
         raise InputError("boot_bridge needs a tokenizer", expected="a PreTrainedTokenizer(Fast)", got=None,
                          fix="pass tokenizer=...; without one TransformerLens downloads it from the hub")
