@@ -179,7 +179,9 @@ def train(out_dir: str | Path, seed: int = SEED, steps: int = STEPS) -> Path:
         result = analyze(model)
     out = save_checkpoint(model, Path(out_dir))
     card = base_card(SPEC, model, seed, log, HP, data={"generator": "induction", "params": make_suite(1, 0).params})
-    card["architecture"].update(architecture_fields(HP, HP["seq_len"], mlp="standard GPT-2 MLP (4 x d_model)"))
+    mlp = (f"none (attention-only: MLP weights of width {HP['d_mlp']} zeroed and frozen)" if HP["attention_only"]
+           else "standard GPT-2 MLP (4 x d_model)")
+    card["architecture"].update(architecture_fields(HP, HP["seq_len"], mlp=mlp))
     card["training"].update({"phase_change_step": log["phase_change_step"],
                              "repeat_curve [step, loss, acc]": log["repeat_curve"]})
     card["evaluation"] = {"metric": "top-1 next-token accuracy on the predictable repeated positions",
