@@ -23,7 +23,9 @@ N = 6
 def test_interrupted_driver_resumes(tmp_path):
     tiny_text_model("gpt2").save_pretrained(tmp_path / "gpt2")
     log = tmp_path / "executions.log"
-    analyses = [{"name": "test-slow", "label": f"slow{i}", "options": {"seconds": 1.5, "log": str(log),
+    # staggered durations: however many cells the workers run at once, later cells are still running when the
+    # second one has finished, so the interrupt always leaves work undone
+    analyses = [{"name": "test-slow", "label": f"slow{i}", "options": {"seconds": 0.5 + 1.0 * i, "log": str(log),
                                                                        "tag": f"slow{i}"}} for i in range(N)]
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump({
         "name": "resume", "imports": [PLUGINS], "models": ["./gpt2"], "analyses": analyses,
