@@ -81,6 +81,24 @@ def train_loop(model: nn.Module, loss_fn: Callable[[nn.Module, int], torch.Tenso
             "loss_curve": curve}
 
 
+def curve_logger(model: nn.Module, measure: Callable[[], list[float]], curve: list[list[float]]):
+    """A ``train_loop`` ``on_log`` appending ``[step, *measure()]`` (rounded) to ``curve``, measured in eval mode."""
+    def on_log(step: int, _: float) -> None:
+        model.eval()
+        curve.append([step, *(round(float(v), 4) for v in measure())])
+        model.train()
+    return on_log
+
+
+def fit_analyse_save(fit: Callable[[int, int], tuple[nn.Module, dict]], analyze: Callable[[nn.Module], dict],
+                     seed: int, steps: int, out_dir: "str | Path") -> tuple[nn.Module, dict, dict, Path]:
+    """The first half of every organism's ``train``: fit from ``seed``, analyse on one thread, save the weights."""
+    model, log = fit(seed, steps)
+    with torch_threads(1):
+        result = analyze(model)
+    return model, log, result, save_checkpoint(model, Path(out_dir))
+
+
 def save_checkpoint(model: nn.Module, out_dir: Path) -> Path:
     """Write ``config.json`` + ``model.safetensors`` (HF format) into ``out_dir``; returns it."""
     out_dir = Path(out_dir)

@@ -21,7 +21,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from ..datasets import PromptSuite, induction
 from ._analysis import ablation_studies, attention_patterns
 from ._card import write_card
-from ._common import (architecture_fields, head_name, pruned_head_names, save_checkpoint, scores_table,
+from ._common import (architecture_fields, curve_logger, fit_analyse_save, head_name, pruned_head_names, scores_table,
                       seed_everything, step_seed, torch_threads, train_loop, with_head_lasso)
 from ._meta import base_card, describe
 
@@ -157,14 +157,12 @@ def fit(seed: int = SEED, steps: int = STEPS, eval_every: int = 100) -> tuple[GP
             ids, _ = tensors(make_suite(HP["batch_size"], step_seed(seed, step)))
             return with_head_lasso(m(ids, labels=ids).loss, m, step, steps, HP)
 
-        def on_log(step: int, _: float) -> None:
-            model.eval()
+        def measure() -> list[float]:
             acc, loss = repeat_metrics(model, probe_ids, probe_target)
-            curve.append([step, round(loss, 4), round(acc, 4)])
-            model.train()
+            return [loss, acc]
 
         log = train_loop(model, loss_fn, steps=steps, lr=HP["lr"], warmup=HP["warmup"], desc="induction-2l",
-                         log_every=eval_every, on_log=on_log)
+                         log_every=eval_every, on_log=curve_logger(model, measure, curve))
     log["repeat_curve"] = curve
     log["pruned_heads"] = pruned_head_names(model, HP)
     hits = [step for step, _, acc in curve if acc >= 0.5]
@@ -174,10 +172,7 @@ def fit(seed: int = SEED, steps: int = STEPS, eval_every: int = 100) -> tuple[GP
 
 def train(out_dir: str | Path, seed: int = SEED, steps: int = STEPS) -> Path:
     """Train from ``seed``, analyse, and write the checkpoint and card to ``out_dir``."""
-    model, log = fit(seed, steps)
-    with torch_threads(1):
-        result = analyze(model)
-    out = save_checkpoint(model, Path(out_dir))
+    model, log, result, out = fit_analyse_save(fit, analyze, seed, steps, out_dir)
     card = base_card(SPEC, model, seed, log, HP, data={"generator": "induction", "params": make_suite(1, 0).params})
     mlp = (f"none (attention-only: MLP weights of width {HP['d_mlp']} zeroed and frozen)" if HP["attention_only"]
            else "standard GPT-2 MLP (4 x d_model)")

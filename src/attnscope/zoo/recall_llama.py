@@ -21,7 +21,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from ..datasets import PromptSuite, associative_recall
 from ._analysis import ablation_studies, attention_patterns
 from ._card import write_card
-from ._common import (architecture_fields, head_name, pruned_head_names, save_checkpoint, scores_table,
+from ._common import (architecture_fields, curve_logger, fit_analyse_save, head_name, pruned_head_names, scores_table,
                       seed_everything, step_seed, torch_threads, train_loop, with_head_lasso)
 from ._meta import base_card, describe
 
@@ -148,23 +148,15 @@ def fit(seed: int = SEED, steps: int = STEPS) -> tuple[LlamaForCausalLM, dict[st
             loss = recall_loss(m, *tensors(make_suite(HP["batch_size"], step_seed(seed, step))))
             return with_head_lasso(loss, m, step, steps, HP)
 
-        def on_log(step: int, _: float) -> None:
-            model.eval()
-            curve.append([step, round(recall_accuracy(model, *probe), 4)])
-            model.train()
-
         log = train_loop(model, loss_fn, steps=steps, lr=HP["lr"], warmup=HP["warmup"], desc="recall-llama",
-                         log_every=100, on_log=on_log)
+                         log_every=100, on_log=curve_logger(model, lambda: [recall_accuracy(model, *probe)], curve))
     log["accuracy_curve"] = curve
     log["pruned_heads"] = pruned_head_names(model, HP)
     return model, log
 
 
 def train(out_dir: str | Path, seed: int = SEED, steps: int = STEPS) -> Path:
-    model, log = fit(seed, steps)
-    with torch_threads(1):
-        result = analyze(model)
-    out = save_checkpoint(model, Path(out_dir))
+    model, log, result, out = fit_analyse_save(fit, analyze, seed, steps, out_dir)
     card = base_card(SPEC, model, seed, log, HP,
                      data={"generator": "associative_recall", "params": make_suite(1, 0).params})
     card["architecture"].update(architecture_fields(HP, HP["max_positions"], n_kv_heads=HP["n_kv_heads"],

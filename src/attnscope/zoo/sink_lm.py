@@ -23,8 +23,8 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from ..datasets import PromptSuite, bigram_backcopy, bigram_transitions
 from ._analysis import ablation_studies, attention_patterns
 from ._card import write_card
-from ._common import (architecture_fields, head_name, save_checkpoint, scores_table, seed_everything, step_seed,
-                      torch_threads, train_loop)
+from ._common import (architecture_fields, curve_logger, fit_analyse_save, head_name, scores_table,
+                      seed_everything, step_seed, torch_threads, train_loop)
 from ._meta import base_card, describe
 
 SPEC = {"name": "sink-lm", "task": "Bigram-Backcopy next-token prediction (Guo et al. 2024); grows a BOS sink",
@@ -155,25 +155,20 @@ def fit(seed: int = SEED, steps: int = STEPS) -> tuple[LlamaForCausalLM, dict[st
             ids, _ = tensors(make_suite(HP["batch_size"], step_seed(seed, step)))
             return m(input_ids=ids, labels=ids).loss
 
-        def on_log(step: int, _: float) -> None:
-            model.eval()
+        def measure() -> list[float]:
             sink = head_scores(model, probe_ids, probe_trig)["sink_mass"]
             met = task_metrics(model, probe_ids, probe_trig)
-            curve.append([step, round(met["backcopy"], 4), round(met["bigram"], 4), round(float(sink.max()), 4)])
-            model.train()
+            return [met["backcopy"], met["bigram"], sink.max()]
 
         log = train_loop(model, loss_fn, steps=steps, lr=HP["lr"], warmup=HP["warmup"], desc="sink-lm",
                          weight_decay=HP.get("weight_decay", 0.0),
-                         log_every=100, on_log=on_log)
+                         log_every=100, on_log=curve_logger(model, measure, curve))
     log["curve"] = curve
     return model, log
 
 
 def train(out_dir: str | Path, seed: int = SEED, steps: int = STEPS) -> Path:
-    model, log = fit(seed, steps)
-    with torch_threads(1):
-        result = analyze(model)
-    out = save_checkpoint(model, Path(out_dir))
+    model, log, result, out = fit_analyse_save(fit, analyze, seed, steps, out_dir)
     card = base_card(SPEC, model, seed, log, HP, data={"generator": "bigram_backcopy",
                                                        "params": make_suite(1, 0).params})
     card["architecture"].update(architecture_fields(
