@@ -130,6 +130,31 @@ def test_streaming_path_matches_naive(qk, case, budget_mb):
     np.testing.assert_allclose(np.take_along_axis(ref, fast["topk_index"].long().numpy(), -1), topw, atol=2e-6)
 
 
+@pytest.mark.parametrize("budget_mb", [0.05, 64.0])  # several head groups and row chunks, or one chunk
+@pytest.mark.parametrize("case", ["causal", "per-head-mask"])
+def test_streaming_block_topk_on_long_rows_matches_naive(case, budget_mb):
+    """Rows of 700 keys: top-k goes through the block search (11 blocks of 64, the last one padded)."""
+    from attnscope.probes.streaming import streaming_statistics
+
+    g = torch.Generator().manual_seed(3)
+    q, k = torch.randn(2, 3, 40, 16, generator=g) * 1.5, torch.randn(2, 3, 700, 16, generator=g)
+    keep = np.ones((2, 3, 40, 700), dtype=bool)
+    mask, causal = None, case == "causal"
+    if causal:  # the 40 queries are the last 40 positions
+        keep &= (np.arange(700)[None, :] <= (np.arange(40) + 660)[:, None])[None, None]
+    else:  # each head sees its own random subset of keys
+        keep &= np.random.default_rng(0).random((2, 3, 40, 700)) < 0.3
+        mask = torch.from_numpy(keep)
+    ref = naive_probs(q, k, keep, 0.25)
+    fast = streaming_statistics(q, k, mask, scaling=0.25, is_causal=causal, stats=("entropy", "mass", "topk"),
+                                mass_spans=((0, 1), (100, 400)), topk=4, budget_mb=budget_mb)
+    ent, mass, topw = naive_stats(ref, [(0, 1), (100, 400)], 4)
+    np.testing.assert_allclose(fast["entropy"].numpy(), ent, atol=2e-5)
+    np.testing.assert_allclose(fast["mass"].numpy(), mass, atol=2e-6)
+    np.testing.assert_allclose(fast["topk_weight"].numpy(), topw, atol=2e-6)
+    np.testing.assert_array_equal(fast["topk_index"].long().numpy(), np.argsort(-ref, -1, kind="stable")[..., :4])
+
+
 def test_streaming_path_declines_biased_masks(qk):
     from attnscope.probes.streaming import streaming_statistics
 

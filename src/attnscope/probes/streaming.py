@@ -1,10 +1,11 @@
-"""Streaming statistics at flash-attention cost on the CPU: no probability matrix is ever formed.
+"""Streaming statistics on the CPU in one cache-sized pass over the logits: no probability matrix is ever formed.
 
-The fused CPU flash kernel returns the output and the log-sum-exp of every row. With the keys as values it gives
-``E_P[k]``, hence ``E_P[logits] = scale * q . E_P[k]`` and the entropy ``H = lse - E_P[logits]``. Mass on a key
-span is ``exp(logsumexp(logits of the span) - lse)``, which needs only the span's columns. Top-k keys need every
-logit but no softmax: a causal-skipping chunked pass takes the top-k logits and turns them into probabilities with
-``lse``. Masks must be boolean or 0/-inf; anything else (ALiBi-style biases, softcapping) uses the chunked path.
+Query rows are taken in chunks whose logits fit the cache (4 MB). Each chunk is turned, in base 2 (``exp2`` is
+about 3x faster than ``exp`` on the CPU), into everything asked for at once: with ``m`` the row maximum,
+``P = 2^(s - m)`` and ``Z = sum P``, the entropy is ``ln 2 * (log2 Z - sum P (s - m) / Z)``, the mass on a key span
+is ``sum_span P / Z``, and the top-k keys come from the top-k blocks of 64 keys (by block maximum), which must hold
+them. Causal chunks skip the keys they cannot see. The model's own output is not touched: it stays on SDPA.
+Masks must be boolean or 0/-inf; anything else (ALiBi-style biases, softcapping) uses the general chunked path.
 
 Example:
     >>> import torch
@@ -23,118 +24,139 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-
-
-def _additive_mask(mask: Tensor | None, is_causal: bool, n_query: int, n_key: int, like: Tensor) -> Tensor | None:
-    """One 0/-inf float mask ``[batch|1, 1, query, key]`` combining the given mask and bottom-right causality."""
-    out = None
-    if mask is not None:
-        keep = mask[:, None, None, :].bool() if mask.ndim == 2 else mask
-        if keep.dtype != torch.bool:  # a 0 / large-negative additive mask (checked by the caller)
-            keep = keep > -1e30
-        out = torch.zeros(keep.shape, dtype=like.dtype, device=like.device).masked_fill(~keep, -math.inf)
-    if is_causal:
-        rows = torch.arange(n_query, device=like.device) + (n_key - n_query)
-        causal = torch.arange(n_key, device=like.device)[None, :] > rows[:, None]
-        causal_mask = torch.zeros(n_query, n_key, dtype=like.dtype, device=like.device).masked_fill(causal, -math.inf)
-        out = causal_mask[None, None] if out is None else out + causal_mask
-    return out
+_CHUNK_BYTES = 4 * 2**20  # logits of one chunk stay in cache: far faster than large chunks
+_BLOCK = 64  # keys per block for the top-k candidate search
+_ROWS = 16  # query rows per chunk are a multiple of this
+_TARGET_ROWS = 128  # rows of one head per chunk: its keys are reused across them
+_MASKED = -1e30  # a masked logit: exp2 gives 0 and 0 * _MASKED stays finite (unlike -inf)
+_PADDED = -2e30  # block padding beyond the last key: below every masked key, so top-k never picks it
+_LOG2E = 1.0 / math.log(2.0)
 
 
 def _is_zero_neg_inf(mask: Tensor) -> bool:
     return mask.dtype == torch.bool or mask.ndim == 2 or bool(((mask == 0) | (mask <= -1e30)).all())
 
 
-def _causal_columns(logits: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
-    """Set ``logits[..., i, j]`` to -inf where key ``cols[j]`` lies after query ``rows[i]`` (bottom-right causal)."""
-    return logits.masked_fill(cols[None, :] > rows[:, None], -math.inf)
+def _keep_rows(mask: Tensor | None, start: int, stop: int) -> Tensor | None:
+    """Boolean keep mask (True = attend) for query rows ``start:stop``, broadcastable to ``[b, h, rows, key]``."""
+    if mask is None:
+        return None
+    if mask.ndim == 2:  # [batch, key] padding mask, 1 = keep
+        return mask[:, None, None, :].bool()
+    rows = mask[..., start:stop, :] if mask.shape[-2] > 1 else mask
+    return rows if rows.dtype == torch.bool else rows > -1e30
 
 
-def _span_mass(q: Tensor, k: Tensor, mask: Tensor | None, lse: Tensor, spans: Sequence[tuple[int, int]],
-               scaling: float, is_causal: bool) -> Tensor:
-    """Mass on each key span: only the span's columns are computed (causality applied to those columns)."""
-    cols = []
-    n_query, n_key = q.shape[-2], k.shape[-2]
-    rows = torch.arange(n_query, device=q.device) + (n_key - n_query)
-    for a, b in spans:
-        a, b = max(0, a), min(b, n_key)
-        if a >= b:
-            cols.append(torch.zeros_like(lse))
-            continue
-        logits = torch.matmul(q, k[:, :, a:b].transpose(-1, -2)) * scaling
-        if mask is not None:
-            logits = logits + mask[..., a:b]
-        elif is_causal:
-            logits = _causal_columns(logits, rows, torch.arange(a, b, device=q.device))
-        cols.append(torch.exp(torch.logsumexp(logits, -1) - lse).nan_to_num(0.0))
-    return torch.stack(cols, -1)
+def _chunk_logits(q2: Tensor, kt: Tensor, mask: Tensor | None, is_causal: bool, start: int, stop: int,
+                  n_key: int, scratch: Tensor) -> Tensor:
+    """Base-2 logits of rows ``start:stop`` over the keys they can see, padded to whole blocks of keys.
+
+    The result is written into ``scratch`` (reused across chunks: no allocation per chunk).
+    """
+    b, h, n_query, _ = q2.shape
+    offset = n_key - n_query  # bottom-right causal alignment: query i sees keys <= i + offset
+    width = min(n_key, stop + offset) if is_causal and mask is None else n_key
+    if width < 1:  # fully masked rows (no visible key): they attend uniformly, as eager attention does
+        width = n_key
+    padded = -(-width // _BLOCK) * _BLOCK
+    computed = min(padded, n_key)
+    logits = scratch[:b * h * (stop - start) * padded].view(b, h, stop - start, padded)
+    if computed == padded:
+        torch.matmul(q2[:, :, start:stop], kt[..., :computed], out=logits)
+    else:
+        logits[..., :computed] = torch.matmul(q2[:, :, start:stop], kt[..., :computed])
+        logits[..., computed:] = _PADDED
+    view = logits[..., :computed]
+    keep = _keep_rows(mask, start, stop)
+    if is_causal:
+        rows = torch.arange(start, stop, device=q2.device) + offset
+        edge = max(0, min(start + offset + 1, computed))  # columns before ``edge`` are visible to every row
+        future = torch.arange(edge, computed, device=q2.device)[None, :] > rows[:, None]
+        if keep is None:
+            view[..., edge:].masked_fill_(future, _MASKED)
+        else:
+            keep = keep & torch.cat([future.new_ones(stop - start, edge), ~future], -1)
+    if keep is not None:
+        view.masked_fill_(~keep, _MASKED)
+    return logits
 
 
-_TOPK_CHUNK_BYTES = 4 * 2**20  # logits of one chunk stay in cache: far faster than large chunks
+def _block_topk(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Top-k of every row: only the k blocks with the largest maxima can hold them."""
+    *lead, width = logits.shape
+    n_blocks = width // _BLOCK
+    if n_blocks <= 2 * k:  # short rows: the candidates would be most of the row
+        top, where = logits.topk(k, -1)
+        return top, where
+    blocks_of_rows = logits.view(-1, _BLOCK)  # every row's blocks, one after another
+    _, blocks = blocks_of_rows.view(*lead, n_blocks, _BLOCK).amax(-1).topk(min(k, n_blocks), -1, sorted=False)
+    first = torch.arange(0, blocks_of_rows.shape[0], n_blocks, device=logits.device).view(*lead, 1)
+    candidates = blocks_of_rows.index_select(0, (blocks + first).flatten()).view(*lead, -1)
+    top, where = candidates.topk(k, -1)
+    return top, blocks.gather(-1, where // _BLOCK) * _BLOCK + where % _BLOCK
 
 
-def _topk(q: Tensor, k: Tensor, mask: Tensor | None, lse: Tensor, topk: int, scaling: float, is_causal: bool,
-          budget_mb: float) -> tuple[Tensor, Tensor]:
-    """Top-k keys of every row from cache-sized chunks of logits; causal chunks skip the keys they cannot see."""
-    b, h, n_query, _ = q.shape
-    n_key = k.shape[-2]
-    limit = min(budget_mb * 2**20, _TOPK_CHUNK_BYTES)
-    chunk = max(1, min(n_query, int(limit // max(b * h * n_key * 4, 1))))
-    kt = k.transpose(-1, -2).contiguous()
-    weights, indices = [], []
+def _head_group_statistics(q2: Tensor, kt: Tensor, mask: Tensor | None, is_causal: bool, stats: Sequence[str],
+                           mass_spans: Sequence[tuple[int, int]], k: int, chunk: int,
+                           scratch: Tensor) -> dict[str, Tensor]:
+    """The statistics of one group of heads, ``chunk`` query rows at a time."""
+    n_query, n_key = q2.shape[-2], kt.shape[-1]
+    pieces: dict[str, list[Tensor]] = {}
     for start in range(0, n_query, chunk):
         stop = min(start + chunk, n_query)
-        # causal: these rows see keys < stop + n_key - n_query only
-        width = min(n_key, stop + n_key - n_query) if is_causal and mask is None else n_key
-        logits = torch.matmul(q[:, :, start:stop], kt[..., :width])
-        logits *= scaling
-        if mask is not None:
-            logits += mask[..., start:stop, :width] if mask.shape[-2] > 1 else mask[..., :width]
-        elif is_causal:  # only the last ``stop - start`` columns can lie after a row
-            edge = max(0, width - (stop - start))
-            rows = torch.arange(start, stop, device=q.device) + (n_key - n_query)
-            logits[..., edge:] = _causal_columns(logits[..., edge:], rows, torch.arange(edge, width, device=q.device))
-        if width < min(topk, n_key):  # the first causal rows see fewer than k keys: pad with masked keys
-            logits = torch.nn.functional.pad(logits, (0, min(topk, n_key) - width), value=-math.inf)
-        top, index = logits.topk(min(topk, n_key), dim=-1)
-        weights.append(torch.exp(top - lse[:, :, start:stop, None]).nan_to_num(0.0))
-        indices.append(index.to(torch.int32))
-    return torch.cat(weights, 2), torch.cat(indices, 2)
+        logits = _chunk_logits(q2, kt, mask, is_causal, start, stop, n_key, scratch[0])
+        if "topk" in stats:
+            top, index = _block_topk(logits, k)
+        row_max = logits.amax(-1, keepdim=True)
+        logits -= row_max
+        p = torch.exp2(logits, out=scratch[1][:logits.numel()].view(logits.shape))
+        total = p.sum(-1)
+        if "entropy" in stats:
+            spread = logits.mul_(p).sum(-1) / total
+            pieces.setdefault("entropy", []).append(((torch.log2(total) - spread) / _LOG2E).clamp_min(0.0))
+        if "mass" in stats:
+            cols = [p[..., max(0, a):min(b, n_key)].sum(-1) / total for a, b in mass_spans]
+            pieces.setdefault("mass", []).append(torch.stack(cols, -1) if cols else p.new_zeros(*total.shape, 0))
+        if "topk" in stats:
+            pieces.setdefault("topk_weight", []).append(torch.exp2(top - row_max) / total[..., None])
+            pieces.setdefault("topk_index", []).append(index.to(torch.int32))
+    return {name: torch.cat(parts, 2) for name, parts in pieces.items()}
+
+
+def _chunk_shape(b: int, h: int, n_query: int, padded_keys: int, limit: float) -> tuple[int, int]:
+    """(heads, query rows) of one chunk: logits within ``limit`` bytes, rows in whole multiples of ``_ROWS`` and up
+    to ``_TARGET_ROWS``, so that each head's keys are reused across many rows (the products stay compute-bound)."""
+    rows_fit = max(1, int(limit // (b * padded_keys * 4)))  # rows of one head that fit
+    if rows_fit >= h * n_query:
+        return h, n_query
+    rows = min(n_query, rows_fit, _TARGET_ROWS)
+    if rows >= _ROWS:
+        rows -= rows % _ROWS
+    return max(1, min(h, rows_fit // rows)), rows
 
 
 def streaming_statistics(query: Tensor, key: Tensor, mask: Tensor | None, *, scaling: float, is_causal: bool,
                          stats: Sequence[str], mass_spans: Sequence[tuple[int, int]] = ((0, 1),), topk: int = 5,
                          budget_mb: float = 64.0) -> dict[str, Tensor] | None:
-    """Entropy, span mass and top-k of every row without forming probabilities; None when not applicable.
+    """Entropy (nats), span mass and top-k keys of every row without forming probabilities; None when not applicable.
 
     query ``[batch, head, query, d]``, key ``[batch, head, key, d]`` (KV heads already expanded).
-    Applicable on CPU tensors with boolean or 0/-inf masks.
+    Applicable on CPU tensors with boolean or 0/-inf masks; ``is_causal`` aligns the causal mask to the last query.
     """
-    if _FLASH is None or query.device.type != "cpu" or (mask is not None and not _is_zero_neg_inf(mask)):
+    if query.device.type != "cpu" or (mask is not None and not _is_zero_neg_inf(mask)):
         return None
-    q, k = query.float().contiguous(), key.float().contiguous()
-    n_query, n_key = q.shape[-2], k.shape[-2]
-    if mask is None and is_causal and n_query == n_key:  # the kernel's own causal flag: no mask is built
-        additive, flash_causal = None, True
-    else:
-        additive, flash_causal = _additive_mask(mask, is_causal, n_query, n_key, q), False
-    if additive is not None:
-        additive = additive.expand(q.shape[0], 1, n_query, n_key).contiguous()
-        # a fully masked row attends uniformly to every key, as eager attention does: zero mask, zero query
-        dead = torch.isinf(additive).all(-1, keepdim=True)
-        if dead.any():
-            additive.masked_fill_(dead, 0.0)
-            q = q.masked_fill(dead, 0.0)
-        expected_k, lse = _FLASH(q, k, k, 0.0, False, attn_mask=additive, scale=scaling)
-    else:
-        expected_k, lse = _FLASH(q, k, k, 0.0, flash_causal, scale=scaling)
-    out: dict[str, Tensor] = {}
-    if "entropy" in stats:
-        entropy = lse - scaling * (q * expected_k).sum(-1)
-        out["entropy"] = torch.where(torch.isfinite(lse), entropy, torch.zeros_like(entropy)).clamp_min(0.0)
-    if "mass" in stats:
-        out["mass"] = _span_mass(q, k, additive, lse, mass_spans, scaling, flash_causal)
-    if "topk" in stats:
-        out["topk_weight"], out["topk_index"] = _topk(q, k, additive, lse, topk, scaling, flash_causal, budget_mb)
-    return out
+    b, h, n_query, _ = query.shape
+    n_key = key.shape[-2]
+    q2 = (query.float() * (scaling * _LOG2E)).contiguous()
+    kt = key.float().transpose(-1, -2).contiguous()
+    limit = min(budget_mb * 2**20, _CHUNK_BYTES)
+    padded_keys = -(-n_key // _BLOCK) * _BLOCK
+    heads, rows = _chunk_shape(b, h, n_query, padded_keys, limit)
+    scratch = q2.new_empty(2, b * heads * rows * padded_keys)
+    per_head_mask = mask is not None and mask.ndim == 4 and mask.shape[1] > 1
+    groups = []
+    for first in range(0, h, heads):
+        group = slice(first, min(first + heads, h))
+        groups.append(_head_group_statistics(q2[:, group], kt[:, group], mask[:, group] if per_head_mask else mask,
+                                             is_causal, stats, mass_spans, min(topk, n_key), rows, scratch))
+    return {name: torch.cat([g[name] for g in groups], 1) for name in groups[0]}
