@@ -88,8 +88,8 @@ def make_suite(kind: str, n_items: int, seq_len: int, vocab: int):
     return induction(n_items, seq_len=seq_len, vocab_size=vocab, seed=0)
 
 
-def run_config(model_name: str, suite_kind: str, n_items: int, seq_len: int, batch_size: int, memory_mb: float,
-               repeats: int) -> dict:
+def run_config(model_name: str, suite_kind: str, n_items: int, seq_len: int, batch_size: int,
+               memory_mb: float | None, repeats: int) -> dict:
     import statistics
 
     import torch
@@ -152,7 +152,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--memory-mb", type=float, default=64.0)
+    parser.add_argument("--memory-mb", type=float, default=None, help="pass budget (default: the sweep's own)")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("BENCH_THREADS", "1")))
     parser.add_argument("--out", default="results/bench_heads_sweep.json")
     args = parser.parse_args()
