@@ -43,6 +43,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"attnscope: error: {exc}".replace("\n", " "), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        import signal
+
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not break the clean-up (Ray's atexit)
         print("attnscope: interrupted", file=sys.stderr)
         return 130
 

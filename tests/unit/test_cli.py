@@ -34,6 +34,26 @@ def test_bad_input_prints_one_line_and_exits_2(args, needle, capsys):
     assert len(err.splitlines()) == 1 and needle in err and err.startswith("attnscope: error:")
 
 
+def test_capture_takes_token_ids_for_a_model_without_tokenizer(tmp_path, capsys):
+    import torch
+
+    from tiny_models import tiny_text_model
+
+    model = tiny_text_model("llama")
+    model.save_pretrained(tmp_path / "m")
+    out = tmp_path / "t.safetensors"
+    assert main(["capture", "--model", str(tmp_path / "m"), "--ids", "5,17,3,9", "--ids", "6,2,9,1",
+                 "--stats", "entropy", "--out", str(out)]) == 0
+    saved = attnscope.AttentionTrace.load(out).stat("entropy")
+    direct = attnscope.capture(model, torch.tensor([[5, 17, 3, 9], [6, 2, 9, 1]]), stats=("entropy",)).stat("entropy")
+    torch.testing.assert_close(saved, direct)
+    assert main(["capture", "--model", str(tmp_path / "m"), "--text", "hi", "--out", str(out)]) == 2
+    assert "--ids" in capsys.readouterr().err
+    assert main(["capture", "--model", str(tmp_path / "m"), "--ids", "5,17", "--ids", "6", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "equally long" in err
+
+
 def test_unsupported_family_exits_2(tmp_path, capsys):
     import json
 

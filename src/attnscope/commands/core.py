@@ -2,7 +2,7 @@
 
 import argparse
 
-from .parsing import parse_spans, parse_stats
+from .parsing import int_list, parse_spans, parse_stats
 
 
 def _models(args: argparse.Namespace) -> int:
@@ -36,8 +36,9 @@ def _capture(args: argparse.Namespace) -> int:
 
     stats, spans = parse_stats(args.stats)
     spans += parse_spans(args.mass_spans)
+    inputs = args.text if args.text else token_id_batch(args.ids)
     model = load(args.model)
-    trace = capture(model, args.text, heads=args.heads, rows=args.rows, stats=stats,
+    trace = capture(model, inputs, heads=args.heads, rows=args.rows, stats=stats,
                     mass_spans=spans or [(0, 1)], topk=args.topk, patterns=True if args.patterns else None,
                     implementation="eager" if args.eager else "auto")
     path = trace.save(args.out)
@@ -45,6 +46,19 @@ def _capture(args: argparse.Namespace) -> int:
     print(f"captured {len(trace.sites)} sites ({kept}; attention path {trace.provenance['attention_path']}) "
           f"-> {path}")
     return 0
+
+
+def token_id_batch(rows: list[str]):
+    """``["5,17,3", "6,2,9"]`` -> a ``[batch, seq]`` id tensor (rows must be equally long)."""
+    import torch
+
+    from ..errors import InputError
+
+    ids = [int_list(row, "token ids") or [] for row in rows]
+    if any(len(r) != len(ids[0]) for r in ids) or not ids[0]:
+        raise InputError("token id rows must be non-empty and equally long", expected=f"{len(ids[0])} ids per row",
+                         got=[len(r) for r in ids], fix="pad the rows yourself, or capture them one at a time")
+    return torch.tensor(ids)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -61,7 +75,10 @@ def register(sub) -> None:
     p.set_defaults(run=_info)
     p = sub.add_parser("capture", help="capture attention and save a trace")
     p.add_argument("--model", required=True)
-    p.add_argument("--text", required=True, action="append", help="input text (repeat for a batch)")
+    given = p.add_mutually_exclusive_group(required=True)
+    given.add_argument("--text", action="append", help="input text (repeat for a batch)")
+    given.add_argument("--ids", action="append",
+                       help="token ids, e.g. 5,17,3, for models saved without a tokenizer (repeat for a batch)")
     p.add_argument("--heads", help="e.g. L3H5,L7H*")
     p.add_argument("--rows", help="query rows: last:K, first:K, A:B")
     p.add_argument("--stats", help="streaming statistics: sink,mass,entropy,topk (no full patterns kept)")

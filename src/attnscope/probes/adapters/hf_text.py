@@ -77,7 +77,8 @@ def tokenize(inputs: Any, tokenizer: Any, device: torch.device, max_positions: i
     if isinstance(inputs, str) or (isinstance(inputs, list) and inputs and isinstance(inputs[0], str)):
         if tokenizer is None:
             raise InputError("text input needs a tokenizer", expected="token ids or a model loaded with a tokenizer",
-                             got="text", fix="use attnscope.load(name) or pass input_ids")
+                             got="text", fix="save a tokenizer with the model, or pass token ids (a tensor; "
+                             "on the command line --ids 5,17,3)")
         kwargs = dict(tokenizer(inputs, return_tensors="pt", padding=True))
     elif torch.is_tensor(inputs):
         kwargs = {"input_ids": inputs if inputs.ndim == 2 else inputs[None]}
