@@ -204,10 +204,10 @@ def single_head_sweep(model: Any, batches: Sequence[EvalBatch], metric: TaskMetr
     ``mean_head_outputs``) or ``rescale`` (``scale``). memory_mb: activation budget of one pass (sets how many
     heads of a layer share a pass; ``heads_per_pass`` overrides it); default ``DEFAULT_PASS_MB`` for the device. On
     CPU a pass that stays in cache is fastest: 8 MB gives one head per pass on a 64-prompt suite (measured best on
-    the induction organism and a 6x8 GPT-2) and several heads per pass on small suites. share_prefix: the blocks before the
-    ablated layer, and the ablated layer's own q/k/v and attention, are computed once per batch (clean) and
-    replayed instead of recomputed. Logits are computed only at
-    scored positions where the model takes ``logits_to_keep``. Returns one row per head: ``value`` (ablated
+    the induction organism and a 6x8 GPT-2) and several heads per pass on small suites. share_prefix: the blocks
+    before the ablated layer, and the ablated layer's own q/k/v and attention, are computed once per batch (clean)
+    and replayed instead of recomputed. Logits are computed only at scored positions where the model takes
+    ``logits_to_keep``. Returns one row per head: ``value`` (ablated
     metric), ``clean``, ``delta = value - clean``.
     """
     module = getattr(model, "module", model)

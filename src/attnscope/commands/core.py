@@ -48,7 +48,7 @@ def _capture(args: argparse.Namespace) -> int:
     return 0
 
 
-def token_id_batch(rows: list[str]):
+def token_id_batch(rows: list[str]) -> "torch.Tensor":  # noqa: F821 (torch is imported lazily)
     """``["5,17,3", "6,2,9"]`` -> a ``[batch, seq]`` id tensor (rows must be equally long)."""
     import torch
 
