@@ -222,8 +222,9 @@ def register_map_callbacks(app: Any, root: ResultsRoot) -> None:
         return {"display": "flex"} if mode == "map" else {"display": "none"}
 
     @app.callback(Output("maps-card", "style"), Output("maps-word", "options"), Output("maps-word", "value"),
-                  Output("maps-item", "options"), Output("maps-item", "value"), Input("table", "value"))
-    def _maps_pickers(table):
+                  Output("maps-item", "options"), Output("maps-item", "value"), Input("table", "value"),
+                  State("maps-word", "value"), State("maps-item", "value"))
+    def _maps_pickers(table, word, item):
         hidden = {"display": "none", "marginTop": "14px"}
         try:
             df = load_table(root.resolve(table, ("table",))).df if table else None
@@ -232,7 +233,9 @@ def register_map_callbacks(app: Any, root: ResultsRoot) -> None:
         if df is None or not is_map_table(df):
             return hidden, [], None, [], None
         words, items = map_words(df)
-        return hidden | {"display": "block"}, words, words[0] if words else None, items, items[0]
+        # the table can be set again (URL sync) after the user picked: keep a pick that is still valid
+        word = word if word in words else (words[0] if words else None)
+        return hidden | {"display": "block"}, words, word, items, item if item in items else items[0]
 
     @app.callback(Output("maps-fig", "figure"), Output("maps-msg", "children"), Input("maps-word", "value"),
                   Input("maps-item", "value"), Input("table", "value"))
