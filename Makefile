@@ -24,10 +24,11 @@ test: setup browsers
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n 2 --doctest-modules src/attnscope
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m slow tests; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ]
 
-# headless Chromium + chromedriver for tests/browser (Debian packages; skipped when already installed)
+# headless Chromium + chromedriver for tests/browser, and a C compiler for the fused CPU statistics kernel
+# (Debian packages; skipped when already installed)
 browsers:
-	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then :; \
-	else apt-get update -qq && apt-get install -y -qq chromium chromium-driver; fi
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ] && command -v cc >/dev/null; then :; \
+	else apt-get update -qq && apt-get install -y -qq chromium chromium-driver gcc; fi
 
 bench: setup
 	$(PY) benchmarks/capture.py

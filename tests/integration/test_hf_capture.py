@@ -49,6 +49,7 @@ def test_streaming_stats_equal_stats_of_eager_patterns(family, attn):
     trace = attnscope.capture(model, inputs, stats=("mass", "entropy", "topk"), mass_spans=[(0, 1), (3, 6)], topk=3,
                               budget_mb=1e-4)
     assert all(r.probs is None for r in trace.records.values())
+    assert trace.provenance["cpu_statistics_kernel"] == "fused-c"  # CI builds the fused kernel: this tests it
     mass = torch.stack([ref[..., 0:1].sum(-1), ref[..., 3:6].sum(-1)], -1)
     logp = torch.log(ref.clamp_min(1e-30))
     entropy = -(ref * torch.where(ref > 0, logp, torch.zeros_like(logp))).sum(-1)

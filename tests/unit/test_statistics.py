@@ -26,6 +26,19 @@ def naive_stats(p, spans, k):
     return ent, mass, np.take_along_axis(p, order, -1)
 
 
+@pytest.fixture(params=["fused", "torch"])
+def streaming_path(request, monkeypatch):
+    """Run a streaming test through the fused C row kernel, then through the torch-only path."""
+    import attnscope.probes.streaming as streaming
+    from attnscope.kernels.cpu_rows import native_available
+
+    if request.param == "fused":
+        assert native_available(), "the fused CPU kernel did not build: is a C compiler (cc) installed?"
+    else:
+        monkeypatch.setattr(streaming, "native_available", lambda: False)
+    return request.param
+
+
 @pytest.fixture
 def qk():
     g = torch.Generator().manual_seed(1)
@@ -101,7 +114,7 @@ def test_chunk_size_respects_budget():
 
 @pytest.mark.parametrize("budget_mb", [1e-5, 7e-4, 64.0])  # top-k chunks of 1 row, 3 rows, all rows
 @pytest.mark.parametrize("case", ["causal", "square", "decode", "padding", "full"])
-def test_streaming_path_matches_naive(qk, case, budget_mb):
+def test_streaming_path_matches_naive(qk, case, budget_mb, streaming_path):
     from attnscope.probes.streaming import streaming_statistics
 
     q, k = qk
@@ -132,7 +145,7 @@ def test_streaming_path_matches_naive(qk, case, budget_mb):
 
 @pytest.mark.parametrize("budget_mb", [0.05, 64.0])  # several head groups and row chunks, or one chunk
 @pytest.mark.parametrize("case", ["causal", "per-head-mask"])
-def test_streaming_block_topk_on_long_rows_matches_naive(case, budget_mb):
+def test_streaming_block_topk_on_long_rows_matches_naive(case, budget_mb, streaming_path):
     """Rows of 700 keys: top-k goes through the block search (11 blocks of 64, the last one padded)."""
     from attnscope.probes.streaming import streaming_statistics
 

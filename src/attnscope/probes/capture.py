@@ -59,6 +59,9 @@ class Capture:
             self._stack = None
         self.trace = AttentionTrace(self.recorder.records, provenance=self.adapter.provenance())
         self.trace.provenance["request"] = _describe(self.request)
+        if self.request.stats:  # which CPU path computed streaming statistics (CUDA tensors use Triton)
+            from ..kernels.cpu_rows import native_available
+            self.trace.provenance["cpu_statistics_kernel"] = "fused-c" if native_available() else "torch"
         return False
 
     def run(self, inputs: Any) -> AttentionTrace:

@@ -24,6 +24,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from ..kernels.cpu_rows import MAX_K, native_available, row_statistics
+
 _CHUNK_BYTES = 4 * 2**20  # logits of one chunk stay in cache: far faster than large chunks
 _BLOCK = 64  # keys per block for the top-k candidate search
 _ROWS = 16  # query rows per chunk are a multiple of this
@@ -48,10 +50,11 @@ def _keep_rows(mask: Tensor | None, start: int, stop: int) -> Tensor | None:
 
 
 def _chunk_logits(q2: Tensor, kt: Tensor, mask: Tensor | None, is_causal: bool, start: int, stop: int,
-                  n_key: int, scratch: Tensor) -> Tensor:
+                  n_key: int, scratch: Tensor, fill_causal: bool = True) -> Tensor:
     """Base-2 logits of rows ``start:stop`` over the keys they can see, padded to whole blocks of keys.
 
-    The result is written into ``scratch`` (reused across chunks: no allocation per chunk).
+    The result is written into ``scratch`` (reused across chunks: no allocation per chunk). ``fill_causal=False``
+    leaves the future keys of a causal chunk without a mask unmasked, for a reader that stops at each row's extent.
     """
     b, h, n_query, _ = q2.shape
     offset = n_key - n_query  # bottom-right causal alignment: query i sees keys <= i + offset
@@ -68,7 +71,7 @@ def _chunk_logits(q2: Tensor, kt: Tensor, mask: Tensor | None, is_causal: bool, 
         logits[..., computed:] = _PADDED
     view = logits[..., :computed]
     keep = _keep_rows(mask, start, stop)
-    if is_causal:
+    if is_causal and (fill_causal or keep is not None):
         rows = torch.arange(start, stop, device=q2.device) + offset
         edge = max(0, min(start + offset + 1, computed))  # columns before ``edge`` are visible to every row
         future = torch.arange(edge, computed, device=q2.device)[None, :] > rows[:, None]
@@ -96,10 +99,38 @@ def _block_topk(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return top, blocks.gather(-1, where // _BLOCK) * _BLOCK + where % _BLOCK
 
 
+def _fused_head_group_statistics(q2: Tensor, kt: Tensor, mask: Tensor | None, is_causal: bool,
+                                 stats: Sequence[str], mass_spans: Sequence[tuple[int, int]], k: int, chunk: int,
+                                 scratch: Tensor) -> dict[str, Tensor]:
+    """The statistics of one group of heads through the fused C row kernel (``attnscope.kernels.cpu_rows``).
+
+    Causal rows without a mask are read only up to the last key they see, so their future keys need no masking;
+    a row that sees fewer than ``k`` keys reads ``k`` (masked ones, weight 0), as the torch path's top-k does.
+    """
+    n_query, n_key = q2.shape[-2], kt.shape[-1]
+    b, heads = q2.shape[:2]
+    pieces: dict[str, list[Tensor]] = {}
+    extent_of_rows = None
+    for start in range(0, n_query, chunk):
+        stop = min(start + chunk, n_query)
+        few_visible = start + n_key - n_query + 1 < k  # some row sees fewer than k keys: they must read as masked
+        logits = _chunk_logits(q2, kt, mask, is_causal, start, stop, n_key, scratch[0], fill_causal=few_visible)
+        width = min(logits.shape[-1], n_key)
+        if is_causal and mask is None:
+            visible = torch.arange(start, stop) + (n_key - n_query + 1)
+            extent_of_rows = torch.where(visible < 1, width, visible.clamp(min(k, width), width))
+        out = row_statistics(logits.view(-1, logits.shape[-1]), width=width, extent=extent_of_rows,
+                             spans=mass_spans, k=k if "topk" in stats else 0, entropy="entropy" in stats,
+                             mass="mass" in stats)
+        for name, value in out.items():
+            pieces.setdefault(name, []).append(value.view(b, heads, stop - start, *value.shape[1:]))
+    return {name: torch.cat(parts, 2) for name, parts in pieces.items()}
+
+
 def _head_group_statistics(q2: Tensor, kt: Tensor, mask: Tensor | None, is_causal: bool, stats: Sequence[str],
                            mass_spans: Sequence[tuple[int, int]], k: int, chunk: int,
                            scratch: Tensor) -> dict[str, Tensor]:
-    """The statistics of one group of heads, ``chunk`` query rows at a time."""
+    """The statistics of one group of heads, ``chunk`` query rows at a time (torch operations only)."""
     n_query, n_key = q2.shape[-2], kt.shape[-1]
     pieces: dict[str, list[Tensor]] = {}
     for start in range(0, n_query, chunk):
@@ -123,11 +154,13 @@ def _head_group_statistics(q2: Tensor, kt: Tensor, mask: Tensor | None, is_causa
     return {name: torch.cat(parts, 2) for name, parts in pieces.items()}
 
 
-def _chunk_shape(b: int, h: int, n_query: int, padded_keys: int, limit: float) -> tuple[int, int]:
+def _chunk_shape(b: int, h: int, n_query: int, padded_keys: int, limit: float, causal: bool) -> tuple[int, int]:
     """(heads, query rows) of one chunk: logits within ``limit`` bytes, rows in whole multiples of ``_ROWS`` and up
-    to ``_TARGET_ROWS``, so that each head's keys are reused across many rows (the products stay compute-bound)."""
+    to ``_TARGET_ROWS``, so that each head's keys are reused across many rows (the products stay compute-bound).
+    Causal chunks keep to ``_TARGET_ROWS`` rows even when more fit: each chunk computes only the keys its last row
+    sees, so taller chunks would compute more of the masked triangle."""
     rows_fit = max(1, int(limit // (b * padded_keys * 4)))  # rows of one head that fit
-    if rows_fit >= h * n_query:
+    if rows_fit >= h * n_query and not (causal and n_query > _TARGET_ROWS):
         return h, n_query
     rows = min(n_query, rows_fit, _TARGET_ROWS)
     if rows >= _ROWS:
@@ -151,12 +184,14 @@ def streaming_statistics(query: Tensor, key: Tensor, mask: Tensor | None, *, sca
     kt = key.float().transpose(-1, -2).contiguous()
     limit = min(budget_mb * 2**20, _CHUNK_BYTES)
     padded_keys = -(-n_key // _BLOCK) * _BLOCK
-    heads, rows = _chunk_shape(b, h, n_query, padded_keys, limit)
-    scratch = q2.new_empty(2, b * heads * rows * padded_keys)
+    heads, rows = _chunk_shape(b, h, n_query, padded_keys, limit, is_causal)
+    fused = native_available() and ("topk" not in stats or topk <= MAX_K)
+    group_statistics = _fused_head_group_statistics if fused else _head_group_statistics
+    scratch = q2.new_empty(1 if fused else 2, b * heads * rows * padded_keys)
     per_head_mask = mask is not None and mask.ndim == 4 and mask.shape[1] > 1
     groups = []
     for first in range(0, h, heads):
         group = slice(first, min(first + heads, h))
-        groups.append(_head_group_statistics(q2[:, group], kt[:, group], mask[:, group] if per_head_mask else mask,
-                                             is_causal, stats, mass_spans, min(topk, n_key), rows, scratch))
+        groups.append(group_statistics(q2[:, group], kt[:, group], mask[:, group] if per_head_mask else mask,
+                                       is_causal, stats, mass_spans, min(topk, n_key), rows, scratch))
     return {name: torch.cat([g[name] for g in groups], 1) for name in groups[0]}
