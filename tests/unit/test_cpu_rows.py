@@ -48,8 +48,9 @@ def test_rows_match_float64(width, k):
 def test_narrower_instruction_sets_give_the_same_statistics(flags, tmp_path, monkeypatch):
     logits = torch.randint(0, 6, (40, 333), generator=torch.Generator().manual_seed(4)).float() * 0.7
     logits[3, :200] = -1e30
-    run = lambda: cpu_rows.row_statistics(logits, width=333, extent=None, spans=[(0, 5)], k=6, entropy=True,  # noqa: E731
-                                          mass=True)
+    def run():
+        return cpu_rows.row_statistics(logits, width=333, extent=None, spans=[(0, 5)], k=6, entropy=True, mass=True)
+
     wide = run()
     monkeypatch.setenv("ATTNSCOPE_CACHE", str(tmp_path))
     monkeypatch.setenv("ATTNSCOPE_NATIVE_FLAGS", flags)
@@ -91,8 +92,9 @@ def test_extents_repeat_over_rows_and_fully_masked_rows_are_uniform():
 
 def test_threads_split_rows_without_changing_a_bit():
     logits = torch.randn(1000, 257, generator=torch.Generator().manual_seed(2))
-    run = lambda: cpu_rows.row_statistics(logits, width=257, extent=None, spans=[(0, 3)], k=4, entropy=True,  # noqa: E731
-                                          mass=True)
+    def run():
+        return cpu_rows.row_statistics(logits, width=257, extent=None, spans=[(0, 3)], k=4, entropy=True, mass=True)
+
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)

@@ -5,6 +5,7 @@ chunked torch reference.
   entropy, span mass, top-k, selected rows of probabilities; GQA, bottom-right causal masks, padding masks.
 - ``streaming_statistics_cuda``: the statistics alone (no values read), used by capture on CUDA tensors.
 - ``attention_reference``: the torch reference (CPU backend, test oracle).
+- ``cpu_rows.row_statistics``: the fused C row kernel behind CPU streaming statistics in capture (built at first use).
 
 Triton is imported only when a Triton backend runs. Conventions: ``attnscope.kernels.problem``.
 """

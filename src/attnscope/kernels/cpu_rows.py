@@ -1,12 +1,17 @@
 """The fused CPU row kernel of streaming statistics (``cpu_row_statistics.c``): built at first use, loaded by ctypes.
 
-One pass per row of base-2 logits gives its top-k, then one more gives entropy and span masses, where the torch path
-needs about six whole-array passes (max, subtract, exp2, sum, product, sum) and a per-row ``topk`` call. The C
-source ships with the package; it is compiled with the system C compiler (``$CC``, else ``cc``) into
-``$ATTNSCOPE_CACHE`` (default ``~/.cache/attnscope``), keyed by the source, the flags and the CPU, so a machine never
-loads a library built for another. ``ATTNSCOPE_NATIVE_FLAGS`` adds compiler flags (the tests build the AVX2 and the
-plain C variants with ``-mno-avx512f`` and ``-mno-avx2 -mno-avx512f``). Without a compiler, or with ``ATTNSCOPE_NATIVE=0``, ``row_statistics`` returns
-None and capture keeps its torch path (same results within float32 rounding).
+Per row of base-2 logits, a vectorised pass over strided lanes gives the maximum and a bar for the top-k (only keys
+at or above it are ranked), and one more pass gives entropy and span masses. The torch path needs about six
+whole-array passes (max, subtract, exp2, sum, product, sum) and a per-row ``topk`` call.
+
+Why hand-written C and not a library: no library fuses these reductions on the CPU, ``torch.compile`` would need
+the same compiler plus seconds of compilation per shape, and the torch path's cost per row is what kept capture over
+its speed target. The C source ships with the package and is compiled with the system C compiler (``$CC``, else
+``cc``, about 0.3 s) into ``$ATTNSCOPE_CACHE`` (default ``~/.cache/attnscope``), keyed by the source, the flags and the
+CPU, so a machine never loads a library built for another. ``ATTNSCOPE_NATIVE_FLAGS`` adds compiler flags (the tests
+build the AVX2 and the plain C variants with ``-mno-avx512f`` and ``-mno-avx2 -mno-avx512f``). Without a compiler,
+or with ``ATTNSCOPE_NATIVE=0``, ``row_statistics`` returns None and capture keeps its torch path (same results
+within float32 rounding; the trace's provenance says which ran).
 
 Example:
     >>> import torch
