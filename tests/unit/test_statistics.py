@@ -168,6 +168,20 @@ def test_streaming_block_topk_on_long_rows_matches_naive(case, budget_mb, stream
     np.testing.assert_array_equal(fast["topk_index"].long().numpy(), np.argsort(-ref, -1, kind="stable")[..., :4])
 
 
+def test_streaming_rows_without_visible_keys_attend_uniformly(streaming_path):
+    """More queries than keys, causal from the bottom right: the first 3 queries see no key at all. Eager attention
+    (a finite minimum as mask) makes such rows uniform: entropy log(n_key), mass = span length / n_key."""
+    from attnscope.probes.streaming import streaming_statistics
+
+    q, k = torch.randn(1, 2, 8, 4, generator=torch.Generator().manual_seed(5)), torch.randn(1, 2, 5, 4)
+    out = streaming_statistics(q, k, None, scaling=0.5, is_causal=True, stats=("entropy", "mass", "topk"),
+                               mass_spans=((0, 2),), topk=2)
+    np.testing.assert_allclose(out["entropy"][..., :3].numpy(), np.log(5.0), atol=1e-6)
+    np.testing.assert_allclose(out["mass"][..., :3, 0].numpy(), 0.4, atol=1e-6)
+    np.testing.assert_allclose(out["topk_weight"][..., :3, :].numpy(), 0.2, atol=1e-6)
+    np.testing.assert_allclose(out["entropy"][..., 3].numpy(), 0.0, atol=1e-6)  # sees key 0 only
+
+
 def test_streaming_path_declines_biased_masks(qk):
     from attnscope.probes.streaming import streaming_statistics
 

@@ -109,19 +109,22 @@ def _fused_head_group_statistics(q2: Tensor, kt: Tensor, mask: Tensor | None, is
     """
     n_query, n_key = q2.shape[-2], kt.shape[-1]
     b, heads = q2.shape[:2]
+    k = k if "topk" in stats else 0
     pieces: dict[str, list[Tensor]] = {}
     extent_of_rows = None
     for start in range(0, n_query, chunk):
         stop = min(start + chunk, n_query)
-        few_visible = start + n_key - n_query + 1 < k  # some row sees fewer than k keys: they must read as masked
-        logits = _chunk_logits(q2, kt, mask, is_causal, start, stop, n_key, scratch[0], fill_causal=few_visible)
+        logits = _chunk_logits(q2, kt, mask, is_causal, start, stop, n_key, scratch[0], fill_causal=False)
         width = min(logits.shape[-1], n_key)
         if is_causal and mask is None:
             visible = torch.arange(start, stop) + (n_key - n_query + 1)
-            extent_of_rows = torch.where(visible < 1, width, visible.clamp(min(k, width), width))
+            extent_of_rows = torch.where(visible < 1, width, visible.clamp(min(max(k, 1), width), width))
+            for row in range(stop - start):  # rows that see fewer than k keys (or none) read more: mask the rest
+                if visible[row] >= max(k, 1):
+                    break
+                logits[:, :, row, max(int(visible[row]), 0):int(extent_of_rows[row])] = _MASKED
         out = row_statistics(logits.view(-1, logits.shape[-1]), width=width, extent=extent_of_rows,
-                             spans=mass_spans, k=k if "topk" in stats else 0, entropy="entropy" in stats,
-                             mass="mass" in stats)
+                             spans=mass_spans, k=k, entropy="entropy" in stats, mass="mass" in stats)
         for name, value in out.items():
             pieces.setdefault(name, []).append(value.view(b, heads, stop - start, *value.shape[1:]))
     return {name: torch.cat(parts, 2) for name, parts in pieces.items()}
