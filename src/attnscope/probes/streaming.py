@@ -3,9 +3,11 @@
 Query rows are taken in chunks whose logits fit the cache (4 MB). Each chunk is turned, in base 2 (``exp2`` is
 about 3x faster than ``exp`` on the CPU), into everything asked for at once: with ``m`` the row maximum,
 ``P = 2^(s - m)`` and ``Z = sum P``, the entropy is ``ln 2 * (log2 Z - sum P (s - m) / Z)``, the mass on a key span
-is ``sum_span P / Z``, and the top-k keys come from the top-k blocks of 64 keys (by block maximum), which must hold
-them. Causal chunks skip the keys they cannot see. The model's own output is not touched: it stays on SDPA.
-Masks must be boolean or 0/-inf; anything else (ALiBi-style biases, softcapping) uses the general chunked path.
+is ``sum_span P / Z``. Causal chunks skip the keys they cannot see. The model's own output is not touched: it stays
+on SDPA. Masks must be boolean or 0/-inf; anything else (ALiBi-style biases, softcapping) uses the general chunked
+path. Each chunk's rows go to the fused C row kernel (``attnscope.kernels.cpu_rows``: causal rows read only up to
+their last visible key) when it is built, else to torch operations, where the top-k keys come from the top-k blocks
+of 64 keys (by block maximum), which must hold them.
 
 Example:
     >>> import torch
