@@ -149,15 +149,15 @@ def row_statistics(logits: Tensor, *, width: int, extent: Tensor | None, spans: 
     if extent is not None:
         extent = extent.to(torch.int32).contiguous()
     period = 0 if extent is None else extent.numel()
-    args = (logits.data_ptr(), logits.stride(0), width, _address(extent), period, span_table.data_ptr(), len(spans), k,
-            _address(out.get("entropy")), _address(out.get("mass")), _address(out.get("topk_weight")),
-            _address(out.get("topk_index")))
+    layout = (logits.stride(0), width, _address(extent), period, span_table.data_ptr(), len(spans), k,
+              _address(out.get("entropy")), _address(out.get("mass")), _address(out.get("topk_weight")),
+              _address(out.get("topk_index")))
     threads = min(torch.get_num_threads(), rows // _MIN_ROWS_PER_THREAD)
     if threads <= 1:
-        library.row_statistics(logits.data_ptr(), 0, rows, *args[1:])
+        library.row_statistics(logits.data_ptr(), 0, rows, *layout)
     else:
         bounds = [rows * i // threads for i in range(threads + 1)]
-        calls = [_pool(threads).submit(library.row_statistics, logits.data_ptr(), a, b, *args[1:])
+        calls = [_pool(threads).submit(library.row_statistics, logits.data_ptr(), a, b, *layout)
                  for a, b in zip(bounds, bounds[1:])]
         for call in calls:
             call.result()
