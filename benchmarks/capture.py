@@ -83,22 +83,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 4096])
     parser.add_argument("--modes", nargs="+", default=MODES)
-    parser.add_argument("--repeats", type=int, default=2, help="timed calls per process (after one warm-up)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed calls per process after one warm-up (default: 10 up to 1024 tokens, else 2)")
     parser.add_argument("--rounds", type=int, default=1, help="fresh processes per mode, interleaved; min is kept")
     parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
     parser.add_argument("--out", default="results/bench_capture.json")
     parser.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(run_one(args.one[0], int(args.one[1]), args.repeats, args.shape)))
+        print(json.dumps(run_one(args.one[0], int(args.one[1]), 2 if args.repeats is None else args.repeats,
+                                 args.shape)))
         return
     rows = []
     for length in args.lengths:
+        repeats = args.repeats if args.repeats is not None else (10 if length <= 1024 else 2)
         best: dict[str, dict] = {}
         for _ in range(args.rounds):  # modes interleaved: slow drift of the machine hits every mode alike
             for mode in args.modes:
                 proc = subprocess.run([sys.executable, __file__, "--one", mode, str(length), "--repeats",
-                                       str(args.repeats), "--shape", args.shape], capture_output=True, text=True)
+                                       str(repeats), "--shape", args.shape], capture_output=True, text=True)
                 if proc.returncode != 0:
                     row = {"mode": mode, "length": length, "error": proc.stderr.strip().splitlines()[-1][:200]}
                 else:

@@ -46,6 +46,11 @@ def _mask_rows(mask: Tensor | None, rows: Tensor, heads: Tensor | None) -> Tenso
     return m
 
 
+def _softmax_in_place(logits: Tensor) -> Tensor:
+    """``softmax(logits, -1)`` written over ``logits`` (bit-identical on CPU, and no second n-by-n allocation)."""
+    return torch.ops.aten._softmax.out(logits, -1, False, out=logits)
+
+
 def statistics_from_probs(probs: Float[Tensor, "batch head query key"], stats: Sequence[str],
                           mass_spans: Sequence[tuple[int, int]], topk: int,
                           log_probs: Tensor | None = None) -> dict[str, Tensor]:
@@ -97,30 +102,41 @@ def attention_from_qk(query: Float[Tensor, "batch head query d_head"], key: Floa
         if fast is not None:
             return fast
     row_ids = torch.arange(n_query, device=query.device) if rows is None else rows.to(query.device)
-    chunk = _chunk_rows(b, query.shape[1], len(row_ids), n_key, budget_mb)
+    n_rows = len(row_ids)
+    chunk = _chunk_rows(b, query.shape[1], n_rows, n_key, budget_mb)
     pieces: dict[str, list[Tensor]] = {}
     key_t = key.transpose(-1, -2).float()
-    for start in range(0, len(row_ids), chunk):
-        ids = row_ids[start:start + chunk]
-        logits = torch.matmul(query.index_select(2, ids).float(), key_t) * scaling
+    scaled = query.float() * scaling if softcap is None else query.float()  # scale [.., d], not [.., key]
+    probs_all = None
+    if want_probs and n_rows > chunk:  # chunks are written in place: no concatenation copy at the end
+        probs_all = scaled.new_empty(b, query.shape[1], n_rows, n_key)
+    uniform_if_empty = mask is not None or (is_causal and n_query > n_key)
+    for start in range(0, n_rows, chunk):
+        stop = min(start + chunk, n_rows)
+        ids = row_ids[start:stop]
+        logits = torch.matmul(scaled[:, :, start:stop] if rows is None else scaled.index_select(2, ids), key_t)
         if softcap is not None:
-            logits = torch.tanh(logits / softcap) * softcap
+            logits = torch.tanh(logits * (scaling / softcap)) * softcap
         m = _mask_rows(mask, ids, heads)
         if m is not None:
-            logits = logits.masked_fill(~m, -math.inf) if m.dtype == torch.bool else logits + m.float()
+            logits = logits.masked_fill_(~m, -math.inf) if m.dtype == torch.bool else logits.add_(m.float())
         if is_causal:
             allowed = torch.arange(n_key, device=ids.device)[None, :] <= (ids + n_key - n_query)[:, None]
-            logits = logits.masked_fill(~allowed, -math.inf)
-        if m is not None:  # a fully masked row attends uniformly to every key, as eager attention does
-            logits = logits.masked_fill(torch.isinf(logits).all(-1, keepdim=True), 0.0)
-        lse = torch.logsumexp(logits, -1, keepdim=True)
-        log_probs = logits - lse
-        probs = torch.exp(log_probs)
+            logits.masked_fill_(~allowed, -math.inf)
+        if uniform_if_empty:  # a fully masked row attends uniformly to every key, as eager attention does
+            logits.masked_fill_(torch.isinf(logits).all(-1, keepdim=True), 0.0)
+        log_probs = torch.log_softmax(logits, -1) if "entropy" in stats else None
+        probs = _softmax_in_place(logits) if logits.device.type == "cpu" else torch.softmax(logits, -1)
         for name, value in statistics_from_probs(probs, stats, mass_spans, topk, log_probs).items():
             pieces.setdefault(name, []).append(value)
-        if want_probs:
-            pieces.setdefault("probs", []).append(probs)
-    return {name: torch.cat(parts, 2) for name, parts in pieces.items()}
+        if probs_all is not None:
+            probs_all[:, :, start:stop] = probs
+        elif want_probs:
+            pieces["probs"] = [probs]
+    out = {name: parts[0] if len(parts) == 1 else torch.cat(parts, 2) for name, parts in pieces.items()}
+    if probs_all is not None:
+        out["probs"] = probs_all
+    return out
 
 
 def select_probs(probs: Float[Tensor, "batch head query key"], *, rows: Tensor | None = None,
