@@ -22,6 +22,33 @@ def reference(logits2, extent, spans, k):
     return {name: np.array(value) for name, value in out.items()}
 
 
+def exact_qk(heads, n_query, n_key, d, seed):
+    """Queries and transposed keys in multiples of 1/4: every logit is exact in float32 (and ties are common)."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(-3, 4, (heads, n_query, d), generator=g).float() / 4
+    kt = torch.randint(-3, 4, (heads, d, n_key), generator=g).float() / 4
+    return q, kt
+
+
+def fused(q, kt, *, causal, k, spans=((0, 1), (2, 9))):
+    return cpu_rows.qk_row_statistics(q, kt, causal=causal, spans=list(spans), k=k, entropy=True, mass=True)
+
+
+def masked_reference(q, kt, causal, spans, k):
+    """The float64 statistics of the fused path: logits q . k, causal rows cut at their last visible key (at least
+    k keys read, the extra ones masked); a row that sees no key is uniform over all keys."""
+    heads, n_query, _ = q.shape
+    n_key = kt.shape[-1]
+    logits = (q.double() @ kt.double()).reshape(heads * n_query, n_key)
+    extent = []
+    for r in range(heads * n_query):
+        seen = min(r % n_query + n_key - n_query + 1, n_key) if causal else n_key
+        n = n_key if seen < 1 else max(seen, min(max(k, 1), n_key))
+        logits[r, max(seen, 0):n] = -1e30
+        extent.append(n)
+    return reference(logits, extent, spans, k)
+
+
 @pytest.fixture(autouse=True)
 def kernel_built():
     assert cpu_rows.native_available(), "the fused CPU kernel did not build: is a C compiler (cc) installed?"
@@ -51,12 +78,15 @@ def test_narrower_instruction_sets_give_the_same_statistics(flags, tmp_path, mon
     def run():
         return cpu_rows.row_statistics(logits, width=333, extent=None, spans=[(0, 5)], k=6, entropy=True, mass=True)
 
-    wide = run()
+    def run_qk():
+        return fused(*exact_qk(3, 45, 70, 32, seed=9), causal=True, k=6)
+
+    wide, wide_qk = run(), run_qk()
     monkeypatch.setenv("ATTNSCOPE_CACHE", str(tmp_path))
     monkeypatch.setenv("ATTNSCOPE_NATIVE_FLAGS", flags)
     cpu_rows._library.cache_clear()
     try:
-        narrow = run()
+        narrow, narrow_qk = run(), run_qk()
     finally:
         cpu_rows._library.cache_clear()
     assert len(list(tmp_path.glob("native/*.so"))) == 1  # built again, with the flags
@@ -64,6 +94,8 @@ def test_narrower_instruction_sets_give_the_same_statistics(flags, tmp_path, mon
     np.testing.assert_array_equal(narrow["topk_index"].numpy(), ref["topk_index"])
     for name in ("entropy", "mass", "topk_weight"):
         torch.testing.assert_close(narrow[name], wide[name], atol=1e-6, rtol=0)
+        torch.testing.assert_close(narrow_qk[name], wide_qk[name], atol=1e-6, rtol=0)
+    assert torch.equal(narrow_qk["topk_index"], wide_qk["topk_index"])  # exact logits: the same ranking
 
 
 def test_ties_rank_the_earliest_key_first():
@@ -136,3 +168,56 @@ def test_wrong_layout_and_too_large_k_are_refused():
     with pytest.raises(ValueError, match="up to k = 256"):
         cpu_rows.row_statistics(torch.zeros(2, 300), width=300, extent=None, spans=[], k=257, entropy=False,
                                 mass=False)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("n_query,n_key,d", [(1, 1, 3), (9, 9, 8), (37, 200, 32), (8, 3, 16), (70, 1031, 64)])
+@pytest.mark.parametrize("k", [0, 1, 5])
+def test_fused_qk_path_matches_float64(causal, n_query, n_key, d, k):
+    """Logits computed inside the kernel, 8 rows at a time: causal extents from the bottom right, rows with fewer
+    than k visible keys, rows with none (more queries than keys), key counts that are not multiples of 16."""
+    q, kt = exact_qk(2, n_query, n_key, d, seed=n_query + n_key)
+    spans = [(0, 1), (2, 9)]
+    out = fused(q, kt, causal=causal, k=min(k, n_key), spans=spans)
+    ref = masked_reference(q, kt, causal, spans, min(k, n_key))
+    np.testing.assert_allclose(out["entropy"].numpy(), ref["entropy"], atol=1e-5)
+    np.testing.assert_allclose(out["mass"].numpy(), ref["mass"], atol=1e-6)
+    if k:
+        np.testing.assert_array_equal(out["topk_index"].numpy(), ref["topk_index"])
+        np.testing.assert_allclose(out["topk_weight"].numpy(), ref["topk_weight"], atol=1e-6)
+    else:
+        assert "topk_index" not in out
+
+
+def test_fused_qk_path_on_real_valued_logits():
+    g = torch.Generator().manual_seed(3)
+    q, kt = torch.randn(3, 130, 32, generator=g), torch.randn(3, 32, 300, generator=g)
+    out = fused(q, kt, causal=True, k=4)
+    ref = masked_reference(q, kt, True, [(0, 1), (2, 9)], 4)
+    np.testing.assert_allclose(out["entropy"].numpy(), ref["entropy"], atol=1e-5)
+    np.testing.assert_allclose(out["mass"].numpy(), ref["mass"], atol=1e-6)
+    np.testing.assert_allclose(out["topk_weight"].numpy(), ref["topk_weight"], atol=1e-6)
+
+
+def test_fused_qk_rows_split_across_threads_without_changing_a_bit():
+    """Thread boundaries fall inside blocks of 8 rows: a row's logits must not depend on its block."""
+    q, kt = torch.randn(3, 333, 32), torch.randn(3, 32, 400)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = fused(q, kt, causal=True, k=5)
+        torch.set_num_threads(2)
+        two = fused(q, kt, causal=True, k=5)
+    finally:
+        torch.set_num_threads(before)
+    for name in one:
+        assert torch.equal(one[name], two[name]), name
+
+
+def test_fused_qk_wrong_layout_is_refused():
+    q, kt = torch.zeros(2, 4, 8), torch.zeros(2, 8, 5)
+    with pytest.raises(ValueError, match="key_t"):
+        cpu_rows.qk_row_statistics(q, kt.transpose(1, 2).contiguous().transpose(1, 2), causal=True, spans=[], k=1,
+                                   entropy=True, mass=False)
+    with pytest.raises(ValueError, match="key_t"):
+        cpu_rows.qk_row_statistics(q, torch.zeros(2, 7, 5), causal=True, spans=[], k=1, entropy=True, mass=False)

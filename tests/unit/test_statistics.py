@@ -114,11 +114,12 @@ def test_chunk_size_respects_budget():
 
 @pytest.mark.parametrize("budget_mb", [1e-5, 7e-4, 64.0])  # top-k chunks of 1 row, 3 rows, all rows
 @pytest.mark.parametrize("case", ["causal", "square", "decode", "padding", "full"])
-def test_streaming_path_matches_naive(qk, case, budget_mb, streaming_path):
+@pytest.mark.parametrize("grouped", [True, False])  # 2 key heads for 4 query heads, or keys already repeated
+def test_streaming_path_matches_naive(qk, case, budget_mb, grouped, streaming_path):
     from attnscope.probes.streaming import streaming_statistics
 
     q, k = qk
-    k = k.repeat_interleave(2, dim=1)
+    k = k if grouped else k.repeat_interleave(2, dim=1)
     mask, causal = None, case in ("causal", "square", "decode")
     if case == "square":  # query and key lengths equal: the kernel's causal flag, no mask built
         k = k[:, :, :q.shape[2]]

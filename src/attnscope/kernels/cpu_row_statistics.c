@@ -10,6 +10,7 @@
 
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
@@ -74,6 +75,28 @@ static float kth_largest(float *v, int64_t n, int32_t k) {
     return LOWEST;
 }
 
+/* The k-th largest of v[0:32]: the largest value with at least k values at or above it (counted in two vectors) */
+static float kth_of_32(const float *v, int32_t k) {
+#if defined(__AVX512F__)
+    __m512 a = _mm512_loadu_ps(v), b = _mm512_loadu_ps(v + 16);
+    __m512i at_least_a = _mm512_setzero_si512(), at_least_b = at_least_a, one = _mm512_set1_epi32(1);
+    for (int j = 0; j < 32; j++) {
+        __m512 level = _mm512_set1_ps(v[j]);
+        at_least_a = _mm512_mask_add_epi32(at_least_a, _mm512_cmp_ps_mask(a, level, _CMP_LE_OQ), at_least_a, one);
+        at_least_b = _mm512_mask_add_epi32(at_least_b, _mm512_cmp_ps_mask(b, level, _CMP_LE_OQ), at_least_b, one);
+    }
+    __m512i kk = _mm512_set1_epi32(k);
+    __m512 low = _mm512_set1_ps(LOWEST);
+    __m512 keep_a = _mm512_mask_blend_ps(_mm512_cmpge_epi32_mask(at_least_a, kk), low, a);
+    __m512 keep_b = _mm512_mask_blend_ps(_mm512_cmpge_epi32_mask(at_least_b, kk), low, b);
+    return _mm512_reduce_max_ps(_mm512_max_ps(keep_a, keep_b));
+#else
+    float copy[32];
+    memcpy(copy, v, sizeof copy);
+    return kth_largest(copy, 32, k);
+#endif
+}
+
 static inline void consider(const float *s, int64_t j, int32_t k, float *top, int32_t *index) {
     if (ranks_above(s[j], (int32_t)j, top, index, k - 1)) insert_top(s[j], (int32_t)j, top, index, k);
 }
@@ -118,9 +141,13 @@ static float row_top(const float *s, int64_t n, int32_t k, float *top, int32_t *
     for (int64_t j = 0; j < whole; j += lanes)
         for (int l = 0; l < lanes; l++) lane[l] = s[j + l] > lane[l] ? s[j + l] : lane[l];
     for (int64_t j = whole; j < n; j++) lane[j - whole] = s[j] > lane[j - whole] ? s[j] : lane[j - whole];
-    float ranked[LANES];
-    memcpy(ranked, lane, sizeof(float) * (size_t)lanes);
-    float maximum = row_max(lane, lanes), bar = kth_largest(ranked, lanes, k);
+    float maximum = row_max(lane, lanes), bar, ranked[LANES];
+    if (lanes == 32) {
+        bar = kth_of_32(lane, k);
+    } else {
+        memcpy(ranked, lane, sizeof(float) * (size_t)lanes);
+        bar = kth_largest(ranked, lanes, k);
+    }
     for (int32_t i = 0; i < k; i++) {
         top[i] = LOWEST;
         index[i] = -1;
@@ -135,35 +162,120 @@ static float span_sum(const float *s, int64_t a, int64_t b, float m) {
     return total;
 }
 
+/* The statistics of one row s[0:n] into row r of the outputs (each may be NULL when not asked). */
+static void one_row(const float *s, int64_t n, int64_t r, const int64_t *spans, int32_t n_spans, int32_t k,
+                    float *entropy, float *mass, float *top_weight, int32_t *top_index) {
+    float top[MAX_K];
+    int32_t index[MAX_K];
+    float m = k > 0 ? row_top(s, n, k, top, index) : row_max(s, n);
+    float z = 0.0f, spread = 0.0f;
+    for (int64_t j = 0; j < n; j++) {
+        float x = s[j] - m;
+        float p = exp2_nonpositive(x);
+        z += p;
+        spread += p * x;
+    }
+    if (entropy) {
+        float h = 0.69314718f * (log2f(z) - spread / z);
+        entropy[r] = h > 0.0f ? h : 0.0f;
+    }
+    for (int32_t i = 0; mass && i < n_spans; i++) {
+        int64_t a = spans[2 * i] < 0 ? 0 : spans[2 * i], b = spans[2 * i + 1] < n ? spans[2 * i + 1] : n;
+        mass[r * n_spans + i] = a < b ? span_sum(s, a, b, m) / z : 0.0f;
+    }
+    for (int32_t i = 0; i < k; i++) {
+        top_weight[r * k + i] = exp2_nonpositive(top[i] - m) / z;
+        top_index[r * k + i] = index[i];
+    }
+}
+
 /* Rows [first, last) of a [rows, stride] logits array. Row r reads extent[r % period] keys (extent NULL: width).
    Outputs may be NULL when not asked: entropy [rows], mass [rows, n_spans], top_weight and top_index [rows, k]. */
 void row_statistics(const float *logits, int64_t first, int64_t last, int64_t stride, int64_t width,
                     const int32_t *extent, int64_t period, const int64_t *spans, int32_t n_spans, int32_t k,
                     float *entropy, float *mass, float *top_weight, int32_t *top_index) {
-    float top[MAX_K];
-    int32_t index[MAX_K];
-    for (int64_t r = first; r < last; r++) {
-        const float *s = logits + r * stride;
-        int64_t n = extent ? extent[r % period] : width;
-        float m = k > 0 ? row_top(s, n, k, top, index) : row_max(s, n);
-        float z = 0.0f, spread = 0.0f;
-        for (int64_t j = 0; j < n; j++) {
-            float x = s[j] - m;
-            float p = exp2_nonpositive(x);
-            z += p;
-            spread += p * x;
+    for (int64_t r = first; r < last; r++)
+        one_row(logits + r * stride, extent ? extent[r % period] : width, r, spans, n_spans, k, entropy, mass,
+                top_weight, top_index);
+}
+
+#define BLOCK 8 /* query rows whose logits are computed together (they share every loaded key vector) */
+#define MASKED (-1.0e30f)
+
+/* out[i][0:w] = q[i] . kt[:, 0:w] for the BLOCK rows (kt is [d, ld]); every row takes the same operations in the
+   same order whatever the block, so a row's logits do not depend on how rows were split across calls. */
+static void block_logits(const float *const q[BLOCK], int64_t d, const float *kt, int64_t ld, int64_t w,
+                         float *const out[BLOCK]) {
+#if defined(__AVX512F__)
+    for (int64_t j = 0; j < w; j += 32) { /* two vectors of 16 keys: each broadcast query value feeds two FMAs */
+        __mmask16 lo = w - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (w - j)) - 1u);
+        __mmask16 hi = w - j >= 32 ? (__mmask16)0xFFFF : w - j <= 16 ? 0 : (__mmask16)((1u << (w - j - 16)) - 1u);
+        __m512 a[BLOCK], b[BLOCK];
+        for (int i = 0; i < BLOCK; i++) a[i] = b[i] = _mm512_setzero_ps();
+        for (int64_t c = 0; c < d; c++) {
+            __m512 k0 = _mm512_maskz_loadu_ps(lo, kt + c * ld + j);
+            __m512 k1 = _mm512_maskz_loadu_ps(hi, kt + c * ld + j + 16);
+            for (int i = 0; i < BLOCK; i++) {
+                __m512 qc = _mm512_set1_ps(q[i][c]);
+                a[i] = _mm512_fmadd_ps(qc, k0, a[i]);
+                b[i] = _mm512_fmadd_ps(qc, k1, b[i]);
+            }
         }
-        if (entropy) {
-            float h = 0.69314718f * (log2f(z) - spread / z);
-            entropy[r] = h > 0.0f ? h : 0.0f;
-        }
-        for (int32_t i = 0; mass && i < n_spans; i++) {
-            int64_t a = spans[2 * i] < 0 ? 0 : spans[2 * i], b = spans[2 * i + 1] < n ? spans[2 * i + 1] : n;
-            mass[r * n_spans + i] = a < b ? span_sum(s, a, b, m) / z : 0.0f;
-        }
-        for (int32_t i = 0; i < k; i++) {
-            top_weight[r * k + i] = exp2_nonpositive(top[i] - m) / z;
-            top_index[r * k + i] = index[i];
+        for (int i = 0; i < BLOCK; i++) {
+            _mm512_mask_storeu_ps(out[i] + j, lo, a[i]);
+            _mm512_mask_storeu_ps(out[i] + j + 16, hi, b[i]);
         }
     }
+#else
+    for (int i = 0; i < BLOCK; i++) {
+        float *o = out[i];
+        for (int64_t j = 0; j < w; j++) o[j] = 0.0f;
+        for (int64_t c = 0; c < d; c++) {
+            const float qc = q[i][c], *key = kt + c * ld;
+            for (int64_t j = 0; j < w; j++) o[j] = fmaf(qc, key[j], o[j]);
+        }
+    }
+#endif
+}
+
+/* The statistics of rows [first, last) of q ([heads * n_query, d], base-2 scaled) against kt ([heads / group, d,
+   n_key]: query head h reads key head h / group, grouped-query attention), with no mask (causal: query i sees keys
+   <= i + n_key - n_query); the logits are computed BLOCK rows at a time into a cache-resident scratch and never
+   stored. A row that sees fewer than k keys (at least one) reads k, the
+   extra ones masked; a row that sees none attends uniformly to every key. Returns 0, or -1 when out of memory. */
+int qk_row_statistics(const float *q, const float *kt, int64_t first, int64_t last, int64_t n_query, int64_t n_key,
+                      int64_t d, int64_t group, int32_t causal, const int64_t *spans, int32_t n_spans, int32_t k,
+                      float *entropy, float *mass, float *top_weight, int32_t *top_index) {
+    int64_t ld = (n_key + 15) / 16 * 16;
+    float *scratch = malloc(sizeof(float) * (size_t)(ld * (BLOCK + 1)));
+    if (!scratch) return -1;
+    float *spare = scratch + BLOCK * ld; /* where the rows past the end of a partial block go */
+    int64_t least = k > 1 ? (k < n_key ? k : n_key) : 1; /* keys read by a row that sees at least one */
+    int64_t offset = n_key - n_query;
+    for (int64_t r = first; r < last;) {
+        int64_t head = r / n_query, row = r % n_query;
+        int64_t rows = n_query - row < last - r ? n_query - row : last - r;
+        rows = rows < BLOCK ? rows : BLOCK;
+        const float *qs[BLOCK];
+        float *outs[BLOCK];
+        int64_t width = 0, seen[BLOCK], extent[BLOCK];
+        for (int i = 0; i < BLOCK; i++) {
+            int64_t at = i < rows ? i : rows - 1;
+            qs[i] = q + (r + at) * d;
+            outs[i] = i < rows ? scratch + i * ld : spare;
+            seen[i] = causal ? row + at + offset + 1 : n_key;
+            seen[i] = seen[i] > n_key ? n_key : seen[i];
+            extent[i] = seen[i] < 1 ? n_key : (seen[i] > least ? seen[i] : least);
+            width = extent[i] > width ? extent[i] : width;
+        }
+        block_logits(qs, d, kt + head / group * d * n_key, n_key, width, outs);
+        for (int64_t i = 0; i < rows; i++) {
+            float *s = outs[i];
+            for (int64_t j = seen[i] > 0 ? seen[i] : 0; j < extent[i]; j++) s[j] = MASKED;
+            one_row(s, extent[i], r + i, spans, n_spans, k, entropy, mass, top_weight, top_index);
+        }
+        r += rows;
+    }
+    free(scratch);
+    return 0;
 }

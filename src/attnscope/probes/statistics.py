@@ -90,17 +90,17 @@ def attention_from_qk(query: Float[Tensor, "batch head query d_head"], key: Floa
                                          mass_spans=mass_spans, topk=topk, heads=heads, budget_mb=budget_mb)
         if fast is not None:
             return fast
-    key = _expand_kv(key, n_heads)
     if heads is not None:
         heads = heads.to(query.device)
-        query, key = query.index_select(1, heads), key.index_select(1, heads)
-    if not want_probs and rows is None and softcap is None and stats:
+        query, key = query.index_select(1, heads), _expand_kv(key, n_heads).index_select(1, heads)
+    if not want_probs and rows is None and softcap is None and stats:  # key heads stay grouped here
         sub_mask = mask if mask is None or heads is None or mask.ndim == 2 or mask.shape[1] == 1 \
             else mask.index_select(1, heads)
         fast = streaming_statistics(query, key, sub_mask, scaling=scaling, is_causal=is_causal, stats=stats,
                                     mass_spans=mass_spans, topk=topk, budget_mb=budget_mb)
         if fast is not None:
             return fast
+    key = _expand_kv(key, query.shape[1])
     row_ids = torch.arange(n_query, device=query.device) if rows is None else rows.to(query.device)
     n_rows = len(row_ids)
     chunk = _chunk_rows(b, query.shape[1], n_rows, n_key, budget_mb)

@@ -1,13 +1,16 @@
-"""Streaming statistics on the CPU in one cache-sized pass over the logits: no probability matrix is ever formed.
+"""Streaming statistics on the CPU: no probability matrix (and, without a mask, no logit matrix) is ever formed.
 
-Query rows are taken in chunks whose logits fit the cache (4 MB). Each chunk is turned, in base 2 (``exp2`` is
-about 3x faster than ``exp`` on the CPU), into everything asked for at once: with ``m`` the row maximum,
-``P = 2^(s - m)`` and ``Z = sum P``, the entropy is ``ln 2 * (log2 Z - sum P (s - m) / Z)``, the mass on a key span
-is ``sum_span P / Z``. Causal chunks skip the keys they cannot see. The model's own output is not touched: it stays
-on SDPA. Masks must be boolean or 0/-inf; anything else (ALiBi-style biases, softcapping) uses the general chunked
-path. Each chunk's rows go to the fused C row kernel (``attnscope.kernels.cpu_rows``: causal rows read only up to
-their last visible key) when it is built, else to torch operations, where the top-k keys come from the top-k blocks
-of 64 keys (by block maximum), which must hold them.
+Everything asked for is computed at once, in base 2 (``exp2`` is about 3x faster than ``exp`` on the CPU): with
+``m`` the row maximum, ``P = 2^(s - m)`` and ``Z = sum P``, the entropy is ``ln 2 * (log2 Z - sum P (s - m) / Z)``,
+the mass on a key span is ``sum_span P / Z``. The model's own output is not touched: it stays on SDPA.
+
+- No mask (causal or not) and the fused C kernel built: ``attnscope.kernels.cpu_rows.qk_row_statistics`` computes
+  the logits eight query rows at a time in a cache-resident scratch (key heads stay grouped under GQA; causal rows
+  stop at their last visible key) and reduces them there.
+- A boolean or 0/-inf mask: query rows are taken in chunks whose logits fit the cache (4 MB) and go to the C row
+  kernel (``row_statistics``), else to torch operations, where the top-k keys come from the top-k blocks of 64 keys
+  (by block maximum), which must hold them. Causal chunks skip the keys they cannot see.
+- Anything else (ALiBi-style biases, softcapping) returns None: the general chunked path of ``statistics`` runs.
 
 Example:
     >>> import torch
@@ -26,7 +29,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ..kernels.cpu_rows import MAX_K, native_available, row_statistics
+from ..kernels.cpu_rows import MAX_K, native_available, qk_row_statistics, row_statistics
 
 _CHUNK_BYTES = 4 * 2**20  # logits of one chunk stay in cache: far faster than large chunks
 _BLOCK = 64  # keys per block for the top-k candidate search
@@ -178,19 +181,28 @@ def streaming_statistics(query: Tensor, key: Tensor, mask: Tensor | None, *, sca
                          budget_mb: float = 64.0) -> dict[str, Tensor] | None:
     """Entropy (nats), span mass and top-k keys of every row without forming probabilities; None when not applicable.
 
-    query ``[batch, head, query, d]``, key ``[batch, head, key, d]`` (KV heads already expanded).
-    Applicable on CPU tensors with boolean or 0/-inf masks; ``is_causal`` aligns the causal mask to the last query.
+    query ``[batch, head, query, d]``, key ``[batch, kv_head, key, d]`` (grouped-query attention: ``kv_head``
+    divides ``head``). Applicable on CPU tensors with boolean or 0/-inf masks; ``is_causal`` aligns the causal mask
+    to the last query.
     """
     if query.device.type != "cpu" or (mask is not None and not _is_zero_neg_inf(mask)):
         return None
-    b, h, n_query, _ = query.shape
+    b, h, n_query, d = query.shape
     n_key = key.shape[-2]
-    q2 = (query.float() * (scaling * _LOG2E)).contiguous()
+    q2 = torch.mul(query.float(), scaling * _LOG2E, out=query.new_empty(b, h, n_query, d, dtype=torch.float32))
+    fused = native_available() and ("topk" not in stats or topk <= MAX_K)
+    if fused and mask is None:  # the logits never leave the kernel's cache-resident scratch; keys stay grouped
+        kt = key.float().transpose(-1, -2).contiguous()
+        out = qk_row_statistics(q2.view(b * h, n_query, d), kt.view(-1, d, n_key), causal=is_causal,
+                                spans=mass_spans, k=min(topk, n_key) if "topk" in stats else 0,
+                                entropy="entropy" in stats, mass="mass" in stats)
+        return {name: value.view(b, h, n_query, *value.shape[1:]) for name, value in out.items()}
+    if key.shape[1] != h:
+        key = key.repeat_interleave(h // key.shape[1], dim=1)
     kt = key.float().transpose(-1, -2).contiguous()
     limit = min(budget_mb * 2**20, _CHUNK_BYTES)
     padded_keys = -(-n_key // _BLOCK) * _BLOCK
     heads, rows = _chunk_shape(b, h, n_query, padded_keys, limit, is_causal)
-    fused = native_available() and ("topk" not in stats or topk <= MAX_K)
     group_statistics = _fused_head_group_statistics if fused else _head_group_statistics
     scratch = q2.new_empty(1 if fused else 2, b * heads * rows * padded_keys)
     per_head_mask = mask is not None and mask.ndim == 4 and mask.shape[1] > 1

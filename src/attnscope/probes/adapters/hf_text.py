@@ -57,17 +57,18 @@ def token_info(input_ids: torch.Tensor, tokenizer: Any, attention_mask: torch.Te
     """Ids, strings and special-token spans of a batch (spans from the first item)."""
     ids = input_ids.tolist()
     strings = [tokenizer.convert_ids_to_tokens(row) for row in ids] if tokenizer is not None else None
-    spans = []
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
-    for pos, tok in enumerate(ids[0] if ids else []):
-        spans.append(Span("special" if tok in special else "text", pos, pos + 1,
-                          strings[0][pos] if strings and tok in special else ""))
+    first = ids[0] if ids else []
     merged: list[Span] = []
-    for s in spans:  # merge neighbouring text positions into one span
-        if merged and s.modality == "text" == merged[-1].modality:
-            merged[-1] = Span("text", merged[-1].start, s.end)
-        else:
-            merged.append(s)
+    start = 0  # neighbouring text positions form one span
+    for pos, tok in enumerate(first):
+        if tok in special:
+            if start < pos:
+                merged.append(Span("text", start, pos))
+            merged.append(Span("special", pos, pos + 1, strings[0][pos] if strings else ""))
+            start = pos + 1
+    if start < len(first):
+        merged.append(Span("text", start, len(first)))
     padding = attention_mask.tolist() if attention_mask is not None else None
     return TokenInfo(ids=ids, strings=strings, spans=merged, padding=padding)
 
