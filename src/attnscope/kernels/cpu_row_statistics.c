@@ -75,8 +75,9 @@ static float kth_largest(float *v, int64_t n, int32_t k) {
     return LOWEST;
 }
 
-/* The k-th largest of v[0:32]: the largest value with at least k values at or above it (counted in two vectors) */
-static float kth_of_32(const float *v, int32_t k) {
+/* The k-th largest of v[0:32]: the largest value with at least k values at or above it (counted in two vectors);
+   the largest of them into *maximum */
+static float kth_of_32(const float *v, int32_t k, float *maximum) {
 #if defined(__AVX512F__)
     __m512 a = _mm512_loadu_ps(v), b = _mm512_loadu_ps(v + 16);
     __m512i at_least_a = _mm512_setzero_si512(), at_least_b = at_least_a, one = _mm512_set1_epi32(1);
@@ -89,10 +90,12 @@ static float kth_of_32(const float *v, int32_t k) {
     __m512 low = _mm512_set1_ps(LOWEST);
     __m512 keep_a = _mm512_mask_blend_ps(_mm512_cmpge_epi32_mask(at_least_a, kk), low, a);
     __m512 keep_b = _mm512_mask_blend_ps(_mm512_cmpge_epi32_mask(at_least_b, kk), low, b);
+    *maximum = _mm512_reduce_max_ps(_mm512_max_ps(a, b));
     return _mm512_reduce_max_ps(_mm512_max_ps(keep_a, keep_b));
 #else
     float copy[32];
     memcpy(copy, v, sizeof copy);
+    *maximum = row_max(v, 32);
     return kth_largest(copy, 32, k);
 #endif
 }
@@ -129,6 +132,69 @@ static void scan_from_bar(const float *s, int64_t n, float bar, int32_t k, float
         if (s[j] >= bar) consider(s, j, k, top, index);
 }
 
+#if defined(__AVX512F__)
+#define CANDIDATES 128 /* more keys at the bar than this (ties) take the insertion path */
+
+/* append the keys of v (at j..j+15) marked in hit to the candidate list; returns the new count */
+static inline int64_t append_hits(__m512 v, __mmask16 hit, int64_t j, float *value, int32_t *key, int64_t count) {
+    __m512i at = _mm512_add_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                  _mm512_set1_epi32((int32_t)j));
+    _mm512_storeu_ps(value + count, _mm512_maskz_compress_ps(hit, v));
+    _mm512_storeu_si512(key + count, _mm512_maskz_compress_epi32(hit, at));
+    return count + __builtin_popcount(hit);
+}
+
+/* Top-k (k <= 16) of the keys at or above the bar, without the insertion's mispredicted branches: the candidates are
+   compressed into a list, then each one's rank (keys above it: larger, or equal and earlier) is counted by vector
+   compares and it goes straight to its slot. Returns 0 when there are too many candidates. */
+static int gather_and_rank(const float *s, int64_t n, float bar, int32_t k, float *top, int32_t *index) {
+    float value[CANDIDATES + 64];
+    int32_t key[CANDIDATES + 64];
+    int64_t count = 0, j = 0;
+    __m512 level = _mm512_set1_ps(bar);
+    for (; j + 64 <= n; j += 64) { /* one branch per 64 keys: hits are rare */
+        __m512 v0 = _mm512_loadu_ps(s + j), v1 = _mm512_loadu_ps(s + j + 16);
+        __m512 v2 = _mm512_loadu_ps(s + j + 32), v3 = _mm512_loadu_ps(s + j + 48);
+        __mmask16 h0 = _mm512_cmp_ps_mask(v0, level, _CMP_GE_OQ), h1 = _mm512_cmp_ps_mask(v1, level, _CMP_GE_OQ);
+        __mmask16 h2 = _mm512_cmp_ps_mask(v2, level, _CMP_GE_OQ), h3 = _mm512_cmp_ps_mask(v3, level, _CMP_GE_OQ);
+        if (!(h0 | h1 | h2 | h3)) continue;
+        count = append_hits(v0, h0, j, value, key, count);
+        count = append_hits(v1, h1, j + 16, value, key, count);
+        count = append_hits(v2, h2, j + 32, value, key, count);
+        count = append_hits(v3, h3, j + 48, value, key, count);
+        if (count > CANDIDATES) return 0;
+    }
+    for (; j < n; j += 16) {
+        __mmask16 valid = n - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - j)) - 1u);
+        __m512 v = _mm512_maskz_loadu_ps(valid, s + j);
+        count = append_hits(v, _mm512_mask_cmp_ps_mask(valid, v, level, _CMP_GE_OQ), j, value, key, count);
+    }
+    if (count > CANDIDATES) return 0;
+    for (int32_t i = 0; i < k; i++) {
+        top[i] = LOWEST;
+        index[i] = -1;
+    }
+    for (int64_t i = 0; i < count; i++) {
+        __m512 vi = _mm512_set1_ps(value[i]);
+        __m512i ki = _mm512_set1_epi32(key[i]);
+        int rank = 0;
+        for (int64_t c = 0; c < count; c += 16) {
+            __mmask16 in = count - c >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (count - c)) - 1u);
+            __m512 vc = _mm512_loadu_ps(value + c);
+            __mmask16 above = _mm512_mask_cmp_ps_mask(in, vc, vi, _CMP_GT_OQ) |
+                              (_mm512_mask_cmp_ps_mask(in, vc, vi, _CMP_EQ_OQ) &
+                               _mm512_cmplt_epi32_mask(_mm512_loadu_si512(key + c), ki));
+            rank += __builtin_popcount(above);
+        }
+        if (rank < k) {
+            top[rank] = value[i];
+            index[rank] = key[i];
+        }
+    }
+    return 1;
+}
+#endif
+
 /* Top-k of s[0:n], sorted, earliest key first among ties; returns the row maximum. The keys are dealt into strided
    lanes (key j into lane j % lanes), whose maxima cost one vectorised pass. k lanes reach the k-th largest
    lane maximum (the bar), so the k-th largest key does too: only keys at or above the bar can be in the top-k. */
@@ -141,10 +207,11 @@ static float row_top(const float *s, int64_t n, int32_t k, float *top, int32_t *
     for (int64_t j = 0; j < whole; j += lanes)
         for (int l = 0; l < lanes; l++) lane[l] = s[j + l] > lane[l] ? s[j + l] : lane[l];
     for (int64_t j = whole; j < n; j++) lane[j - whole] = s[j] > lane[j - whole] ? s[j] : lane[j - whole];
-    float maximum = row_max(lane, lanes), bar, ranked[LANES];
+    float maximum, bar, ranked[LANES];
     if (lanes == 32) {
-        bar = kth_of_32(lane, k);
+        bar = kth_of_32(lane, k, &maximum);
     } else {
+        maximum = row_max(lane, lanes);
         memcpy(ranked, lane, sizeof(float) * (size_t)lanes);
         bar = kth_largest(ranked, lanes, k);
     }
@@ -152,6 +219,9 @@ static float row_top(const float *s, int64_t n, int32_t k, float *top, int32_t *
         top[i] = LOWEST;
         index[i] = -1;
     }
+#if defined(__AVX512F__)
+    if (k <= 16 && gather_and_rank(s, n, bar, k, top, index)) return maximum;
+#endif
     scan_from_bar(s, n, bar, k, top, index);
     return maximum;
 }
