@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from attnscope import AttentionTrace, CorruptResultError, ResultTable, Site, SiteRecord, Span, TokenInfo
+from attnscope.errors import SiteError
 
 
 def _trace() -> AttentionTrace:
@@ -42,6 +43,19 @@ def test_trace_lookup_and_stack():
     assert trace.stack("text").shape == (1, 2, 3, 4, 5)
     assert trace.get(Site("unet", 1, "cross"), step=3).heads() == [0, 2]
     assert trace.get(Site("unet", 1, "cross")).rows() == [2, 3]
+    cross = trace.get(Site("unet", 1, "cross"))
+    assert torch.equal(trace.stat("entropy", "unet", "cross")[0], cross.stats["entropy"])
+
+
+def test_stat_and_stack_name_the_towers_there_are():
+    trace = _trace()
+    with pytest.raises(SiteError, match="no sites of this tower") as error:
+        trace.stat("entropy", Site("text", 0, "self"))  # a site where the tower name belongs
+    assert "text/self" in str(error.value) and "unet/cross" in str(error.value)
+    with pytest.raises(SiteError, match="statistic not captured"):
+        trace.stat("entropy", "text")
+    with pytest.raises(SiteError, match="no full patterns"):
+        trace.stack("unet", "cross")
 
 
 @pytest.mark.parametrize("content", [b"", b"not a safetensors file at all", b"\x08\x00\x00\x00\x00\x00\x00\x00{}      "])

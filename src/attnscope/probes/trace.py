@@ -132,10 +132,7 @@ class AttentionTrace:
 
     def stack(self, tower: str = "text", kind: str = "self", step: int | None = None) -> Tensor:
         """Probabilities of every layer of one tower and kind: ``[layer, batch, head, query, key]``."""
-        sites = [s for s in self.sites if s.tower == tower and s.kind == kind]
-        if not sites:
-            raise SiteError("no sites of this tower/kind", expected=[str(s) for s in self.sites][:8],
-                            got=f"{tower}/{kind}")
+        sites = self._tower_sites(tower, kind)
         probs = [self.get(s, step).probs for s in sites]
         if any(p is None for p in probs):
             raise SiteError("trace holds no full patterns for these sites", expected="patterns=True at capture",
@@ -144,12 +141,19 @@ class AttentionTrace:
 
     def stat(self, name: str, tower: str = "text", kind: str = "self", step: int | None = None) -> Tensor:
         """One statistic over every layer of a tower: ``[layer, batch, head, query, ...]``."""
-        sites = [s for s in self.sites if s.tower == tower and s.kind == kind]
+        sites = self._tower_sites(tower, kind)
         values = [self.get(s, step).stats.get(name) for s in sites]
-        if not sites or any(v is None for v in values):
-            raise SiteError("statistic not captured", expected=name, got=sorted(self.get(sites[0], step).stats)
-                            if sites else [], fix=f"capture with stats including {name!r}")
+        if any(v is None for v in values):
+            raise SiteError("statistic not captured", expected=name, got=sorted(self.get(sites[0], step).stats),
+                            fix=f"capture with stats including {name!r}")
         return torch.stack(values)
+
+    def _tower_sites(self, tower: str, kind: str) -> list[Site]:
+        sites = [s for s in self.sites if s.tower == tower and s.kind == kind]
+        if not sites:
+            raise SiteError("no sites of this tower/kind", expected=sorted({f"{s.tower}/{s.kind}" for s in self.sites}),
+                            got=f"{tower}/{kind}", fix="pass tower= and kind= as strings, e.g. tower='text'")
+        return sites
 
     # --- persistence -------------------------------------------------------------------------------------------
 
