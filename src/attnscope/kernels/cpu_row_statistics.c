@@ -5,6 +5,8 @@
      mass of [a, b)   = sum_{a <= j < b} P_j / Z
      top-k            = the k largest s (earliest index first among ties), with weights 2^(s - m) / Z.
    Masked logits are large negative numbers (-1e30): 2^(s - m) is exactly 0 for them.
+   Two entry points: row_statistics reads logits computed elsewhere (masked attention); qk_row_statistics computes
+   them from queries and keys, 8 rows at a time, into a scratch that stays in cache (attention without a mask).
    Built at first use by attnscope.kernels.cpu_rows with -O3 -march=native -ffast-math, so the loops below
    vectorise (logits must be finite). exp2 is a degree-5 polynomial after range reduction (relative error 2.5e-7). */
 
