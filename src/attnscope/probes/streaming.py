@@ -55,11 +55,10 @@ def _keep_rows(mask: Tensor | None, start: int, stop: int) -> Tensor | None:
 
 
 def _chunk_logits(q2: Tensor, kt: Tensor, mask: Tensor | None, is_causal: bool, start: int, stop: int,
-                  n_key: int, scratch: Tensor, fill_causal: bool = True) -> Tensor:
+                  n_key: int, scratch: Tensor) -> Tensor:
     """Base-2 logits of rows ``start:stop`` over the keys they can see, padded to whole blocks of keys.
 
-    The result is written into ``scratch`` (reused across chunks: no allocation per chunk). ``fill_causal=False``
-    leaves the future keys of a causal chunk without a mask unmasked, for a reader that stops at each row's extent.
+    The result is written into ``scratch`` (reused across chunks: no allocation per chunk).
     """
     b, h, n_query, _ = q2.shape
     offset = n_key - n_query  # bottom-right causal alignment: query i sees keys <= i + offset
@@ -76,7 +75,7 @@ def _chunk_logits(q2: Tensor, kt: Tensor, mask: Tensor | None, is_causal: bool, 
         logits[..., computed:] = _PADDED
     view = logits[..., :computed]
     keep = _keep_rows(mask, start, stop)
-    if is_causal and (fill_causal or keep is not None):
+    if is_causal:
         rows = torch.arange(start, stop, device=q2.device) + offset
         edge = max(0, min(start + offset + 1, computed))  # columns before ``edge`` are visible to every row
         future = torch.arange(edge, computed, device=q2.device)[None, :] > rows[:, None]
@@ -107,28 +106,16 @@ def _block_topk(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
 def _fused_head_group_statistics(q2: Tensor, kt: Tensor, mask: Tensor | None, is_causal: bool,
                                  stats: Sequence[str], mass_spans: Sequence[tuple[int, int]], k: int, chunk: int,
                                  scratch: Tensor) -> dict[str, Tensor]:
-    """The statistics of one group of heads through the fused C row kernel (``attnscope.kernels.cpu_rows``).
-
-    Causal rows without a mask are read only up to the last key they see, so their future keys need no masking;
-    a row that sees fewer than ``k`` keys reads ``k`` (masked ones, weight 0), as the torch path's top-k does.
-    """
+    """The statistics of one group of heads with a mask, through the C row kernel (``attnscope.kernels.cpu_rows``);
+    without a mask ``streaming_statistics`` hands the queries and keys to the kernel directly."""
     n_query, n_key = q2.shape[-2], kt.shape[-1]
     b, heads = q2.shape[:2]
     k = k if "topk" in stats else 0
     pieces: dict[str, list[Tensor]] = {}
-    extent_of_rows = None
     for start in range(0, n_query, chunk):
         stop = min(start + chunk, n_query)
-        logits = _chunk_logits(q2, kt, mask, is_causal, start, stop, n_key, scratch[0], fill_causal=False)
-        width = min(logits.shape[-1], n_key)
-        if is_causal and mask is None:
-            visible = torch.arange(start, stop) + (n_key - n_query + 1)
-            extent_of_rows = torch.where(visible < 1, width, visible.clamp(min(max(k, 1), width), width))
-            for row in range(stop - start):  # rows that see fewer than k keys (or none) read more: mask the rest
-                if visible[row] >= max(k, 1):
-                    break
-                logits[:, :, row, max(int(visible[row]), 0):int(extent_of_rows[row])] = _MASKED
-        out = row_statistics(logits.view(-1, logits.shape[-1]), width=width, extent=extent_of_rows,
+        logits = _chunk_logits(q2, kt, mask, is_causal, start, stop, n_key, scratch[0])
+        out = row_statistics(logits.view(-1, logits.shape[-1]), width=min(logits.shape[-1], n_key), extent=None,
                              spans=mass_spans, k=k, entropy="entropy" in stats, mass="mass" in stats)
         for name, value in out.items():
             pieces.setdefault(name, []).append(value.view(b, heads, stop - start, *value.shape[1:]))
