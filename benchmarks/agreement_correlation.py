@@ -11,6 +11,8 @@ the predicted class instead of the label. Raw attention of layer ``l`` is row 0 
 and flow use ``A_hat = rownorm(w * I + (1 - w) * mean_h A)`` with ``w = --residual-weight`` (0.5: the paper).
 
 Usage: ``python benchmarks/agreement_correlation.py [--n 200] [--blank pad|mask] [--residual-weight 0.5]``.
+``--quick`` (CI smoke run): 4 items, and 4 more with the other ``--blank`` and ``--target`` (under ``"quick_variant"``
+in the output).
 """
 
 import argparse
@@ -107,9 +109,15 @@ def main() -> None:
     parser.add_argument("--residual-weight", type=float, default=0.5)
     parser.add_argument("--model", default="zoo:agreement-enc", help="a checkpoint folder (data as in the zoo card)")
     parser.add_argument("--out", default="results/bench_agreement_correlation.json")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 4 items, plus 4 with the other options")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.quick:
+        args.n = 4
     result = run(args.n, args.seed, args.blank, args.target, args.residual_weight, args.model)
+    if args.quick:  # the other branch of each option
+        other = {"pad": "mask", "mask": "pad"}[args.blank], {"label": "predicted", "predicted": "label"}[args.target]
+        result["quick_variant"] = run(args.n, args.seed, *other, args.residual_weight, args.model)
     table = result["table"]
     n_layers = len(table["raw"]["mean"])
     print(f"Spearman with blank-out importance, {result['settings']}")

@@ -12,6 +12,9 @@ its fastest call, and the table gives the fastest and the median process (at 512
 varies by up to 25% from one process to the next); peak memory is the growth of the process's max RSS over the model-built baseline. Usage:
 ``BENCH_THREADS=1 python benchmarks/capture.py [--shape tiny] [--lengths 512 4096] [--rounds 3]
 [--out results/bench_capture.json]``.
+
+``--quick`` (CI smoke run, a few seconds after imports): every mode at 32 tokens, one timed call, all modes in one
+worker subprocess with one thread (so the numbers mean nothing); exits 1 when any mode fails.
 """
 
 import argparse
@@ -90,26 +93,36 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1, help="fresh processes per mode, interleaved; min is kept")
     parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
     parser.add_argument("--out", default="results/bench_capture.json")
-    parser.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--quick", action="store_true", help="smoke run: every mode at 32 tokens, in one worker")
+    parser.add_argument("--one", nargs=2, help=argparse.SUPPRESS)  # MODE[,MODE...] LENGTH: a worker
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(run_one(args.one[0], int(args.one[1]), 2 if args.repeats is None else args.repeats,
-                                 args.shape)))
+        modes = args.one[0].split(",")
+        rows = [run_one(mode, int(args.one[1]), 2 if args.repeats is None else args.repeats, args.shape)
+                for mode in modes]
+        print(json.dumps(rows if len(modes) > 1 else rows[0]))
         return
+    if args.quick:
+        args.lengths, args.repeats, args.rounds = [32], 1, 1
+        os.environ.setdefault("BENCH_THREADS", "1")  # the workers': steadier than 2 on busy cores
+    groups = [args.modes] if args.quick else [[mode] for mode in args.modes]  # modes per worker process
     rows = []
     for length in args.lengths:
         repeats = args.repeats if args.repeats is not None else (10 if length <= 1024 else 2)
         runs: dict[str, list[dict]] = {mode: [] for mode in args.modes}
         for _ in range(args.rounds):  # modes interleaved: slow drift of the machine hits every mode alike
-            for mode in args.modes:
-                proc = subprocess.run([sys.executable, __file__, "--one", mode, str(length), "--repeats",
+            for group in groups:
+                proc = subprocess.run([sys.executable, __file__, "--one", ",".join(group), str(length), "--repeats",
                                        str(repeats), "--shape", args.shape], capture_output=True, text=True)
                 if proc.returncode != 0:
-                    row = {"mode": mode, "length": length, "error": proc.stderr.strip().splitlines()[-1][:200]}
+                    tail = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1][:200]
+                    got = [{"mode": mode, "length": length, "error": tail} for mode in group]
                 else:
-                    row = json.loads(proc.stdout.strip().splitlines()[-1])
-                print(row, flush=True)
-                runs[mode].append(row)
+                    out = json.loads(proc.stdout.strip().splitlines()[-1])
+                    got = out if isinstance(out, list) else [out]
+                for row in got:
+                    print(row, flush=True)
+                    runs[row["mode"]].append(row)
         for mode in args.modes:
             timed = [r for r in runs[mode] if "seconds" in r]
             if not timed:
@@ -132,6 +145,8 @@ def main() -> None:
             print(f"{r['length']:>6} {r['mode']:>22} error: {r['error']}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(rows, indent=2))
+    if args.quick and any("error" in r for r in rows):
+        sys.exit("quick run: some modes failed")
 
 
 if __name__ == "__main__":

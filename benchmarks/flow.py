@@ -145,7 +145,8 @@ def print_row(row: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small smoke run (L=3,6; n=16,32)")
+    parser.add_argument("--quick", action="store_true",
+                        help="small smoke run (L=3,6; n=16,32; sinks of n=32 sampled and extrapolated)")
     parser.add_argument("--layers", type=int, nargs="+", default=[6, 12])
     parser.add_argument("--tokens", type=int, nargs="+", default=[32, 64, 128, 256])
     parser.add_argument("--temp", type=float, default=8.0, help="logit scale of the peaked attention")
@@ -160,6 +161,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.layers, args.tokens, args.nx_budget, args.scipy_budget = [3, 6], [16, 32], 3.0, 2.0
+        args.full_up_to = 16  # n=32: the sampled-sinks path (timed on --sample-sinks sinks, extrapolated)
     import numba
 
     from attnscope.circuits.flow import attention_flow
@@ -181,6 +183,10 @@ def main() -> None:
                       "mean time interpolated over layers, times n**2 per layer; graph construction not timed"}
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     print(f"wrote {out}")
+    if args.quick:  # values, not times: networkx agrees to rounding, scipy to its 1e-9 capacity quantum
+        worst = {name: max(r[name]["max_abs_diff"] for r in rows) for name in ("networkx", "scipy_dinic")}
+        if not (worst["networkx"] <= 1e-9 and worst["scipy_dinic"] <= 1e-5):
+            raise SystemExit(f"quick run: flow values disagree with the baselines: {worst}")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ Modes, each (mode, length) in a fresh subprocess:
 Peak memory = growth of the process's max RSS over the baseline taken after the model is built and a short warm-up
 decode has run. ``pattern_mb`` is the analytic size of full float32 patterns, ``layers * heads * n^2 * 4`` bytes.
 Usage: ``python benchmarks/heads_retrieval.py [--lengths 256 512 1024 2048 4096] [--out results/x.json]``.
+``--quick`` (CI smoke run): every mode at 64 tokens, all in one worker subprocess, one thread;
+exits 1 when any mode fails.
 """
 
 import argparse
@@ -82,27 +84,39 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096])
     parser.add_argument("--modes", nargs="+", default=["plain", "streaming", "patterns"])
     parser.add_argument("--out", default=None)
-    parser.add_argument("--worker", nargs=2, metavar=("MODE", "LENGTH"), help=argparse.SUPPRESS)
+    parser.add_argument("--quick", action="store_true", help="smoke run: every mode at 64 tokens, in one worker")
+    parser.add_argument("--worker", nargs=2, metavar=("MODE", "LENGTH"), help=argparse.SUPPRESS)  # MODE[,MODE...]
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(run_one(args.worker[0], int(args.worker[1]))))
+        modes = args.worker[0].split(",")
+        rows = [run_one(mode, int(args.worker[1])) for mode in modes]
+        print(json.dumps(rows if len(modes) > 1 else rows[0]))
         return
-    rows = []
+    if args.quick:
+        args.lengths = [64]
+        os.environ.setdefault("BENCH_THREADS", "1")  # the worker's: steadier than 2 on busy cores
+    groups = [args.modes] if args.quick else [[mode] for mode in args.modes]  # modes per worker process
+    rows, failed = [], []
     print(f"{'mode':10s} {'length':>6s} {'seconds':>8s} {'peak MB':>8s} {'n^2 MB':>8s}")
     for length in args.lengths:
-        for mode in args.modes:
+        for group in groups:
+            mode = ",".join(group)
             proc = subprocess.run([sys.executable, __file__, "--worker", mode, str(length)], capture_output=True,
                                   text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
             if proc.returncode != 0:
                 print(f"{mode:10s} {length:6d} failed: {proc.stderr.strip().splitlines()[-1:]}")
+                failed.append(mode)
                 continue
-            row = json.loads(proc.stdout.strip().splitlines()[-1])
-            rows.append(row)
-            print(f"{mode:10s} {length:6d} {row['seconds']:8.2f} {row['peak_growth_mb']:8.1f} "
-                  f"{row['pattern_mb']:8.1f}", flush=True)
+            out = json.loads(proc.stdout.strip().splitlines()[-1])
+            for row in out if isinstance(out, list) else [out]:
+                rows.append(row)
+                print(f"{row['mode']:10s} {length:6d} {row['seconds']:8.2f} {row['peak_growth_mb']:8.1f} "
+                      f"{row['pattern_mb']:8.1f}", flush=True)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(rows, indent=2))
+    if args.quick and failed:
+        sys.exit(f"quick run: failed: {failed}")
 
 
 if __name__ == "__main__":

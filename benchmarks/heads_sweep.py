@@ -12,6 +12,9 @@ scored; compute-bound) and with a vocabulary of 8192 on a last-token recall metr
 Methods run interleaved ``--repeats`` times (the machine is shared) and the minimum is reported. Usage:
 ``python benchmarks/heads_sweep.py [--configs organism organism-8 gpt2-random gpt2-last-token] [--repeats 3]
 [--threads 1] [--out results/bench_heads_sweep.json]``.
+
+``--quick`` (CI smoke run): every configuration with at most 17 tokens, batches of 2 (4 items for the organism, 2
+for the GPT-2s), one repeat; exits 1 when the three methods disagree by more than 1e-4.
 """
 
 import argparse
@@ -155,7 +158,10 @@ def main() -> None:
     parser.add_argument("--memory-mb", type=float, default=None, help="pass budget (default: the sweep's own)")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("BENCH_THREADS", "1")))
     parser.add_argument("--out", default="results/bench_heads_sweep.json")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 2-4 items of <= 17 tokens, one repeat")
     args = parser.parse_args()
+    if args.quick:
+        args.repeats = 1
 
     import torch
 
@@ -163,6 +169,9 @@ def main() -> None:
     results = []
     for name in args.configs:
         cfg = dict(CONFIGS[name])
+        if args.quick:
+            cfg.update(n_items=4 if cfg["model"].startswith("zoo:") else 2, seq_len=min(cfg["seq_len"], 17),
+                       batch_size=2)
         if cfg["model"].startswith("zoo:"):
             from attnscope import zoo
             from attnscope.errors import ModelNotFoundError
@@ -183,6 +192,9 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1, default=str))
+    worst = max(max(r["max_abs_diff_vs_loop"], r["max_abs_diff_vs_tl"]) for r in results)
+    if args.quick and not worst <= 1e-4:
+        raise SystemExit(f"quick run: the methods disagree by {worst:.1e}")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@
    curve ([CLS]-ranked vs random patches), answer accuracy.
 
 Usage: ``python benchmarks/shapes_multimodal.py [--prompts 12] [--scenes 24] [--out results/bench_shapes.json]``.
+``--quick`` (CI smoke run): 2 scenes; HRV over 2 captions with 2 denoising steps, weakening of 2 concepts (a colour
+and a shape) on 1 prompt at k = 0, 2, 4; 4 VLM questions; one torch thread.
 """
 
 import argparse
@@ -38,27 +40,27 @@ def daam_section(pipe, n_scenes: int) -> dict:
             "per_site_step": {f"{s}|{t}": float(v) for (s, t), v in means.stack().items()}}
 
 
-def hrv_section(pipe, n_prompts: int) -> dict:
+def hrv_section(pipe, n_prompts: int, n_captions: int = 24, steps: int = 10, concepts=CONCEPTS, ks=KS) -> dict:
     from attnscope.circuits.hrv import head_relevance
     from attnscope.circuits.hrv_weakening import ordered_weakening
     from attnscope.datasets.shapes import shapes_scenes
     from attnscope.zoo.shapes_checks import concept_scorer
 
-    captions = [s.caption for s in shapes_scenes(24, seed=3)]
-    hrv = head_relevance(pipe, captions, {c: [c] for c in CONCEPTS}, num_inference_steps=10, guidance_scale=3.0)
+    captions = [s.caption for s in shapes_scenes(n_captions, seed=3)]
+    hrv = head_relevance(pipe, captions, {c: [c] for c in CONCEPTS}, num_inference_steps=steps, guidance_scale=3.0)
     print(f"\n[HRV ordered weakening] HRV over {len(captions)} captions; {n_prompts} prompts per concept, "
           f"k of {len(hrv.heads)} heads weakened (x -2.0), classifier score of the concept")
     out = {}
-    for word in CONCEPTS:
+    for word in concepts:
         prompts = [s.caption for s in shapes_scenes(120, seed=11) if word in s.caption.split()][:n_prompts]
-        table = ordered_weakening(pipe, prompts, hrv, word, word, concept_scorer(word), ks=KS, seed=5,
-                                  num_inference_steps=10, guidance_scale=3.0).df
+        table = ordered_weakening(pipe, prompts, hrv, word, word, concept_scorer(word), ks=ks, seed=5,
+                                  num_inference_steps=steps, guidance_scale=3.0).df
         curve = table.pivot_table(index="k", columns="order", values="value")
-        mid = curve.loc[[k for k in KS if 0 < k < max(KS)]].mean()
+        mid = curve.loc[[k for k in ks if 0 < k < max(ks)]].mean()
         out[word] = {"MoRHF": curve["MoRHF"].tolist(), "LeRHF": curve["LeRHF"].tolist(),
                      "mean_MoRHF": float(mid["MoRHF"]), "mean_LeRHF": float(mid["LeRHF"])}
         print(f"{word:>9s} MoRHF {[round(v, 2) for v in curve['MoRHF']]}  LeRHF "
-              f"{[round(v, 2) for v in curve['LeRHF']]}  mean over 0<k<16: {mid['MoRHF']:.3f} vs "
+              f"{[round(v, 2) for v in curve['LeRHF']]}  mean over 0<k<{max(ks)}: {mid['MoRHF']:.3f} vs "
               f"{mid['LeRHF']:.3f}")
     return out
 
@@ -95,11 +97,16 @@ def main() -> None:
     parser.add_argument("--vlm-items", type=int, default=96)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="results/bench_shapes_multimodal.json")
+    parser.add_argument("--quick", action="store_true", help="smoke run: a few scenes, prompts and steps")
     args = parser.parse_args()
+    hrv_options = {}
+    if args.quick:
+        args.prompts, args.scenes, args.vlm_items, args.threads = 1, 2, 4, 1  # 1 thread: steady on busy cores
+        hrv_options = dict(n_captions=2, steps=2, concepts=("red", "circle"), ks=(0, 2, 4))
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     pipe = attnscope.load("zoo:shapes-diffusion")
-    report = {"daam": daam_section(pipe, args.scenes), "hrv": hrv_section(pipe, args.prompts),
+    report = {"daam": daam_section(pipe, args.scenes), "hrv": hrv_section(pipe, args.prompts, **hrv_options),
               "vlm": vlm_section(args.vlm_items), "seconds": time.perf_counter() - start}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))

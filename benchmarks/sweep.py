@@ -16,6 +16,7 @@ one torch thread too. For each worker count:
 
 The load average is printed: on a shared machine, numbers move with other people's jobs.
 Usage: ``python benchmarks/sweep.py [--cells 8] [--out results/bench_sweep.json]``.
+``--quick`` (CI smoke run): 2 cells of 4 items x 32 tokens, every phase (loop, 1 and 2 Ray workers, cold and warm).
 """
 
 import argparse
@@ -89,7 +90,10 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=192)
     parser.add_argument("--out", default="results/bench_sweep.json")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 2 cells of 4 items x 32 tokens")
     args = parser.parse_args()
+    if args.quick:
+        args.cells, args.items, args.seq_len = 2, 4, 32
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)

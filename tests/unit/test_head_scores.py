@@ -35,7 +35,7 @@ def planted_gpt2(plant, *, vocab=32, attn="sdpa", forced=None):
 
     def pre(module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
-        past = kwargs.get("past_key_values")
+        past = kwargs.get("cache", kwargs.get("past_key_values"))
         if past is None or past.get_seq_length() == 0:
             state["seqs"], state["n_prompt"] = ids.tolist(), ids.shape[1]
         else:
@@ -262,21 +262,148 @@ def _copy_model(suite):
         k = [p - start if start <= p < item.metadata["answer_span"][1] else None for p in positions]
         return onehot(q), onehot(k)
 
-    def answer(seq, n_prompt):
-        return seq[start + len(seq) - n_prompt]
+    def answer(seq, n_prompt):  # the prompt is the item's ids, however the caller splits prefill and decoding
+        return seq[start + len(seq) - len(item.ids)]
     return planted_gpt2({0: copy_head, 1: sink_head}, vocab=64, forced=answer)
 
 
 def test_planted_copy_head_scores_one_and_is_the_only_retrieval_head():
     suite = needle_tokens(1, seq_len=24, vocab_size=64, needle_len=5, cue_len=1, depth=0.5, seed=3)
     model = _copy_model(suite)
-    result = retrieval.retrieval_scores(model, suite, span="answer", progress=False)
+    result = retrieval.retrieval_scores(model, suite, progress=False)  # default: the reference's real_needle span
     assert result.scores[(0, 0)] == pytest.approx(1.0) and result.scores[(0, 1)] == 0.0
     assert str(result.heads) == "L0H0"
-    needle = retrieval.retrieval_scores(model, suite, progress=False)  # the paper's denominator: the whole needle
+    needle = retrieval.retrieval_scores(model, suite, span="needle", progress=False)  # the whole needle sentence
     assert needle.scores[(0, 0)] == pytest.approx(4 / 5)
     rouge = needle.table.df[needle.table.df.metric == "rouge1_recall"].iloc[0]
     assert rouge.value == 1.0 and rouge.counted and rouge.n_generated == 4
+
+
+@pytest.mark.parametrize("eos", ["first answer token", "every answer token"])
+def test_decoding_does_not_stop_at_the_models_eos(eos):
+    """The model's own generation config names an EOS that the copy head generates: decoding goes on (the reference
+    stops only at a newline), whatever a transformers release fills into generation defaults."""
+    suite = needle_tokens(1, seq_len=24, vocab_size=64, needle_len=5, cue_len=1, depth=0.5, seed=3)
+    model = _copy_model(suite)
+    answer = suite[0].answer_ids
+    ids = [answer[0]] if eos == "first answer token" else list(answer)
+    model.config.eos_token_id = model.generation_config.eos_token_id = ids if len(ids) > 1 else ids[0]
+    result = retrieval.retrieval_scores(model, suite, progress=False)
+    rouge = result.table.df[result.table.df.metric == "rouge1_recall"].iloc[0]
+    assert rouge.n_generated == len(answer) and rouge.response == " ".join(map(str, answer))
+    assert result.scores[(0, 0)] == pytest.approx(1.0)
+
+
+def test_greedy_decode_stops_after_a_newline_token_and_scores_it():
+    """Reference ``decode`` (L235-247): the newline step is appended and scored, then the loop breaks."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    bpe.train_from_iterator(["the cat\nsat on\nthe mat"], trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe)
+    newline = tok("\n", add_special_tokens=False)["input_ids"]
+    assert len(newline) == 1 and retrieval._is_newline(tok, newline[0])
+    assert not retrieval._is_newline(tok, tok("cat", add_special_tokens=False)["input_ids"][0])
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=16, n_positions=32, n_embd=16, n_layer=1, n_head=2)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    free = retrieval.greedy_decode(model, [1, 2, 3], max_new_tokens=6)
+    assert len(free) == 6
+    stop_at = free[2]
+    stopped = retrieval.greedy_decode(model, [1, 2, 3], max_new_tokens=6, stop=lambda t: t == stop_at)
+    assert stopped == free[:free.index(stop_at) + 1]  # the stopping token is kept (and so scored)
+
+
+def test_answer_span_is_located_never_replaced_by_the_needle():
+    """Items with only the needle's span: the answer is found by the reference's search, or an error."""
+    suite = needle_tokens(2, seq_len=24, vocab_size=64, needle_len=5, cue_len=2, depth=0.5, seed=1)
+    for item in suite:
+        expected = tuple(item.metadata["answer_span"])
+        del item.metadata["answer_span"]
+        enc = detectors.encode_item(item, None)
+        assert retrieval.needle_sample(enc, None).span == expected  # found by find_needle on answer_ids
+        assert retrieval.needle_sample(enc, None, span="needle").span == tuple(item.metadata["needle_span"])
+    lost = PromptItem(ids=[1, 2, 3, 4, 5, 6], answer_ids=[9, 9, 8], metadata={"needle_span": [1, 4]})
+    with pytest.raises(InputError, match="answer tokens are not in the prompt") as err:
+        retrieval.needle_sample(detectors.encode_item(lost, None), None)
+    assert err.value.fix
+
+
+def test_text_answer_span_from_character_spans(minilm):
+    """A text item with character spans only: the answer's tokens (1-2 wordpieces), not the 10+ token needle."""
+    from attnscope.datasets import needle_text
+
+    tok = minilm.tokenizer
+    suite = needle_text(3, context_length=60, seed=0)  # no tokenizer: character spans only
+    for item in suite:
+        assert "answer_span" not in item.metadata and "answer_span_chars" in item.metadata
+        enc = detectors.encode_item(item, tok)
+        start, end = retrieval.needle_sample(enc, tok).span
+        code = item.answer_text.strip()
+        assert tok.decode(enc.ids[start:end]).replace(" ", "") == code
+        n_start, n_end = retrieval.needle_sample(enc, tok, span="needle").span
+        assert n_start <= start < end <= n_end and n_end - n_start > end - start
+
+
+def _reference_retrieval_scores(model, prompt, real_needle_ids, decode_len):
+    """Transcription of nightdessert/Retrieval_Head ``retrieval_head_detection.py``: ``find_needle_idx`` (L249-259,
+    >90% token-set overlap), prefill ``input_ids[:, :-1]`` and ``decode`` (L235-247: one token a step from the last
+    prompt token, ``output_attentions``), ``retrieval_calculate`` (L221-229: top-1 of the last row inside the span
+    with ``prompt_ids[i] == inp`` adds ``1 / (needle_end - needle_start)``). Eager attention, our code unused."""
+    span_len = len(real_needle_ids)
+    start = end = -1
+    for i in range(len(prompt)):
+        window = set(prompt[i:i + span_len])
+        if len(window & set(real_needle_ids)) / len(set(real_needle_ids)) > 0.9:
+            start, end = i, i + span_len
+            break
+    n_layers, n_heads = model.config.num_hidden_layers, model.config.num_attention_heads
+    score = np.zeros((n_layers, n_heads))
+    with torch.no_grad():
+        ids = torch.tensor([prompt])
+        past = model(input_ids=ids[:, :-1], use_cache=True).past_key_values
+        inp, output = ids[:, -1], []
+        for _ in range(decode_len):
+            out = model(input_ids=inp.view(1, 1), past_key_values=past, use_cache=True, output_attentions=True)
+            past, inp = out.past_key_values, out.logits[0, -1].argmax()
+            output.append(int(inp))
+            for layer in range(n_layers):
+                for head in range(n_heads):
+                    i = int(out.attentions[layer][0][head][-1].topk(1).indices[0])
+                    if start <= i < end and int(inp) == prompt[i]:
+                        score[layer, head] += 1 / (end - start)
+    return score, output
+
+
+def test_default_retrieval_score_equals_the_reference_code():
+    """Identical inputs through the transcribed reference (eager) and our streaming default (SDPA)."""
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   eos_token_id=1)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    model.generation_config.eos_token_id = 1  # must not stop the decoding
+    rng = np.random.default_rng(1)
+    items = []
+    for _ in range(3):
+        prompt = rng.integers(0, 8, 40).tolist()
+        answer = prompt[10:16]  # the real_needle: tokens of the context
+        items.append(PromptItem(ids=prompt, answer_ids=answer, metadata={"needle_span": [5, 20]}))
+    suite = PromptSuite("reference-check", items)
+    ours = retrieval.retrieval_scores(model, suite, rouge_threshold=None, max_new_tokens=8, progress=False)
+    model.set_attn_implementation("eager")
+    per_sample = []
+    for item in items:
+        score, output = _reference_retrieval_scores(model, item.ids, item.answer_ids, 8)
+        per_sample.append(score)
+        rows = ours.table.df[(ours.table.df.metric == "rouge1_recall") & (ours.table.df["sample"] == items.index(item))]
+        assert rows.iloc[0].response == " ".join(map(str, output))
+    expected = np.mean(per_sample, axis=0)
+    assert expected.sum() > 0  # the comparison saw copies
+    for (layer, head), value in ours.scores.items():
+        assert value == pytest.approx(expected[layer, head], abs=1e-12)
 
 
 def test_samples_below_the_rouge_threshold_do_not_count():
@@ -298,15 +425,16 @@ def test_streaming_retrieval_equals_recomputation_from_eager_patterns():
     items = [PromptItem(ids=rng.integers(0, 6, 30).tolist(), answer_ids=[1, 2, 3, 4, 5, 0],
                         metadata={"needle_span": [0, 30]}) for _ in range(2)]
     suite = PromptSuite("whole-prompt-needle", items)
-    table = retrieval.retrieval_scores(model, suite, rouge_threshold=None, progress=False).table
+    table = retrieval.retrieval_scores(model, suite, span="needle", rouge_threshold=None, progress=False).table
     copies = table.df[table.df.metric == "copies"].set_index(["sample", "layer", "head"])["value"]
     model.set_attn_implementation("eager")
     total = 0
     for i, item in enumerate(items):
         prompt = item.ids
-        ids = torch.tensor([prompt])  # an explicit mask: generate would take the prompt's 0 tokens for padding
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
-                             eos_token_id=None, pad_token_id=0)
+        out = torch.tensor([prompt])  # greedy decoding without a cache: full forwards, no generate defaults
+        with torch.no_grad():
+            for _ in range(6):
+                out = torch.cat([out, model(out).logits[:, -1:].argmax(-1)], 1)
         gen = out[0, len(prompt):].tolist()
         with torch.no_grad():
             att = model(out[:, :-1], output_attentions=True).attentions

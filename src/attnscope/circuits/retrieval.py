@@ -3,24 +3,29 @@
 For each needle sample the model decodes greedily. At every decode step, for every layer and **query** head (GQA:
 one score per query head), the top-1 attended key position ``i`` of the current query counts as a copy when
 ``needle_start <= i < needle_end`` and ``context[i]`` equals the token generated at that step. The sample's score
-of a head is ``copies / needle length``. Only samples whose ROUGE-1 recall of the answer exceeds ``rouge_threshold``
+of a head is ``copies / span length``. Only samples whose ROUGE-1 recall of the answer exceeds ``rouge_threshold``
 (0.5; the reference's ``score > 50``) count; a head's retrieval score is the mean over counted samples, and it is a
 retrieval head when the score exceeds ``threshold`` (0.1).
 
-As in the reference, every generated token is scored: the reference prefills all prompt tokens but the last, then
-decodes from the last prompt token, so the first scored query is the last prompt token and the scored token is the
-one it predicts. Here the capture keeps, per forward of ``generate``, only the top-k statistic of the last query row
-(``capture(stats=("topk",), topk=1, rows="last:1", patterns=False)``): no probability row longer than one query is
-ever kept, and long contexts fit in memory.
+Decoding is our own loop over the KV cache (``greedy_decode``), transcribing the reference's ``decode``
+(``retrieval_head_detection.py`` L235-247): prefill all prompt tokens but the last, then feed the last prompt token
+and each argmax token in turn; every generated token is scored (the first scored query is the last prompt token),
+for at most ``max_new_tokens`` steps (the reference's 50), stopping *after* a token holding a newline (the
+reference's ``'<0x0A>'``). End-of-sequence never stops it: ``generate`` is not called, so no transformers release's
+generation defaults can change the rule. The capture keeps, per decode step, only the top-k statistic of the last
+query row (``capture(stats=("topk",), topk=1, rows="last:1", patterns=False)``): no probability row longer than one
+query is ever kept, and long contexts fit in memory.
 
 Options and their reference defaults: ``topk=1`` (a step counts when any of the top-k positions is a copy);
-``span="needle"`` (the whole needle span as the denominator; ``"answer"`` uses only the tokens to be generated, so a
-perfect copy head scores 1); ``max_new_tokens`` 50 with a tokenizer (decoding stops after a token containing a
-newline, as the reference stops at ``<0x0A>``; end-of-sequence does not stop it) and the answer's length for
-token-level suites; ROUGE-1 recall with stemming (``rouge_score``, as the reference) on text, on token ids otherwise.
-The needle span comes from the suite's metadata (``needle_span``, or the queried pair of an associative-recall item);
-without it the span is located as the reference does: the first window whose token set overlaps the needle's by
-more than 90%.
+``span="answer"``: the scored span and denominator are the **answer** tokens, the reference's ``real_needle``
+(L287 ``find_needle_idx(self.real_needle)``, L227 ``1/(needle_end - needle_start)``, L296 ROUGE against
+``real_needle``; ``haystack_for_detect/needles.jsonl``), so a perfect copy head scores 1; ``span="needle"`` uses
+the whole needle sentence instead (not the reference's rule). The span comes from the suite's token spans
+(``answer_span`` / ``needle_span``, or the queried pair of an associative-recall item), else from character spans
+(``answer_span_chars``) through the tokenizer's offsets, else as the reference locates it: the first window whose
+token set overlaps the answer's (needle's) by more than 90%. If none of these finds it, an ``InputError``: never a
+silent fallback to another span. ``max_new_tokens`` 50 with a tokenizer and the answer's length for token-level
+suites; ROUGE-1 recall with stemming (``rouge_score``, as the reference) on text, on token ids otherwise.
 
 Example:
     >>> import torch
@@ -31,9 +36,10 @@ Example:
     [[2]]
 """
 
+import contextlib
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +51,7 @@ from ..datasets.suite import PromptSuite
 from ..errors import AnalysisError, InputError, InputTooLongError
 from ..probes.capture import capture, resolve_adapter
 from ..probes.heads import HeadSet
+from ..probes.kv_cache import forward_with_cache
 from ..results import ResultTable
 from .detectors import Encoded, PartialLog, encode_suite, fingerprint, parse_heads, progress_bar, self_sites
 from .registry import register_analysis
@@ -108,27 +115,77 @@ def _metadata_span(meta: dict, span: str) -> tuple[int, int] | None:
     return None
 
 
-def needle_sample(enc: Encoded, tokenizer: Any, span: str = "needle") -> NeedleSample:
+def _sublist(haystack: Sequence[int], part: Sequence[int]) -> int | None:
+    n = len(part)
+    return next((i for i in range(len(haystack) - n + 1) if list(haystack[i:i + n]) == list(part)), None)
+
+
+def _char_span(enc: Encoded, tokenizer: Any, span: str) -> tuple[int, int] | None:
+    """A ``*_span_chars`` character span of a text item as tokens of ``enc.ids`` (offset mapping)."""
+    chars = enc.item.metadata.get(f"{span}_span_chars")
+    if chars is None or tokenizer is None or enc.item.text is None:
+        return None
+    from ..datasets._tokenize import encode_with_spans
+
+    plain, spans = encode_with_spans(tokenizer, enc.item.text, {span: tuple(chars)})
+    shift = _sublist(enc.ids, plain)
+    if shift is None or spans[span][0] >= spans[span][1]:
+        return None
+    return spans[span][0] + shift, spans[span][1] + shift
+
+
+def _target_tokens(item: Any, tokenizer: Any, span: str) -> list[int] | None:
+    """The tokens the reference's ``find_needle_idx`` looks for: the needle, or the answer (``real_needle``)."""
+    meta = item.metadata
+    if span == "needle":
+        if meta.get("needle") is not None:
+            return list(meta["needle"])
+        text = meta.get("needle_text")
+    else:
+        if item.answer_ids is not None:
+            return list(item.answer_ids)
+        text = item.answer_text
+    if text and tokenizer is not None:
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return None
+
+
+def locate_span(enc: Encoded, tokenizer: Any, span: str = "answer") -> tuple[int, int]:
+    """``[start, end)`` of the scored span in ``enc.ids``: the answer (``real_needle``, the reference's rule) or the
+    whole needle sentence. Token spans in the metadata first, then character spans, then the reference's search
+    (``find_needle``) for the answer's or needle's tokens; an error when none finds it, never another span.
+    """
+    found = _metadata_span(enc.item.metadata, span)
+    if found is not None:
+        return found[0] + enc.offset, found[1] + enc.offset
+    found = _char_span(enc, tokenizer, span)
+    if found is not None:
+        return found
+    target = _target_tokens(enc.item, tokenizer, span)
+    if not target:
+        what = "needle_span, needle or needle_text" if span == "needle" else "answer_span, answer_ids or answer_text"
+        raise InputError(f"item has no {span} to score", expected=f"metadata or fields {what}",
+                         got=sorted(enc.item.metadata), fix="use a needle or recall suite, or pass span='needle'")
+    start, end = find_needle(enc.ids, target)
+    if start < 0:
+        raise InputError(f"the {span} tokens are not in the prompt", expected=f"{len(target)} tokens found by the "
+                         "reference's >90% token-set overlap rule", got="no such window",
+                         fix=f"give the item an {span}_span, or check that the {span} text appears in the prompt")
+    return start, end
+
+
+def needle_sample(enc: Encoded, tokenizer: Any, span: str = "answer") -> NeedleSample:
     """The sample of one encoded item (prompt cut after the suite's ids: no trailing special token)."""
     item, meta = enc.item, enc.item.metadata
     ids = enc.ids[:enc.offset + len(item.ids)] if item.ids is not None else list(enc.ids)
-    found = _metadata_span(meta, span)
-    if found is not None:
-        start, end = found[0] + enc.offset, found[1] + enc.offset
-    else:
-        needle = meta.get("needle")
-        if needle is None and meta.get("needle_text") and tokenizer is not None:
-            needle = tokenizer(meta["needle_text"], add_special_tokens=False)["input_ids"]
-        if needle is None:
-            raise InputError("item has no needle", expected="metadata needle_span, needle or needle_text",
-                             got=sorted(meta), fix="use a needle or recall suite")
-        start, end = find_needle(ids, list(needle))
+    start, end = locate_span(Encoded(ids, enc.offset, item, enc.index), tokenizer, span)
     if not 0 <= start < end <= len(ids):
-        raise InputError("needle not found in the prompt", expected="a span inside the prompt",
-                         got=(start, end), fix="check the suite's needle_span metadata")
+        raise InputError(f"{span} span not inside the prompt", expected=f"a span inside [0, {len(ids)})",
+                         got=(start, end), fix=f"check the suite's {span}_span metadata")
     reference = item.answer_text if (tokenizer is not None and item.answer_text) else item.answer_ids
     if reference is None:
-        raise InputError("item has no answer", expected="answer_text or answer_ids", got=None)
+        raise InputError("item has no answer", expected="answer_text or answer_ids", got=None,
+                         fix="give each item an answer_text or answer_ids")
     extra = {k: meta[k] for k in ("context_length", "depth") if k in meta}
     return NeedleSample(enc.index, ids, (start, end), reference, extra)
 
@@ -136,47 +193,78 @@ def needle_sample(enc: Encoded, tokenizer: Any, span: str = "needle") -> NeedleS
 # ---- decoding with streaming top-k -------------------------------------------------------------------------------
 
 
-def _newline_stop(tokenizer: Any) -> Any:
-    from transformers import StoppingCriteria, StoppingCriteriaList
+def _is_newline(tokenizer: Any, token: int) -> bool:
+    """The reference's stop rule (``step_token == '<0x0A>'``): the token's text holds a newline."""
+    if tokenizer is None:
+        return False
+    piece = tokenizer.convert_ids_to_tokens(int(token))
+    return piece == "<0x0A>" or "\n" in tokenizer.decode([int(token)])
 
-    class StopAfterNewline(StoppingCriteria):
-        def __call__(self, input_ids: Tensor, scores: Tensor, **kwargs: Any) -> Tensor:
-            last = input_ids[:, -1].tolist()
-            return torch.tensor(["\n" in tokenizer.decode([t]) for t in last], device=input_ids.device)
-    return StoppingCriteriaList([StopAfterNewline()])
+
+def greedy_decode(module: Any, prompt: Sequence[int], max_new_tokens: int,
+                  stop: Callable[[int], bool] | None = None,
+                  on_prefill: contextlib.AbstractContextManager | None = None,
+                  on_decode: contextlib.AbstractContextManager | None = None) -> list[int]:
+    """The reference's decoding loop (``retrieval_head_detection.py`` ``decode``, L235-247), owned by us.
+
+    Prefill ``prompt[:-1]`` into the cache, then feed the last prompt token and each argmax token in turn, for at
+    most ``max_new_tokens`` steps; stop *after* a token for which ``stop(token)`` is true (the reference scores the
+    newline step, then breaks). End-of-sequence never stops it, whatever the model's generation config says:
+    ``generate`` is not used, so no transformers release can refill a stopping rule. ``on_decode`` wraps the decode
+    steps only (the capture), so capture step ``i`` is the forward that produced token ``i``.
+
+    Example:
+        >>> import torch, transformers
+        >>> _ = torch.manual_seed(0)
+        >>> cfg = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=11, bos_token_id=0, eos_token_id=0)
+        >>> model = transformers.GPT2LMHeadModel(cfg).eval()
+        >>> len(greedy_decode(model, [1, 2, 3], max_new_tokens=4))
+        4
+    """
+    if len(prompt) < 1 or max_new_tokens < 1:
+        raise InputError("nothing to decode", expected="a non-empty prompt and max_new_tokens >= 1",
+                         got=(len(prompt), max_new_tokens), fix="give a prompt and a positive max_new_tokens")
+    device = next(module.parameters()).device
+    ids = torch.tensor([list(prompt)], device=device)
+    past, generated = None, []
+    with torch.no_grad():
+        if ids.shape[1] > 1:
+            with on_prefill or contextlib.nullcontext():
+                _, past = forward_with_cache(module, ids[:, :-1], None)
+        token = ids[:, -1:]
+        with on_decode or contextlib.nullcontext():
+            for _ in range(int(max_new_tokens)):
+                logits, past = forward_with_cache(module, token, past)
+                next_id = int(logits[0, -1].argmax())
+                generated.append(next_id)
+                if stop is not None and stop(next_id):
+                    break
+                token = torch.tensor([[next_id]], device=device)
+    return generated
 
 
 def decode_top_positions(model: Any, prompt: Sequence[int], *, max_new_tokens: int, topk: int = 1,
                          heads: HeadSet | None = None, stop_at_newline: bool = True,
                          tower: str = "text") -> "Decoded":
-    """Greedy decoding with streaming top-k of the current query per step.
+    """Greedy decoding (``greedy_decode``) with streaming top-k of the current query per step.
 
     Returns the generated ids, ``top [step, layer, head, k]`` key positions (layers and heads as captured; ``-1``
     where a head was not captured), the captured layers' numbers and their model head numbers.
     """
-    from transformers import GenerationConfig
-
     adapter = resolve_adapter(model)
     module, tokenizer = adapter.module, adapter.tokenizer
-    if not hasattr(module, "generate") or adapter.info().family != "causal-lm":
+    if adapter.info().family != "causal-lm":
         raise AnalysisError("retrieval scoring decodes, so it needs a causal LM", expected="a causal LM",
-                            got=f"{type(module).__name__} ({adapter.info().family})")
+                            got=f"{type(module).__name__} ({adapter.info().family})",
+                            fix="load a causal language model (GPT-2, Llama, Qwen ...)")
     limit = adapter.info().max_positions
     if limit and len(prompt) + int(max_new_tokens) > limit:
         raise InputTooLongError("prompt plus decoded tokens exceed the model's context",
                                 expected=f"<= {limit} tokens", got=len(prompt) + int(max_new_tokens),
                                 fix="use shorter needle contexts or fewer --max-new-tokens")
-    device = next(module.parameters()).device
-    ids = torch.tensor([list(prompt)], device=device)
-    pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
-    config = GenerationConfig(max_new_tokens=int(max_new_tokens), do_sample=False, eos_token_id=None,
-                              pad_token_id=0 if pad is None else pad)
-    stop = _newline_stop(tokenizer) if stop_at_newline and tokenizer is not None else None
-    with capture(adapter, stats=("topk",), topk=topk, rows="last:1", patterns=False, heads=heads) as cap:
-        with torch.no_grad():
-            out = module.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config,
-                                  stopping_criteria=stop)
-    generated = out[0, len(prompt):].tolist()
+    stop = (lambda t: _is_newline(tokenizer, t)) if stop_at_newline and tokenizer is not None else None
+    cap = capture(adapter, stats=("topk",), topk=topk, rows="last:1", patterns=False, heads=heads)
+    generated = greedy_decode(module, prompt, max_new_tokens, stop=stop, on_decode=cap)
     sites = self_sites(cap.trace, tower)
     head_ids = [cap.trace.get(s, step=0).heads() for s in sites]
     width = max(len(h) for h in head_ids)
@@ -247,7 +335,7 @@ def _score_sample(adapter: Any, sample: NeedleSample, *, max_new_tokens: int | N
 
 
 def retrieval_scores(model: Any, suite: PromptSuite, *, threshold: float = 0.1, rouge_threshold: float | None = 0.5,
-                     span: str = "needle", max_new_tokens: int | None = None, stop_at_newline: bool = True,
+                     span: str = "answer", max_new_tokens: int | None = None, stop_at_newline: bool = True,
                      topk: int = 1, heads: Any = None, partial: Any = None, progress: bool = True,
                      add_special_tokens: bool = True) -> RetrievalResult:
     """Retrieval score per (layer, query head) over the suite's needle samples (see the module docstring).
@@ -299,7 +387,7 @@ def _aggregate(rows: list[dict], threshold: float, adapter: Any, suite: PromptSu
 @register_analysis("retrieval", description="retrieval heads (Wu et al. 2024): copy-paste score from the needle "
                    "during greedy decoding, per query head")
 def retrieval(model: Any, suite: PromptSuite, *, threshold: float = 0.1, rouge_threshold: float | None = 0.5,
-              span: str = "needle", max_new_tokens: int | None = None, stop_at_newline: bool = True, topk: int = 1,
+              span: str = "answer", max_new_tokens: int | None = None, stop_at_newline: bool = True, topk: int = 1,
               heads: Any = None, partial: Any = None, progress: bool = True,
               add_special_tokens: bool = True) -> ResultTable:
     """``retrieval_scores(...).table``; the flagged heads are in ``table.provenance["retrieval_heads"]``."""

@@ -7,6 +7,11 @@ row-stochastic attention this is the reference ``aug = A + I; aug /= aug.sum(-1)
 layer on the left: ``J_start = A_hat_start``, ``J_l = A_hat_l @ J_{l-1}``. Row ``i`` of ``J_l`` is how much of token
 ``i``'s representation after layer ``l`` traces back to each input token.
 
+Differences from jacobgil/vit-explain's ``rollout`` (by design, see ``discard_lowest``): its discard keeps only flat
+index 0 and renormalises ``(A + I) / 2`` by the *row sums of the original matrix* after dropping entries, so its rows
+no longer sum to 1 (its known normalisation bug, jacobgil/vit-explain#16); here the whole diagonal is kept and every
+``A_hat`` row is renormalised. With ``discard_ratio=0`` (the default, Abnar & Zuidema's setting) both agree.
+
 Example:
     >>> import torch
     >>> from attnscope.circuits.rollout import rollout
@@ -55,7 +60,7 @@ class InputKind:
         return values.astype(self.dtype, copy=False)
 
 
-def layer_stack(attn: AttnInput, *, tower: str = "text", kind: str = "self", validate: bool = True,
+def layer_stack(attn: AttnInput, *, tower: str | None = None, kind: str = "self", validate: bool = True,
                 atol: float = 1e-3) -> tuple[np.ndarray, InputKind]:
     """``[layer, batch, head, query, key]`` float64 numpy copy of the input, and how it was given.
 

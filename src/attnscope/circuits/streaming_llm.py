@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..probes.kv_cache import forward_with_cache
 from ..datasets.suite import PromptSuite
 from ..errors import AnalysisError, InputError
 from ..probes.capture import resolve_adapter
@@ -126,10 +127,9 @@ def cache_nll(module: Any, ids: Tensor, n_sink: int, window: int, progress: bool
         if length >= cap:
             _evict(cache, n_sink, shift)
             length -= 1
-        out = module(input_ids=ids[None, t:t + 1], past_key_values=cache, use_cache=True,
-                     position_ids=torch.tensor([[length]], device=ids.device))
-        cache = out.past_key_values
-        nll.append(_nll(out.logits[0, -1], ids[t + 1]))
+        logits, cache = forward_with_cache(module, ids[None, t:t + 1], cache,
+                                           position_ids=torch.tensor([[length]], device=ids.device))
+        nll.append(_nll(logits[0, -1], ids[t + 1]))
     return torch.stack(nll)
 
 

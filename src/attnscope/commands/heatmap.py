@@ -3,7 +3,9 @@
 Runs the diffusion pipeline once on the prompt (seeded), aggregates cross-attention of each word the DAAM way
 (``attnscope.circuits.daam``: sum over steps, mean over layers and heads, upsampled, clamped) and writes the
 generated image with each word's map over it: ``.png`` (Pillow), ``.html`` (plotly), or ``.parquet`` (the maps
-as a ResultTable). Aggregation controls: ``--steps-kept``, ``--heads``, ``--upsample``, ``--size``,
+as a ResultTable). ``--preset daam`` reproduces the reference code (castorini/daam: clamp after the step sum,
+64x64 or 96x96 maps, no mid block, its spatial-factor filter); the default ``attnscope`` preset keeps every site
+at the image size. Aggregation controls: ``--steps-kept``, ``--heads``, ``--upsample``, ``--size``,
 ``--normalize``.
 """
 
@@ -44,28 +46,32 @@ def _write(result, image: np.ndarray | None, words: list[str], out: Path) -> Non
 
         parts = [image_overlay(m, image=image, title=f"DAAM: {w!r}").to_html(
             full_html=False, include_plotlyjs="cdn" if i else True) for i, (w, m) in enumerate(zip(words, maps))]
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text("<html><body>" + "\n".join(parts) + "</body></html>")
+        from .._atomic import atomic_write_text
+
+        atomic_write_text(out, "<html><body>" + "\n".join(parts) + "</body></html>")
 
 
 def _heatmap(args: argparse.Namespace) -> int:
     from ..circuits.daam import daam_maps
     from ..probes.loading import load
 
-    out = Path(args.out)
-    if out.suffix not in _FORMATS:
-        raise InputError("unknown output format", expected=" | ".join(_FORMATS), got=out.suffix or args.out)
+    from .._atomic import check_output
+    from .parsing import check_text
+
+    out = check_output(args.out, suffixes=_FORMATS)
+    check_text(args.prompt, "--prompt")
     words = [w for spec in args.word for w in spec.split(",") if w.strip()]
     if not words:
         raise InputError("no word given", expected="--word WORD (repeatable)", got=args.word)
     model = load(args.model)
-    options = {"upsample": args.upsample, "normalize": args.normalize}
+    options = {k: v for k, v in (("upsample", args.upsample), ("normalize", args.normalize)) if v is not None}
     if args.heads:
         options["heads"] = int_list(args.heads, "heads")
     if args.steps_kept:
         options["steps"] = int_list(args.steps_kept, "steps")
-    size = "image" if args.size == "image" else "grid"
-    result = daam_maps(model, [args.prompt], words, seed=args.seed, size=size, num_inference_steps=args.steps,
+    size = args.size or ("daam" if args.preset == "daam" else "image")
+    result = daam_maps(model, [args.prompt], words, preset=args.preset, seed=args.seed, size=size,
+                       num_inference_steps=args.steps,
                        guidance_scale=args.guidance, pipeline_kwargs={"output_type": "np"}, **options)
     image = _image_of(getattr(result.trace, "output", None))
     _write(result, image, words, out)
@@ -93,7 +99,15 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps-kept", help="aggregate only these denoising steps, e.g. 0,1,2")
     p.add_argument("--heads", help="aggregate only these heads of every layer, e.g. 0,3")
-    p.add_argument("--upsample", choices=("bicubic", "bilinear", "nearest"), default="bicubic")
-    p.add_argument("--size", choices=("image", "grid"), default="image", help="map resolution")
-    p.add_argument("--normalize", choices=("none", "max", "minmax", "words"), default="none")
+    p.add_argument("--preset", choices=("attnscope", "daam"), default="attnscope",
+                   help="daam: the reference code's aggregation (clamp after the step sum, 64x64 or 96x96 maps, no "
+                   "mid block, its spatial-factor filter; UNet pipelines); attnscope: every site, each step's map "
+                   "clamped")
+    p.add_argument("--upsample", choices=("bicubic", "bilinear", "nearest"), default=None,
+                   help="default: bicubic")
+    p.add_argument("--size", choices=("image", "grid", "daam"), default=None,
+                   help="map resolution (default: image; with --preset daam, DAAM's 64x64 or 96x96)")
+    p.add_argument("--normalize", choices=("none", "max", "minmax", "words", "prompt_tokens"), default=None,
+                   help="default: none; words: each pixel over the given words; prompt_tokens: over all the "
+                   "prompt's tokens (DAAM's normalize=True)")
     p.set_defaults(run=_heatmap)

@@ -134,7 +134,7 @@ def uses_interpreter(device: torch.device) -> bool:
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages). Checked by ahead-of-time compiles for sm_90 (``aot.py``,
-# ``benchmarks/kernels.py --aot``; table in NOTES.md): all use warpgroup MMA; 128x64/8 warps has no spills for
+# ``benchmarks/bench_kernels.py --aot``; table in NOTES.md): all use warpgroup MMA; 128x64/8 warps has no spills for
 # output-only and statistics-only, 128x32/8 warps none for output + statistics. Left out: 4-warp 128-row tiles
 # (spill), 128x128 with 3 stages (256 KB of shared memory with values: does not fit).
 _BIG = [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3), (64, 64, 4, 4),
