@@ -5,6 +5,7 @@ test additionally fails if a subprocess is started at all.
 """
 
 import subprocess
+import tempfile
 import sys
 import types
 
@@ -237,8 +238,18 @@ def test_nnsight_context_manager_form_records_through_the_fallback_once(wrapped_
 
 
 def test_nnsight_restored_after_a_forward_that_raises(wrapped_llama):
-    with pytest.raises(Exception, match="index out of range"):
+    with pytest.raises(attnscope.InputError, match="outside the vocabulary"):  # refused before the forward
         attnscope.capture(wrapped_llama, {"input_ids": torch.tensor([[1, 2, 999]])})
+
+    def boom(*_):
+        raise RuntimeError("boom")
+
+    handle = wrapped_llama._module.model.layers[1].register_forward_hook(boom)
+    try:
+        with pytest.raises(Exception, match="boom"):
+            attnscope.capture(wrapped_llama, {"input_ids": torch.tensor([[1, 2, 3]])})
+    finally:
+        handle.remove()
     adapter = attnscope.load(wrapped_llama).adapter
     assert wrapped_llama._module.config._attn_implementation == "sdpa"
     assert not hf_route._ACTIVE
@@ -253,3 +264,37 @@ def test_bridge_refuses_attention_transformer_lens_would_compute_differently():
                                   scale_attn_weights=False)
     with pytest.raises(UnsupportedModelError, match="scale_attn_weights=False"):
         boot_bridge(transformers.GPT2LMHeadModel(cfg).eval(), tiny_word_tokenizer(64))
+
+
+def test_a_users_own_bridge_that_is_not_its_source_model_is_refused_at_load():
+    """Booted by TransformerLens directly (not our boot_bridge): TL ignores scale_attn_weights=False, so its logits
+    differ from the HF model's; attnscope.load checks the bridge against its source and refuses."""
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformer_lens.model_bridge.sources import transformers as _tl_hf  # noqa: F401
+
+    from attnscope.errors import UnsupportedModelError
+    from attnscope.probes.adapters.tl_bridge import check_bridge_against_source
+
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=1, n_head=4,
+                                  scale_attn_weights=False)
+    hf = transformers.GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():
+        hf.transformer.h[0].attn.c_attn.weight.mul_(20.0)  # peaked attention: the missing scale shows
+    with tempfile.TemporaryDirectory() as folder:  # TransformerLens re-reads the tokenizer from its path
+        tiny_word_tokenizer(64).save_pretrained(folder)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+        bridge = TransformerBridge.boot_transformers(folder, hf_model=hf, tokenizer=tokenizer, device="cpu")
+    with pytest.raises(UnsupportedModelError, match="scale_attn_weights"):
+        attnscope.load(bridge)
+    hf.config.scale_attn_weights = True  # now a config the bridge matches: the static rule passes
+    assert check_bridge_against_source(bridge) < 1e-4
+    hf.config.layer_norm_epsilon = 10.0  # the source changed after booting: the dynamic check sees the logits
+    with pytest.raises(UnsupportedModelError, match="computes a different model"):
+        check_bridge_against_source(bridge)
+
+
+def test_a_faithful_bridge_passes_the_source_check(gpt2_bridge):
+    from attnscope.probes.adapters.tl_bridge import check_bridge_against_source
+
+    assert check_bridge_against_source(gpt2_bridge) < 1e-4

@@ -219,7 +219,9 @@ def single_head_sweep(model: Any, batches: Sequence[EvalBatch], metric: TaskMetr
     projections = output_projections(module)
     order = list(check_heads(heads, projections) if heads is not None else head_grid(projections))
     means = _mean_tables(module, order, batches, mean_values) if mode == "mean" else {}
-    blocks = layer_blocks(module, projections) if share_prefix else None
+    # prefix sharing replays cached projection inputs: only where the projection is known (not route-only families)
+    replayable = share_prefix and all(p.module is not None for p in projections)
+    blocks = layer_blocks(module, projections) if replayable else None
     device = next(module.parameters()).device
     clean_totals = torch.zeros(2, dtype=torch.float64)
     totals = torch.zeros(len(order), 2, dtype=torch.float64)

@@ -66,6 +66,7 @@ class ModelAdapter:
 
     family = "base"
     priority = 0  # higher is tried first
+    runs_on_text_alone = True  # a forward on token ids alone works (reference runs of mean / resample edits)
 
     def __init__(self, module: torch.nn.Module, tokenizer: Any = None, name: str = ""):
         self.module, self.tokenizer, self.name = module, tokenizer, name
@@ -136,5 +137,20 @@ def adapter_for(module: Any, tokenizer: Any = None, name: str = "") -> ModelAdap
         if cls.matches(module):
             return cls(module, tokenizer=tokenizer, name=name)
     raise UnsupportedModelError(
-        "no adapter for this model", expected=f"one of {[c.family for c in _REGISTRY]}",
-        got=type(module).__name__, fix="pass a supported HF/diffusers/TransformerLens/nnsight model")
+        "no adapter for this model", expected=f"one of {[c.family for c in _REGISTRY]}", got=_why_unmatched(module),
+        fix="pass a supported HF/diffusers/TransformerLens/nnsight model, or register your own adapter: subclass "
+            "attnscope.probes.adapter.ModelAdapter (matches, info, prepare, instrument) and decorate it with "
+            "@register_adapter")
+
+
+def _why_unmatched(module: Any) -> str:
+    """What the model lacks, for the error: most often attention that bypasses transformers' AttentionInterface."""
+    name = type(module).__name__
+    if not isinstance(module, torch.nn.Module):
+        return f"{name} (not a torch module)"
+    attention = sorted({type(m).__name__ for m in module.modules() if type(m).__name__.endswith("Attention")})
+    if attention:
+        return (f"{name}, whose attention modules ({', '.join(attention[:3])}) compute their scores inline instead of "
+                "calling transformers' ALL_ATTENTION_FUNCTIONS, so attnscope cannot observe or edit them (e.g. BLOOM's "
+                "ALiBi, DeBERTa's disentangled attention)")
+    return f"{name} (no attention module found)"

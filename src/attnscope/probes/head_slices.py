@@ -2,9 +2,18 @@
 
 The input of a layer's output projection is the concatenation of its heads' outputs, ``[..., head * d_head]``.
 Viewing it as ``[..., head, d_head]`` gives each head's output ``Att_h(x)`` (Michel et al. 2019 gate exactly this
-slice). Found for GPT-2 (``attn.c_proj``), the Llama class incl. Qwen2/Mistral (``self_attn.o_proj``) and the BERT
-class (``attention.output.dense``). Head counts are read from the weights, so a structurally pruned model (fewer
-heads in some layers) is described correctly. Under GQA the slices are per *query* head; ``kv_head_of`` and
+slice). Two ways in, one layout:
+
+- **the attention route** (every other transformers family: GPT-NeoX, GPT-J, OPT, Falcon, Phi-3, DeepSeek MLA,
+  DistilBERT, ModernBERT, CLIP, T5, BART, Whisper, ViT ...): the edit runs inside the routed attention function
+  (``hf_route.edit_attention``), on its output ``[batch, query, head, d_head]`` before the output projection, the
+  same place capture reads. Self-attention layers are numbered in forward order (encoder-decoders: the encoder's,
+  then the decoder's); cross-attention is not a layer here. Where a model applies something between the attention
+  function and its projection (Qwen3-Next's output gate), the edit acts before it.
+- **a pre-hook on the projection input** for GPT-2 (``attn.c_proj``), the Llama class incl. Qwen2/Mistral
+  (``self_attn.o_proj``) and the BERT class (``attention.output.dense``): the same slices, and what structural
+  pruning and the zoo's weight edits need. Head counts are read from the weights, so a structurally pruned model
+  (fewer heads in some layers) is described correctly. Under GQA the slices are per *query* head; ``kv_head_of`` and
 ``query_heads_of`` map between query heads and the KV head they share.
 
 Example:
@@ -18,7 +27,7 @@ Example:
 """
 
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,11 +46,12 @@ class OutputProjection:
 
     ``attention`` is the module that dispatches through ``transformers.AttentionInterface`` (GPT-2 ``attn``,
     Llama ``self_attn``, BERT ``attention.self``); ``block`` is the module holding q/k/v and the projection.
+    ``module`` (the projection) is None for families edited through the attention route only (``family="routed"``).
     """
 
     layer: int
     name: str
-    module: nn.Module
+    module: nn.Module | None
     n_heads: int
     d_head: int
     n_kv_heads: int = 0
@@ -80,12 +90,83 @@ def _describe(module: nn.Module) -> OutputProjection | None:
     return None
 
 
-def output_projections(model: nn.Module) -> list[OutputProjection]:
-    """Every self-attention output projection of ``model``, in layer order (GPT-2, Llama class, BERT class).
+def _first_int(objects: tuple, names: tuple[str, ...]) -> int | None:
+    for obj in objects:
+        for name in names:
+            value = getattr(obj, name, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return None
 
-    Accepts a ``LoadedModel`` too. Raises UnsupportedModelError when none is found.
+
+def routed_layout(module: nn.Module) -> tuple[int, int, int] | None:
+    """``(n_heads, d_head, n_kv_heads)`` of a routed attention module, from its attributes or its config."""
+    config = getattr(module, "config", None)
+    n_heads = _first_int((module,), ("num_heads", "num_attention_heads", "n_heads", "n_head", "heads")) \
+        or _first_int((config,), ("num_attention_heads", "n_head", "num_heads"))
+    if not n_heads:
+        return None
+    d_head = _first_int((module,), ("v_head_dim", "head_dim", "attention_head_size", "key_value_proj_dim",
+                                    "head_size", "d_head")) or _first_int((config,), ("head_dim",))
+    if not d_head:
+        hidden = _first_int((module, config), ("embed_dim", "hidden_size", "d_model", "n_embd"))
+        d_head = hidden // n_heads if hidden else None
+    if not d_head:
+        return None
+    groups = _first_int((module,), ("num_key_value_groups",))
+    n_kv = _first_int((module,), ("num_key_value_heads", "num_kv_heads")) or (n_heads // groups if groups else None) \
+        or _first_int((config,), ("num_key_value_heads",)) or n_heads
+    return n_heads, d_head, n_kv
+
+
+def _routed_projections(model: nn.Module) -> list[OutputProjection]:
+    from .adapters.hf_route import attention_modules
+    from .adapters.hf_text import _is_cross, encoder_decoder_tower, is_encoder_decoder
+
+    found = [(name, m) for name, m in attention_modules(model) if not _is_cross(name, m)]
+    if is_encoder_decoder(model):  # encoder layers first, then the decoder's
+        found.sort(key=lambda item: encoder_decoder_tower(item[0]) == "decoder")
+    out = []
+    for name, module in found:
+        layout = routed_layout(module)
+        if layout is None:
+            raise UnsupportedModelError("cannot read the head layout of an attention module",
+                                        expected="num_heads / head_dim attributes or config fields",
+                                        got=f"{name} ({type(module).__name__})",
+                                        fix="register an adapter for this family (attnscope.probes.adapter)")
+        out.append(OutputProjection(len(out), name, None, layout[0], layout[1], layout[2], module, module, "routed"))
+    return out
+
+
+def _diffusers_projections(denoiser: nn.Module) -> list[OutputProjection]:
+    from .adapters.diffusers_edits import attention_layers, head_layout
+
+    out = []
+    for name, module in attention_layers(denoiser):
+        n_heads, d_head = head_layout(module)
+        out.append(OutputProjection(len(out), name, None, n_heads, d_head, n_heads, module, module, "diffusers"))
+    return out
+
+
+def _denoiser(model: Any) -> Any:
+    """A diffusers pipeline's denoiser (``unet`` / ``transformer``); any other object unchanged."""
+    if isinstance(model, nn.Module):
+        return model
+    for attr in ("unet", "transformer"):
+        if isinstance(getattr(model, attr, None), nn.Module):
+            return getattr(model, attr)
+    return model
+
+
+def output_projections(model: nn.Module) -> list[OutputProjection]:
+    """Every self-attention layer's head-output layout of ``model``, in layer order.
+
+    GPT-2, Llama and BERT classes: their output projections; any other model whose attention dispatches through
+    ``AttentionInterface``: the routed attention modules (``module`` None); diffusers denoisers (or pipelines):
+    every attention module (self, cross and joint) in registration order (``family="diffusers"``). Accepts a
+    ``LoadedModel`` too. Raises UnsupportedModelError when none is found.
     """
-    model = getattr(model, "module", model)
+    model = _denoiser(getattr(model, "module", model))
     found: list[OutputProjection] = []
     for name, module in model.named_modules():
         if "crossattention" in name:
@@ -95,9 +176,14 @@ def output_projections(model: nn.Module) -> list[OutputProjection]:
             found.append(OutputProjection(len(found), name, described.module, described.n_heads, described.d_head,
                                           described.n_kv_heads, described.attention, described.block,
                                           described.family))
+    if not found and isinstance(model, nn.Module):
+        found = _routed_projections(model)
+    if not found and isinstance(model, nn.Module) and type(model).__module__.startswith("diffusers"):
+        found = _diffusers_projections(model)
     if not found:
-        raise UnsupportedModelError("no attention output projection found", expected="GPT-2, Llama-class or BERT "
-                                    "attention modules", got=type(model).__name__,
+        raise UnsupportedModelError("no attention layer to edit", expected="attention modules that call "
+                                    "transformers' ALL_ATTENTION_FUNCTIONS (or GPT-2, Llama-class, BERT modules)",
+                                    got=type(model).__name__,
                                     fix="intervene through a model adapter for this family")
     return found
 
@@ -163,20 +249,58 @@ def _pre_hook(proj: OutputProjection, editor: HeadEditor):
     return hook
 
 
+def _route_editor(proj: OutputProjection, editor: HeadEditor):
+    """A head editor as an attention-route editor: it edits the function's output ``[batch, query, head, d]``."""
+    def edit(module, query, key, value, mask, *, scaling, is_causal, softcap, output):
+        if output.ndim != 4 or output.shape[2] != proj.n_heads or output.shape[3] != proj.d_head:
+            raise UnsupportedModelError("attention output is not [batch, query, head, d_head]",
+                                        expected=f"[*, *, {proj.n_heads}, {proj.d_head}]", got=tuple(output.shape),
+                                        fix=f"register an adapter for {type(module).__name__}")
+        return editor(output)
+    return edit
+
+
+@contextmanager
+def edit_attention_layers(model: Any, editors: Mapping[int, Callable[..., Tensor]],
+                          projections: list[OutputProjection]) -> Iterator[None]:
+    """Route editors (``editor(module, q, k, v, mask, *, scaling, is_causal, softcap, output)``, see
+    ``hf_route.edit_attention``) by layer: transformers attention through ``hf_route``, diffusers attention through
+    its SDPA side channel (``diffusers_edits``). The one place where attention is written."""
+    by_module = {id(projections[layer].attention): editor for layer, editor in editors.items()}
+    diffusers = {k: v for layer, v in editors.items() if projections[layer].family == "diffusers"
+                 for k in [id(projections[layer].attention)]}
+    transformers_side = {k: v for k, v in by_module.items() if k not in diffusers}
+    with ExitStack() as stack:
+        if transformers_side:
+            from .adapters.hf_route import edit_attention
+
+            stack.enter_context(edit_attention(getattr(model, "module", model), transformers_side))
+        if diffusers:
+            from .adapters.diffusers_edits import edit_denoiser
+
+            stack.enter_context(edit_denoiser(_denoiser(getattr(model, "module", model)), diffusers))
+        yield
+
+
 @contextmanager
 def edit_head_outputs(model: nn.Module, editors: Mapping[int, HeadEditor],
                       projections: list[OutputProjection] | None = None) -> Iterator[list[OutputProjection]]:
     """Run ``editors[layer]`` on that layer's head outputs ``[batch, seq, head, d_head]`` inside the block.
 
-    Forward pre-hooks on the output projections; removed in ``finally``, also after an error.
+    Forward pre-hooks on known output projections, the attention route (``edit_attention_layers``) for every
+    other family; removed in ``finally``, also after an error.
     """
     projections = projections or output_projections(model)
     handles = []
+    routed = {layer: _route_editor(projections[layer], editor)
+              for layer, editor in editors.items() if projections[layer].module is None}
     try:
         for layer, editor in editors.items():
             proj = projections[layer]
-            handles.append(proj.module.register_forward_pre_hook(_pre_hook(proj, editor)))
-        yield projections
+            if proj.module is not None:
+                handles.append(proj.module.register_forward_pre_hook(_pre_hook(proj, editor)))
+        with edit_attention_layers(model, routed, projections):
+            yield projections
     finally:
         for handle in handles:
             handle.remove()

@@ -49,8 +49,12 @@ class Recorder:
 
     def observe_qk(self, site: Site, query: Tensor, key: Tensor, mask: Tensor | None, *, scaling: float,
                    is_causal: bool, softcap: float | None = None, step: int | None = None,
-                   batch_index: Tensor | None = None, meta: dict | None = None) -> None:
-        """Record from ``query [batch, head, query, d]`` and ``key [batch, kv_head, key, d]``."""
+                   batch_index: Tensor | None = None, meta: dict | None = None, sinks: Tensor | None = None) -> None:
+        """Record from ``query [batch, head, query, d]`` and ``key [batch, kv_head, key, d]``.
+
+        sinks: learned sink logits ``[head]`` (GPT-OSS): an extra softmax column that takes mass and is dropped, so
+        the recorded rows sum to ``1 - sink mass`` as in the model's own eager attention.
+        """
         if not self.wants(site):
             return
         step = self._next_step(site, step)
@@ -67,7 +71,9 @@ class Recorder:
             out = attention_from_qk(query, key, mask, scaling=scaling, is_causal=is_causal, softcap=softcap,
                                     rows=rows, heads=heads, want_probs=bool(self.request.patterns),
                                     stats=self.request.stats, mass_spans=self.request.mass_spans,
-                                    topk=self.request.topk, budget_mb=self.request.budget_mb)
+                                    topk=self.request.topk, budget_mb=self.request.budget_mb, sinks=sinks)
+        if sinks is not None:
+            meta = dict(meta or {}, attention_sinks=True)
         self._keep(site, step, out, rows, heads, n_query, n_key, meta)
 
     def observe_probs(self, site: Site, probs: Tensor, *, step: int | None = None,

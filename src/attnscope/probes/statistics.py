@@ -51,6 +51,14 @@ def _softmax_in_place(logits: Tensor) -> Tensor:
     return torch.ops.aten._softmax.out(logits, -1, False, out=logits)
 
 
+def _softmax_with_sinks(logits: Tensor, sinks: Tensor, want_log: bool) -> tuple[Tensor, Tensor | None]:
+    """Softmax over ``[logits, sink]`` per row, the sink column dropped (GPT-OSS eager attention)."""
+    column = sinks.view(1, -1, 1, 1).expand(*logits.shape[:-1], 1)
+    joint = torch.cat([logits, column], -1)
+    log_probs = torch.log_softmax(joint, -1)[..., :-1] if want_log else None
+    return torch.softmax(joint, -1)[..., :-1], log_probs
+
+
 def statistics_from_probs(probs: Float[Tensor, "batch head query key"], stats: Sequence[str],
                           mass_spans: Sequence[tuple[int, int]], topk: int,
                           log_probs: Tensor | None = None) -> dict[str, Tensor]:
@@ -74,8 +82,11 @@ def attention_from_qk(query: Float[Tensor, "batch head query d_head"], key: Floa
                       mask: Tensor | None, *, scaling: float, is_causal: bool = False, softcap: float | None = None,
                       rows: Tensor | None = None, heads: Tensor | None = None, want_probs: bool = True,
                       stats: Sequence[str] = (), mass_spans: Sequence[tuple[int, int]] = ((0, 1),), topk: int = 5,
-                      budget_mb: float = 64.0) -> dict[str, Tensor]:
+                      budget_mb: float = 64.0, sinks: Tensor | None = None) -> dict[str, Tensor]:
     """Softmax attention rows (as eager attention computes them) and their statistics, chunked over queries.
+
+    sinks: per-head sink logits ``[head]`` (GPT-OSS ``s_aux``): one extra softmax column per row, dropped after the
+    softmax (rows then sum to less than 1, as the model's eager weights do); statistics are those of the kept rows.
 
     mask: None, a boolean mask (True = attend) or an additive float mask broadcastable to
     ``[batch, head, query, key]``, or a ``[batch, key]`` padding mask. is_causal applies a causal mask aligned to the
@@ -84,7 +95,7 @@ def attention_from_qk(query: Float[Tensor, "batch head query d_head"], key: Floa
     """
     b, n_heads, n_query, _ = query.shape
     n_key = key.shape[-2]
-    if query.is_cuda and not want_probs and rows is None and softcap is None and stats:  # Triton, KV not expanded
+    if query.is_cuda and not want_probs and rows is None and softcap is None and sinks is None and stats:  # Triton, KV not expanded
         from ..kernels.dispatch import streaming_statistics_cuda
         fast = streaming_statistics_cuda(query, key, mask, scaling=scaling, is_causal=is_causal, stats=stats,
                                          mass_spans=mass_spans, topk=topk, heads=heads, budget_mb=budget_mb)
@@ -93,7 +104,10 @@ def attention_from_qk(query: Float[Tensor, "batch head query d_head"], key: Floa
     if heads is not None:
         heads = heads.to(query.device)
         query, key = query.index_select(1, heads), _expand_kv(key, n_heads).index_select(1, heads)
-    if not want_probs and rows is None and softcap is None and stats:  # key heads stay grouped here
+    if sinks is not None:
+        sinks = sinks.detach().float().to(query.device)
+        sinks = sinks if heads is None else sinks.index_select(0, heads)
+    if not want_probs and rows is None and softcap is None and sinks is None and stats:  # key heads stay grouped
         sub_mask = mask if mask is None or heads is None or mask.ndim == 2 or mask.shape[1] == 1 \
             else mask.index_select(1, heads)
         fast = streaming_statistics(query, key, sub_mask, scaling=scaling, is_causal=is_causal, stats=stats,
@@ -110,7 +124,7 @@ def attention_from_qk(query: Float[Tensor, "batch head query d_head"], key: Floa
     probs_all = None
     if want_probs and n_rows > chunk:  # chunks are written in place: no concatenation copy at the end
         probs_all = scaled.new_empty(b, query.shape[1], n_rows, n_key)
-    uniform_if_empty = mask is not None or (is_causal and n_query > n_key)
+    uniform_if_empty = sinks is None and (mask is not None or (is_causal and n_query > n_key))
     for start in range(0, n_rows, chunk):
         stop = min(start + chunk, n_rows)
         ids = row_ids[start:stop]
@@ -125,8 +139,11 @@ def attention_from_qk(query: Float[Tensor, "batch head query d_head"], key: Floa
             logits.masked_fill_(~allowed, -math.inf)
         if uniform_if_empty:  # a fully masked row attends uniformly to every key, as eager attention does
             logits.masked_fill_(torch.isinf(logits).all(-1, keepdim=True), 0.0)
-        log_probs = torch.log_softmax(logits, -1) if "entropy" in stats else None
-        probs = _softmax_in_place(logits) if logits.device.type == "cpu" else torch.softmax(logits, -1)
+        if sinks is not None:
+            probs, log_probs = _softmax_with_sinks(logits, sinks, want_log="entropy" in stats)
+        else:
+            log_probs = torch.log_softmax(logits, -1) if "entropy" in stats else None
+            probs = _softmax_in_place(logits) if logits.device.type == "cpu" else torch.softmax(logits, -1)
         for name, value in statistics_from_probs(probs, stats, mass_spans, topk, log_probs).items():
             pieces.setdefault(name, []).append(value)
         if probs_all is not None:

@@ -147,6 +147,9 @@ def _patched_sdpa(query: Tensor, key: Tensor, *args: Any, **kwargs: Any) -> Tens
     active = _take_active()
     if active is not None:
         active.observe_sdpa(query, key, *args, **kwargs)
+    edit = getattr(_LOCAL, "edit", None)  # a head edit (diffusers_edits) of the module in flight
+    if edit is not None and not edit.done and query.ndim == 4:
+        out = edit.apply(query, key, args, kwargs, out)
     return out
 
 

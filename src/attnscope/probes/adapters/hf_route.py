@@ -31,9 +31,11 @@ class _Entry:
     recorder: Recorder | None
     site: Site | None
     editor: "AttentionEditor | None" = None
+    weights: "Callable[[nn.Module, torch.Tensor], None] | None" = None  # gets the eager function's weights
 
 
 # editor(module, query, key, value, mask, *, scaling, is_causal, softcap, output) -> new output [batch, query, head, d]
+# (mask: the structural mask only, causal / padding / window; score terms such as T5's position bias are not in it)
 AttentionEditor = Callable[..., torch.Tensor]
 
 
@@ -72,17 +74,64 @@ def _attention_args(module, query, attention_mask, args, kwargs) -> tuple:
     return mask, float(scaling), is_causal, kwargs.get("softcap")
 
 
+# Keyword arguments an attention function may receive that do not change the scores (or that the mask already
+# holds: sliding windows are built into eager/SDPA masks). Any other tensor argument is a term we do not model.
+_SCORE_NEUTRAL = frozenset({"dropout", "scaling", "is_causal", "softcap", "sliding_window", "position_ids",
+                            "cache_position", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k",
+                            "output_attentions", "use_cache", "layer_idx", "target_dtype", "use_top_left_mask"})
+_SCORE_TERMS = ("position_bias", "s_aux")  # handled: an additive bias (T5), learned sink logits (GPT-OSS)
+
+
+def _with_bias(mask: torch.Tensor | None, bias: torch.Tensor) -> torch.Tensor:
+    """One additive float mask holding ``mask`` (boolean, additive or ``[batch, key]`` padding) plus ``bias``."""
+    bias = bias.float()
+    if mask is None:
+        return bias
+    if mask.ndim == 2:
+        mask = mask[:, None, None, :].bool()
+    if mask.dtype == torch.bool:
+        return bias.masked_fill(~mask, float("-inf"))
+    return mask.float() + bias
+
+
+def extra_terms(owner: str, mask: torch.Tensor | None, kwargs: dict) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(mask, sinks)``: the mask with a ``position_bias`` added, the ``s_aux`` sink logits; a refusal for any other
+    tensor argument (``owner`` names the module in the error)."""
+    unknown = sorted(k for k, v in kwargs.items()
+                     if torch.is_tensor(v) and k not in _SCORE_NEUTRAL and k not in _SCORE_TERMS)
+    if unknown:
+        raise UnsupportedAttentionError(
+            "the attention function receives a term attnscope does not model, so a capture would be wrong",
+            expected=f"only the mask, scaling, softcap and {', '.join(_SCORE_TERMS)}",
+            got=f"{owner} passes {', '.join(unknown)}",
+            fix="capture with implementation='eager' is not enough either: open an issue naming the model, or "
+                "register an adapter that adds the term (attnscope.probes.adapter.register_adapter)")
+    bias = kwargs.get("position_bias")
+    if torch.is_tensor(bias):
+        mask = _with_bias(mask, bias)
+    sinks = kwargs.get("s_aux")
+    return mask, sinks if torch.is_tensor(sinks) else None
+
+
 def _attnscope_attention(module, query, key, value, attention_mask, *args, **kwargs):
     impl = module.config._attn_implementation.removeprefix(PREFIX)
-    out = _base_function(impl, module)(module, query, key, value, attention_mask, *args, **kwargs)
     entry = _ACTIVE.get(id(module))
+    if entry is not None:  # the structural mask (editors: "uniform over allowed keys"); the scores' full bias
+        structural, scaling, is_causal, softcap = _attention_args(module, query, attention_mask, args, kwargs)
+        mask, sinks = extra_terms(type(module).__name__, structural, kwargs)
+    out = _base_function(impl, module)(module, query, key, value, attention_mask, *args, **kwargs)
+    if entry is not None and entry.weights is not None and len(out) > 1 and torch.is_tensor(out[1]):
+        entry.weights(module, out[1])
     if entry is not None:
-        mask, scaling, is_causal, softcap = _attention_args(module, query, attention_mask, args, kwargs)
         if entry.recorder is not None:
             entry.recorder.observe_qk(entry.site, query, key, mask, scaling=scaling, is_causal=is_causal,
-                                      softcap=softcap)
+                                      softcap=softcap, sinks=sinks)
         if entry.editor is not None:
-            edited = entry.editor(module, query, key, value, mask, scaling=scaling, is_causal=is_causal,
+            if sinks is not None:
+                raise UnsupportedAttentionError("attention edits do not model learned attention sinks yet",
+                                                expected="a model without s_aux sinks", got=type(module).__name__,
+                                                fix="capture works; edit another family")
+            edited = entry.editor(module, query, key, value, structural, scaling=scaling, is_causal=is_causal,
                                   softcap=softcap, output=out[0])
             out = (edited,) + tuple(out[1:])
     return out
@@ -196,32 +245,31 @@ def _known_implementations() -> set[str]:
 @contextlib.contextmanager
 def eager_reference(model: nn.Module, sites: dict[int, Site],
                     keep_grad: bool = False) -> Iterator[dict[Site, list[torch.Tensor]]]:
-    """Switch the given modules to the model's own eager attention and collect the weights they return.
+    """Switch the given modules to the model's own eager attention and collect the weights its attention function
+    returns (the function's, not the module's output: T5 modules return their position bias in that slot).
 
     This is the independent reference ``validate`` compares captured probabilities against. With ``keep_grad``
     the weights stay in the autograd graph (``retain_grad`` is set), for gradient-weighted attention.
     """
     modules = [m for m in model.modules() if id(m) in sites]
     originals = [(cfg, cfg._attn_implementation) for cfg in _configs_of(modules)]
+    previous = {id(m): _ACTIVE.get(id(m)) for m in modules}
     collected: dict[Site, list[torch.Tensor]] = {}
-    handles = []
 
-    def hook(module, args, output):
-        weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
-        if torch.is_tensor(weights):
-            if keep_grad and weights.requires_grad:
-                weights.retain_grad()
-                collected.setdefault(sites[id(module)], []).append(weights)
-            else:
-                collected.setdefault(sites[id(module)], []).append(weights.detach().float().cpu())
+    def keep(module: nn.Module, weights: torch.Tensor) -> None:  # what the eager attention function returned
+        if keep_grad and weights.requires_grad:
+            weights.retain_grad()
+            collected.setdefault(sites[id(module)], []).append(weights)
+        else:
+            collected.setdefault(sites[id(module)], []).append(weights.detach().float().cpu())
 
     try:
         for cfg, _ in originals:
-            cfg._attn_implementation = "eager"
-        handles = [m.register_forward_hook(hook) for m in modules]
+            cfg._attn_implementation = _ensure_registered("eager")
+        for m in modules:
+            _ACTIVE[id(m)] = _Entry(None, sites[id(m)], weights=keep)
         yield collected
     finally:
-        for h in handles:
-            h.remove()
+        _restore_entries(previous)
         for cfg, impl in originals:
             cfg._attn_implementation = impl

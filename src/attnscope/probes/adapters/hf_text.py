@@ -1,4 +1,7 @@
-"""Adapter for transformers text models: GPT-2 class, Llama/Qwen2/Mistral class (GQA, RoPE) and BERT-class encoders.
+"""Adapter for transformers text models: every decoder and encoder whose attention calls ``ALL_ATTENTION_FUNCTIONS``
+(GPT-2, Llama/Qwen/Mistral with GQA and RoPE, GPT-NeoX, OPT, Falcon, Phi-3, DeepSeek MLA, GPT-OSS, BERT, ModernBERT
+...) and encoder-decoders (T5, BART, Marian, Pegasus ...): towers ``encoder`` and ``decoder``, kinds ``self`` and
+``cross``; given only encoder ids, the decoder gets the ids shifted right behind its start token (``decoder_start``).
 
 Example:
     >>> import torch, transformers
@@ -29,8 +32,19 @@ SAMPLE_SENTENCES = ["The cat sat on the mat because it was warm.", "Attention is
 
 
 def _is_cross(name: str, module: nn.Module) -> bool:
+    flat = name.replace("_", "").lower()
     return bool(getattr(module, "is_cross_attention", False)) or "cross" in type(module).__name__.lower() \
-        or "crossattention" in name.replace("_", "").lower()
+        or "crossattention" in flat or flat.endswith(("encdecattention", "encoderattn"))
+
+
+def encoder_decoder_tower(name: str) -> str:
+    """``encoder`` or ``decoder`` from an attention module's qualified name (T5, BART, Whisper, Marian ...)."""
+    parts = name.split(".")
+    return "decoder" if "decoder" in parts else "encoder"
+
+
+def is_encoder_decoder(model: nn.Module) -> bool:
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
 
 
 def hf_sites(model: nn.Module, tower_of=lambda name: "text") -> dict[int, Site]:
@@ -45,10 +59,17 @@ def hf_sites(model: nn.Module, tower_of=lambda name: "text") -> dict[int, Site]:
     return sites
 
 
+def _widest(value: Any) -> int:
+    """An int config field, or the largest of a per-stage list (Swin's ``num_heads``)."""
+    return max(int(v) for v in value) if isinstance(value, (list, tuple)) else int(value or 0)
+
+
 def tower_info(config: Any, name: str, n_layers: int, kinds: list[str]) -> TowerInfo:
-    n_heads = int(getattr(config, "num_attention_heads", getattr(config, "n_head", 0)))
-    n_kv = int(getattr(config, "num_key_value_heads", None) or n_heads)
-    hidden = int(getattr(config, "hidden_size", getattr(config, "n_embd", 0)))
+    """Tower layout from the config; hierarchical models (Swin) give their widest stage's head count."""
+    n_heads = _widest(getattr(config, "num_attention_heads", None) or getattr(config, "num_heads", None)
+                      or getattr(config, "n_head", 0))
+    n_kv = _widest(getattr(config, "num_key_value_heads", None) or n_heads)
+    hidden = _widest(getattr(config, "hidden_size", None) or getattr(config, "n_embd", 0))
     d_head = int(getattr(config, "head_dim", None) or (hidden // max(n_heads, 1)))
     return TowerInfo(name=name, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv, d_head=d_head, kinds=kinds)
 
@@ -95,6 +116,20 @@ def tokenize(inputs: Any, tokenizer: Any, device: torch.device, max_positions: i
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in kwargs.items()}
 
 
+def decoder_start(config: Any, input_ids: torch.Tensor) -> torch.Tensor:
+    """Teacher-forced decoder ids for an encoder-decoder given only encoder ids: the inputs shifted right behind the
+    decoder start token (T5's and BART's ``shift_right``), so every decoder and cross-attention site runs."""
+    start = getattr(config, "decoder_start_token_id", None)
+    for fallback in ("bos_token_id", "pad_token_id"):
+        start = getattr(config, fallback, None) if start is None else start
+    if start is None:
+        raise InputError("encoder-decoder input without decoder ids", expected="decoder_input_ids, or a config with "
+                         "decoder_start_token_id", got=sorted(vars(config))[:0] or "neither",
+                         fix="pass {'input_ids': ..., 'decoder_input_ids': ...}")
+    column = torch.full_like(input_ids[:, :1], int(start))
+    return torch.cat([column, input_ids[:, :-1]], 1)
+
+
 def max_positions_of(config: Any) -> int | None:
     for attr in ("max_position_embeddings", "n_positions", "n_ctx"):
         value = getattr(config, attr, None)
@@ -127,15 +162,21 @@ class HFTextAdapter(ModelAdapter):
         return bool(attention_modules(module))
 
     def _sites(self) -> dict[int, Site]:
+        if is_encoder_decoder(self.module):  # towers encoder / decoder; kinds self / cross
+            return hf_sites(self.module, encoder_decoder_tower)
         return hf_sites(self.module)
 
     def info(self) -> ModelInfo:
         sites = sorted(self._sites().values())
-        kinds = sorted({s.kind for s in sites})
-        n_layers = sum(1 for s in sites if s.kind == "self")
         cfg = self.module.config
-        return ModelInfo(family="causal-lm" if _is_causal(self.module) else "encoder", adapter=type(self).__name__,
-                         towers=[tower_info(cfg, "text", n_layers, kinds)], sites=sites,
+        towers = []
+        for tower in dict.fromkeys(s.tower for s in sites):
+            mine = [s for s in sites if s.tower == tower]
+            n_layers = sum(1 for s in mine if s.kind == "self")
+            towers.append(tower_info(cfg, tower, n_layers, sorted({s.kind for s in mine})))
+        family = "encoder-decoder" if is_encoder_decoder(self.module) else \
+            "causal-lm" if _is_causal(self.module) else "encoder"
+        return ModelInfo(family=family, adapter=type(self).__name__, towers=towers, sites=sites,
                          attn_implementation=str(cfg._attn_implementation), max_positions=max_positions_of(cfg),
                          name=self.name or getattr(cfg, "_name_or_path", ""))
 
@@ -144,6 +185,8 @@ class HFTextAdapter(ModelAdapter):
 
         device = input_device(self.module)
         kwargs = tokenize(inputs, self.tokenizer, device, max_positions_of(self.module.config))
+        if is_encoder_decoder(self.module) and "decoder_input_ids" not in kwargs and "labels" not in kwargs:
+            kwargs["decoder_input_ids"] = decoder_start(self.module.config, kwargs["input_ids"])
         return Prepared(kwargs, token_info(kwargs["input_ids"], self.tokenizer, kwargs.get("attention_mask")))
 
     @contextlib.contextmanager

@@ -1,9 +1,18 @@
-"""Adapter for transformers vision-language models of the LLaVA class (vision tower + projector + language model).
+"""Adapter for transformers vision-language models: a vision tower + a language model, images entering the text
+as runs of an image token (LLaVA, LLaVA-NeXT, PaliGemma, Gemma 3, Qwen2-VL, Qwen2.5-VL, Idefics3, SmolVLM) or
+through cross-attention layers (Mllama).
 
-Sites: the language model's self-attention (tower ``text``) and the vision tower's attention (tower ``vision``,
-CLIP/SigLIP attention, which in transformers 5 dispatches through ``ALL_ATTENTION_FUNCTIONS`` like the text
-layers). Both go through ``hf_route``, so SDPA stays the kernel and outputs stay bit-identical. Image-token
-positions (``input_ids == config.image_token_id``) are marked as ``image`` spans in the trace's ``TokenInfo``.
+Sites: the language model's attention (tower ``text``; Mllama's cross-attention layers are kind ``cross``) and the
+vision tower's attention (tower ``vision``). Layers are numbered per (tower, kind) in forward order: Mllama's text
+self-attention layers are 0, 1, ... skipping its cross-attention layers, which are numbered on their own, and its
+vision layers run on from the local transformer into the global one. Every site goes through ``hf_route``, so
+SDPA stays the kernel and outputs stay bit-identical. Vision towers that pack all images into one sequence
+(Qwen2-VL) are recorded as one block-diagonal ``[1, head, token, token]`` call per forward (``hf_vlm_packed``).
+
+Image-token positions (``input_ids == config.image_token_id``) are marked as ``image`` spans in the trace's
+``TokenInfo``. Each family's recipe (``hf_vlm_inputs``) says which image inputs its forward needs, fills what its
+processor would have derived (Qwen's ``mm_token_type_ids``, Mllama's ``cross_attention_mask``), computes how many
+image tokens the model's image path produces, and builds a small valid input (``sample_inputs``).
 
 Example:
     >>> import transformers
@@ -24,12 +33,14 @@ import torch
 from torch import nn
 
 from ...errors import InputError
-from ..adapter import ModelAdapter, ModelInfo, Prepared, register_adapter
+from ..adapter import ModelAdapter, ModelInfo, Prepared, TowerInfo, register_adapter
 from ..recorder import Recorder
 from ..site import Site
 from ..tokens import Span, TokenInfo
 from .hf_route import attention_modules, eager_reference, route_attention
 from .hf_text import hf_sites, max_positions_of, tower_info
+from .hf_vlm_inputs import check_image_tokens, image_token_of, llava_tokens_per_image, recipe_for
+from .hf_vlm_packed import PackedRecorder, packed_modules, packed_reference
 
 _VISION_PARTS = ("vision_tower", "vision_model", "visual", "image_encoder")
 
@@ -40,11 +51,8 @@ def vision_or_text(name: str) -> str:
 
 
 def image_token_id(config: Any) -> int | None:
-    for attr in ("image_token_id", "image_token_index"):
-        value = getattr(config, attr, None)
-        if isinstance(value, int):
-            return value
-    return None
+    """The token id that stands for image positions in ``input_ids`` (None when the config names none)."""
+    return image_token_of(config)
 
 
 def tiny_llava(image_size: int = 16, patch_size: int = 4, vocab_size: int = 64, seed: int = 0) -> nn.Module:
@@ -62,9 +70,27 @@ def tiny_llava(image_size: int = 16, patch_size: int = 4, vocab_size: int = 64, 
     return transformers.LlavaForConditionalGeneration(config).eval()
 
 
+def _tower(config: Any, name: str, modules: list[nn.Module], n_layers: int, kinds: list[str]) -> TowerInfo:
+    """Tower info from its config, with heads and head size read off its attention modules where they say (a
+    Qwen2-VL vision config's ``hidden_size`` is the language model's width, not the tower's)."""
+    info = tower_info(config, name, n_layers, kinds)
+    module = modules[0] if modules else None
+    heads = getattr(module, "num_heads", None) or getattr(module, "num_attention_heads", None)
+    if isinstance(heads, int) and heads > 0:
+        info.n_heads = heads
+        kv = getattr(module, "num_key_value_heads", None)
+        groups = getattr(module, "num_key_value_groups", None)
+        info.n_kv_heads = kv if isinstance(kv, int) else heads // groups if isinstance(groups, int) and groups \
+            else info.n_kv_heads
+    d_head = getattr(module, "head_dim", None)
+    if isinstance(d_head, int) and d_head > 0:
+        info.d_head = d_head
+    return info
+
+
 @register_adapter
 class HFVisionLanguageAdapter(ModelAdapter):
-    """LLaVA-class transformers VLMs: ``config.vision_config`` + ``config.text_config`` + an image token id."""
+    """transformers VLMs: ``config.vision_config`` + ``config.text_config`` + an image token id."""
 
     family = "vlm"
     priority = 15
@@ -79,20 +105,29 @@ class HFVisionLanguageAdapter(ModelAdapter):
         ok = hasattr(cfg, "vision_config") and hasattr(cfg, "text_config") and image_token_id(cfg) is not None
         return ok and bool(attention_modules(module))
 
+    @property
+    def recipe(self) -> Any:
+        """The family's input recipe (``hf_vlm_inputs``)."""
+        return recipe_for(self.module)
+
     # -- structure --------------------------------------------------------------------------------------------------
 
     def _sites(self) -> dict[int, Site]:
         return hf_sites(self.module, tower_of=vision_or_text)
 
     def info(self) -> ModelInfo:
-        sites = sorted(self._sites().values())
+        site_of = self._sites()
+        sites = sorted(site_of.values())
+        modules = {id(m): m for _, m in attention_modules(self.module)}
         cfg = self.module.config
         towers = []
         for name, sub in (("text", cfg.text_config), ("vision", cfg.vision_config)):
             tower_sites = [s for s in sites if s.tower == name]
             if tower_sites:
                 kinds = sorted({s.kind for s in tower_sites})
-                towers.append(tower_info(sub, name, sum(1 for s in tower_sites if s.kind == "self"), kinds))
+                own = [modules[mid] for mid, s in site_of.items() if s.tower == name and s.kind == "self"]
+                n_layers = sum(1 for s in tower_sites if s.kind == "self")
+                towers.append(_tower(sub, name, own, n_layers, kinds))
         impls = {n: str(getattr(sub, "_attn_implementation", None)) for n, sub in
                  (("text", cfg.text_config), ("vision", cfg.vision_config))}
         impl = impls["text"] if len(set(impls.values())) == 1 else ", ".join(f"{k}={v}" for k, v in impls.items())
@@ -106,18 +141,12 @@ class HFVisionLanguageAdapter(ModelAdapter):
                 if site.tower == "text" and site.kind == "self" and getattr(modules.get(mid), "is_causal", False)}
 
     def tokens_per_image(self) -> int:
-        """Image tokens the language model expects per image."""
-        cfg, vcfg = self.module.config, self.module.config.vision_config
-        strategy = getattr(cfg, "vision_feature_select_strategy", None)
-        if strategy in ("default", "full") and hasattr(vcfg, "image_size") and hasattr(vcfg, "patch_size"):
-            return (vcfg.image_size // vcfg.patch_size) ** 2 + (1 if strategy == "full" else 0)
-        size = int(getattr(vcfg, "image_size", 224))
-        pixels = torch.zeros(1, int(getattr(vcfg, "num_channels", 3)), size, size, dtype=self._dtype())
-        with torch.no_grad():
-            feats = self.module.get_image_features(pixel_values=pixels.to(self._device()))
-        feats = getattr(feats, "pooler_output", feats)
-        feats = feats[0] if isinstance(feats, (list, tuple)) else feats
-        return int(feats.shape[-2])
+        """Image tokens the language model expects per image (LLaVA class: a fixed count per image)."""
+        if self.recipe.name != "llava":
+            raise InputError("this family has no fixed number of image tokens per image", expected="a LLaVA-class "
+                             "VLM", got=f"{type(self.module).__name__} ({self.recipe.name} inputs)",
+                             fix="count an input's image tokens: adapter.prepare(inputs).tokens.positions('image')")
+        return llava_tokens_per_image(self.module)
 
     def _device(self) -> torch.device:
         return next(self.module.parameters()).device
@@ -143,16 +172,7 @@ class HFVisionLanguageAdapter(ModelAdapter):
         return dict(proc(text=texts, images=images, return_tensors="pt", padding=True))
 
     def _check_image_tokens(self, kwargs: dict[str, Any]) -> None:
-        if "input_ids" not in kwargs or "pixel_values" not in kwargs:
-            raise InputError("VLM input incomplete", expected="input_ids and pixel_values",
-                             got=sorted(kwargs), fix="use (text, image) with a processor, or give both tensors")
-        n_images = int(kwargs["pixel_values"].shape[0])
-        found = int((kwargs["input_ids"] == image_token_id(self.module.config)).sum())
-        expected = n_images * self.tokens_per_image()
-        if found != expected:
-            raise InputError("image tokens do not match the images", expected=f"{expected} image tokens "
-                             f"({n_images} image(s) x {self.tokens_per_image()})", got=f"{found} image tokens",
-                             fix="put config.image_token_id exactly that many times per image in input_ids")
+        check_image_tokens(self.module, self.recipe, kwargs)
 
     def prepare(self, inputs: Any) -> Prepared:
         if isinstance(inputs, tuple) and len(inputs) == 2:
@@ -162,8 +182,9 @@ class HFVisionLanguageAdapter(ModelAdapter):
         elif isinstance(inputs, dict):
             kwargs = dict(inputs)
         else:
-            raise InputError("unsupported VLM input", expected="dict(input_ids, pixel_values, attention_mask) or "
-                             "(text, image)", got=type(inputs).__name__)
+            raise InputError("unsupported VLM input", expected="dict(input_ids, pixel_values, attention_mask, ...) "
+                             "or (text, image)", got=type(inputs).__name__)
+        kwargs = self.recipe.complete(self.module, kwargs)
         self._check_image_tokens(kwargs)
         limit = max_positions_of(self.module.config.text_config)
         if limit and kwargs["input_ids"].shape[-1] > limit:
@@ -198,28 +219,38 @@ class HFVisionLanguageAdapter(ModelAdapter):
         return TokenInfo(ids=ids, strings=strings, spans=spans, padding=padding)
 
     def sample_inputs(self) -> Any:
-        cfg, vcfg = self.module.config, self.module.config.vision_config
-        gen = torch.Generator().manual_seed(0)
-        image_id, n_img = image_token_id(cfg), self.tokens_per_image()
-        vocab = int(cfg.text_config.vocab_size)
-        text = torch.randint(0, vocab - 1, (2, 6), generator=gen)
-        text[text == image_id] = (image_id + 1) % vocab if image_id is not None else 0
-        ids = torch.cat([text[:, :2], torch.full((2, n_img), image_id), text[:, 2:]], dim=1)
-        mask = torch.ones_like(ids)
-        mask[1, -2:] = 0  # a padded second item exercises the masks
-        size = int(getattr(vcfg, "image_size", 224))
-        pixels = torch.randn(2, int(getattr(vcfg, "num_channels", 3)), size, size, generator=gen)
-        return {"input_ids": ids, "pixel_values": pixels, "attention_mask": mask}
+        """Two items (the second padded) with images in the family's layout and the matching image tokens."""
+        return self.recipe.sample(self.module)
+
+    def run(self, prepared: Prepared) -> Any:
+        try:
+            return super().run(prepared)
+        except ValueError as error:  # the model's own placeholder check, for families no recipe counts for
+            message = str(error)
+            if "do not match" not in message or "image" not in message.lower():
+                raise
+            raise InputError("image tokens do not match the images", expected="as many image tokens in input_ids as "
+                             "the model's image features", got=message,
+                             fix=f"put token id {image_token_id(self.module.config)} that many times in input_ids "
+                                 "(the model's processor does)") from error
 
     # -- capture ----------------------------------------------------------------------------------------------------
 
     @contextlib.contextmanager
     def instrument(self, recorder: Recorder, implementation: str = "auto") -> Iterator[None]:
-        with route_attention(self.module, recorder, self._sites(), implementation) as path:
+        sites = self._sites()
+        packed = packed_modules(self.module, sites)
+        with contextlib.ExitStack() as stack:
+            if packed:
+                recorder = PackedRecorder(recorder, packed, sites)
+                stack.enter_context(recorder.hooks())
+            path = stack.enter_context(route_attention(self.module, recorder, sites, implementation))
             self.attention_path = path
             yield
 
     def reference_patterns(self, prepared: Prepared) -> dict[Site, list[torch.Tensor]]:
-        with eager_reference(self.module, self._sites()) as collected:
-            self.run(prepared)
+        sites = self._sites()
+        with eager_reference(self.module, sites) as collected:
+            with packed_reference(packed_modules(self.module, sites), sites, collected):
+                self.run(prepared)
         return collected

@@ -33,7 +33,7 @@ from ..adapter import ModelAdapter, ModelInfo, Prepared, adapter_for, register_a
 from ..recorder import Recorder
 from ..site import Site
 from ..statistics import attention_from_qk
-from .hf_route import PREFIX, attention_modules
+from .hf_route import PREFIX, attention_modules, extra_terms
 
 _CALL = "attention_interface("
 
@@ -69,12 +69,17 @@ def qk_payload(args: tuple, kwargs: dict) -> dict[str, Any]:
     causal_flag = bool(kwargs.get("is_causal", getattr(module, "is_causal", False)))
     is_causal = causal_flag and (mask is None or mask.ndim == 2)
     softcap = kwargs.get("softcap")
+    terms = {k: v.detach() for k, v in kwargs.items() if torch.is_tensor(v)}  # bias, sinks ... (hf_route.extra_terms)
     return {"query": query.detach(), "key": key.detach(), "mask": mask, "scaling": float(scaling),
-            "is_causal": is_causal, "softcap": None if softcap is None else float(softcap)}
+            "is_causal": is_causal, "softcap": None if softcap is None else float(softcap), "terms": terms,
+            "owner": type(module).__name__}
 
 
 def probs_in_trace(payload: dict[str, Any]) -> dict[str, Any]:
-    """Softmax probabilities from a q/k payload, computed where the payload lives (inside the trace)."""
+    """Softmax probabilities from a q/k payload, computed where the payload lives (inside the trace); a payload with
+    a position bias or sinks stays whole (the client adds those terms)."""
+    if "position_bias" in payload["terms"] or "s_aux" in payload["terms"]:
+        return payload
     out = attention_from_qk(payload["query"], payload["key"], payload["mask"], scaling=payload["scaling"],
                             is_causal=payload["is_causal"], softcap=payload["softcap"], want_probs=True)
     return {"probs": out["probs"]}
@@ -230,13 +235,14 @@ class NNsightAdapter(ModelAdapter):
         finally:
             gate.open = True
         self.attention_path = self._describe(plan)
-        for (site, _path, _kind, _op), payload in zip(plan, payloads):
-            if payload.get("probs") is not None:
-                recorder.observe_probs(site, payload["probs"])
+        for (site, path, _kind, _op), payload in zip(plan, payloads):
+            if payload.get("probs") is not None:  # eager weights: learned sinks already took their mass
+                sinks = isinstance(getattr(self.module.get_submodule(path), "sinks", None), torch.nn.Parameter)
+                recorder.observe_probs(site, payload["probs"], meta={"attention_sinks": True} if sinks else None)
             elif "query" in payload:
-                recorder.observe_qk(site, payload["query"], payload["key"], payload["mask"],
-                                    scaling=payload["scaling"], is_causal=payload["is_causal"],
-                                    softcap=payload["softcap"])
+                mask, sinks = extra_terms(payload["owner"], payload["mask"], payload["terms"])
+                recorder.observe_qk(site, payload["query"], payload["key"], mask, scaling=payload["scaling"],
+                                    is_causal=payload["is_causal"], softcap=payload["softcap"], sinks=sinks)
             else:
                 raise CaptureError("nnsight trace returned no attention", expected="weights or q/k", got=str(site))
         return output

@@ -76,6 +76,39 @@ def tiny_word_tokenizer(vocab_size: int, bos: str = "<s>", eos: str = "</s>", pa
                                    eos_token=eos)
 
 
+def refuse_unfaithful_config(config: Any) -> None:
+    """Refuse HF options TransformerLens ignores, so a bridge would compute another model (GPT-2's
+    ``scale_attn_weights=False``: patterns off by up to 0.74, logits by 13.5 on the induction organism)."""
+    if getattr(config, "scale_attn_weights", True) is False:
+        raise UnsupportedModelError("TransformerLens would compute a different model", expected="attention scaled "
+                                    "by 1/sqrt(d_head) (scale_attn_weights=True)", got="scale_attn_weights=False",
+                                    fix="capture the HF model directly (attnscope.capture), not through a bridge")
+
+
+def check_bridge_against_source(bridge: Any, atol: float = 1e-3) -> float:
+    """Logits of ``bridge`` vs a clean eager copy of the HF model it wraps, on a short sample: the largest difference
+    relative to the logits' scale. Raises UnsupportedModelError past ``atol`` (the bridge is not its source model)."""
+    hf = getattr(bridge, "original_model", None)
+    from transformers import PreTrainedModel
+
+    if not isinstance(hf, PreTrainedModel):
+        return 0.0
+    refuse_unfaithful_config(hf.config)
+    vocab = int(bridge.cfg.d_vocab)
+    ids = torch.randint(0, vocab, (1, min(8, int(getattr(bridge.cfg, "n_ctx", 8) or 8))),
+                        generator=torch.Generator().manual_seed(0)).to(next(bridge.parameters()).device)
+    with torch.no_grad():
+        ours = bridge(ids, return_type="logits").float()
+        theirs = clean_hf_copy(hf)(input_ids=ids).logits.float()
+    diff = float((ours - theirs).abs().max() / theirs.abs().max().clamp_min(1e-6))
+    if diff > atol:
+        raise UnsupportedModelError("this TransformerBridge computes a different model than the HF model it wraps",
+                                    expected=f"logits within {atol} (relative) of the source model",
+                                    got=f"relative difference {diff:.3g}",
+                                    fix="capture the HF model directly (attnscope.load(hf_model))")
+    return diff
+
+
 def boot_bridge(hf_model: nn.Module, tokenizer: Any, name: str | None = None, device: str = "cpu") -> Any:
     """``TransformerBridge.boot_transformers`` around an already-built HF model, without touching the hub.
 
@@ -84,10 +117,7 @@ def boot_bridge(hf_model: nn.Module, tokenizer: Any, name: str | None = None, de
     """
     tl_guard.install()
     tl_guard.refuse_multimodal(hf_model.config)
-    if getattr(hf_model.config, "scale_attn_weights", True) is False:  # GPT-2 option TransformerLens ignores
-        raise UnsupportedModelError("TransformerLens would compute a different model", expected="attention scaled "
-                                    "by 1/sqrt(d_head) (scale_attn_weights=True)", got="scale_attn_weights=False",
-                                    fix="capture the HF model directly (attnscope.capture), not through a bridge")
+    refuse_unfaithful_config(hf_model.config)
     if tokenizer is None:
         raise InputError("boot_bridge needs a tokenizer", expected="a PreTrainedTokenizer(Fast)", got=None,
                          fix="pass tokenizer=...; without one TransformerLens downloads it from the hub")
@@ -139,6 +169,7 @@ class TLBridgeAdapter(ModelAdapter):
     def __init__(self, module: Any, tokenizer: Any = None, name: str = ""):
         tl_guard.install()
         tl_guard.refuse_multimodal(module)
+        self.source_diff = check_bridge_against_source(module)  # a user's own bridge may not be its HF model
         super().__init__(module, tokenizer=tokenizer or getattr(module, "tokenizer", None), name=name)
         self._fired: dict[Site, int] | None = None
 
