@@ -13,8 +13,8 @@ from .probes import tl_guard as _tl_guard  # noqa: E402
 _tl_guard.install()  # never let TransformerLens pip-install torchvision (it replaces the CPU torch)
 
 from .errors import (AnalysisError, AttnscopeError, CaptureError, CorruptResultError, HeadSpecError, InputError,
-                     InputTooLongError, ModelNotFoundError, RemoteError, SiteError, UnsupportedAttentionError,
-                     UnsupportedModelError)
+                     InputTooLongError, ModelNotFoundError, OutputError, RemoteError, SiteError,
+                     UnsupportedAttentionError, UnsupportedModelError)
 from .probes.capture import Capture, capture
 from .probes.heads import HeadSet
 from .probes.loading import BUILTIN_MODELS, LoadedModel, load
@@ -28,6 +28,6 @@ __version__ = "0.1.0"
 __all__ = [
     "AnalysisError", "AttentionTrace", "AttnscopeError", "BUILTIN_MODELS", "Capture", "CaptureError",
     "CorruptResultError", "HeadSet", "HeadSpecError", "InputError", "InputTooLongError", "LoadedModel",
-    "ModelNotFoundError", "RemoteError", "ResultTable", "Site", "SiteError", "SiteRecord", "Span", "TokenInfo",
+    "ModelNotFoundError", "OutputError", "RemoteError", "ResultTable", "Site", "SiteError", "SiteRecord", "Span", "TokenInfo",
     "UnsupportedAttentionError", "UnsupportedModelError", "capture", "load",
 ]

@@ -10,10 +10,19 @@ from collections.abc import Sequence
 from .errors import AttnscopeError
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with the one-line error contract: a usage error prints ``attnscope CMD: error: ...`` (no usage
+    block) and exits 2. Subcommand parsers inherit the class."""
+
+    def error(self, message: str):  # type: ignore[override]
+        text = f"{self.prog}: error: {message} (see `{self.prog} --help`)".replace("\n", " ")
+        self.exit(2, text + "\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .commands import register_all
 
-    parser = argparse.ArgumentParser(prog="attnscope", description="Capture and analyse attention.")
+    parser = OneLineParser(prog="attnscope", description="Capture and analyse attention.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
     register_all(sub)
@@ -32,7 +41,10 @@ def _quiet_libraries() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # usage errors (one line, 2) and --help (0) return instead of leaving the process
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     if not args.debug:
         _quiet_libraries()
     try:
@@ -40,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AttnscopeError as exc:
         if args.debug:
             raise
-        print(f"attnscope: error: {exc}".replace("\n", " "), file=sys.stderr)
+        print(f"attnscope: error: {exc}".replace("\n", " ").replace("\r", " "), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         import signal

@@ -46,19 +46,28 @@ class ResultTable:
         return cls(pd.concat([t.df for t in tables], ignore_index=True), provenance)
 
     def save(self, path: str | Path) -> Path:
-        """Write parquet atomically (to ``NAME.part`` then rename)."""
+        """Write parquet atomically (a unique temporary file beside it, then ``os.replace``; see ``_atomic``).
+
+        Raises OutputError when ``path`` cannot be written (a directory, under a file, not writable) and
+        InputError when the table cannot be stored as parquet; nothing is left behind either way.
+        """
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        table = pa.Table.from_pandas(self.df, preserve_index=False)
-        meta = dict(table.schema.metadata or {})
-        meta[_META_KEY] = json.dumps({"format": "attnscope.results/1", "provenance": self.provenance}).encode()
-        tmp = path.with_name(path.name + ".part")
-        pq.write_table(table.replace_schema_metadata(meta), tmp)
-        tmp.replace(path)
-        return path
+        from ._atomic import atomic_write, check_output
+        from .errors import InputError
+
+        path = check_output(path)
+        try:
+            table = pa.Table.from_pandas(self.df, preserve_index=False)
+            meta = dict(table.schema.metadata or {})
+            meta[_META_KEY] = json.dumps({"format": "attnscope.results/1", "provenance": self.provenance},
+                                         default=str).encode()
+        except (pa.ArrowException, TypeError, ValueError) as exc:
+            raise InputError("result table cannot be stored as parquet", expected="columns of one plain type each",
+                             got=f"{type(exc).__name__}: {exc}"[:240],
+                             fix="convert object columns to str or numbers before saving") from None
+        return atomic_write(path, lambda tmp: pq.write_table(table.replace_schema_metadata(meta), tmp))
 
     @classmethod
     def load(cls, path: str | Path) -> "ResultTable":

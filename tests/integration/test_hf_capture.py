@@ -80,9 +80,18 @@ def test_sites_filter_and_context_manager_form():
 
 def test_routing_restored_after_forward_raises():
     model = tiny_text_model("llama")
-    bad = {"input_ids": torch.tensor([[1, 2, 999]])}  # id outside the vocabulary
-    with pytest.raises(IndexError):
-        attnscope.capture(model, bad)
+    with pytest.raises(attnscope.InputError, match="outside the vocabulary"):  # refused before the forward
+        attnscope.capture(model, {"input_ids": torch.tensor([[1, 2, 999]])})
+
+    def boom(*_):
+        raise RuntimeError("boom")
+
+    handle = model.model.layers[1].register_forward_hook(boom)
+    try:
+        with pytest.raises(RuntimeError, match="boom"):
+            attnscope.capture(model, {"input_ids": torch.tensor([[1, 2, 3]])})
+    finally:
+        handle.remove()
     assert model.config._attn_implementation == "sdpa"
     assert not hf_route._ACTIVE
     assert validate(model).ok

@@ -147,14 +147,17 @@ def fingerprint(suite: PromptSuite, model: Any, **options: Any) -> str:
 class PartialLog:
     """Per-sample rows written to ``path`` (parquet) as a run goes, so an interrupted run resumes where it stopped.
 
-    Rows carry a ``sample`` column; ``done`` is the set of samples already there. A file written by a different
-    run (other suite, model or options: ``fingerprint``) is refused rather than mixed in.
+    Rows carry a ``sample`` column; ``done`` is the set of samples already there, computed once from the file and
+    kept up to date by ``add`` (callers test ``index in log.done`` per sample: rebuilding it from every row each
+    time made a resume cost about as much as the run it saved). A file written by a different run (other suite,
+    model or options: ``fingerprint``) is refused rather than mixed in.
     """
 
     def __init__(self, path: "str | Path | None", fingerprint: str, every_s: float = 20.0):
         self.path = Path(path) if path is not None else None
         self.fingerprint, self.every_s = fingerprint, every_s
         self.rows: list[dict] = []
+        self._done: set[int] = set()
         self._last = time.monotonic()
         if self.path is not None and self.path.is_file():
             table = ResultTable.load(self.path)
@@ -163,13 +166,19 @@ class PartialLog:
                                  got=table.provenance.get("fingerprint"),
                                  fix=f"delete {self.path} (CLI: --restart) or write to another --out")
             self.rows = table.df.to_dict("records")
+            self._note(self.rows)
+
+    def _note(self, rows: list[dict]) -> None:
+        self._done.update(int(r["sample"]) for r in rows if "sample" in r and pd.notna(r["sample"]))
 
     @property
     def done(self) -> set[int]:
-        return {int(r["sample"]) for r in self.rows if "sample" in r and pd.notna(r["sample"])}
+        """Sample indices already logged (the live set: do not modify it)."""
+        return self._done
 
     def add(self, rows: list[dict]) -> None:
         self.rows.extend(rows)
+        self._note(rows)
         if self.path is not None and time.monotonic() - self._last >= self.every_s:
             self.flush()
 
@@ -219,12 +228,30 @@ def induction_template(ids: Sequence[int], item: PromptItem | None = None, *, ro
     return out
 
 
+def load_template(path: "str | Path") -> np.ndarray:
+    """A ``[query, key]`` template from a ``.npy`` file (never unpickled); InputError for anything else."""
+    path = Path(path).expanduser()
+    fix = "save a square float array with numpy.save('t.npy', array)"
+    if not path.is_file():
+        raise InputError("template file not found", expected="a .npy file", got=str(path), fix=fix)
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise InputError("not a readable .npy template", expected="a numeric .npy array (no pickled objects)",
+                         got=f"{path.name} ({type(exc).__name__})", fix=fix) from None
+    if not isinstance(array, np.ndarray) or not np.issubdtype(array.dtype, np.number) or \
+            not np.isfinite(array).all():
+        raise InputError("template must be a finite numeric array", expected="a float [query, key] array",
+                         got=f"{getattr(array, 'dtype', type(array).__name__)}", fix=fix)
+    return array
+
+
 def fixed_template(template: Any) -> Template:
     """A ``[query, key]`` array used for every item (cropped to the item's length)."""
     array = torch.as_tensor(np.asarray(template), dtype=torch.float32)
     if array.ndim != 2 or array.shape[0] != array.shape[1]:
         raise InputError("template must be a square [query, key] array", expected="shape (n, n)",
-                         got=tuple(array.shape))
+                         got=tuple(array.shape), fix="save a square array, one row and column per token")
 
     def make(ids: list[int], item: PromptItem | None = None) -> Tensor:
         n = len(ids)
@@ -362,8 +389,8 @@ def pattern_scores(model: Any, suite: PromptSuite, *, template: Any = None, norm
     """A user template: a function ``(ids, item) -> [n, n]`` or an array (``.npy`` path from the CLI)."""
     if template is None:
         raise InputError("the pattern analysis needs a template", expected="a function or a [query, key] array",
-                         got=None, fix="pass template=... (CLI: --template FILE.npy)")
+                         got="no template", fix="pass template=... (CLI: --template FILE.npy)")
     if isinstance(template, (str, Path)):
-        template = np.load(template)
+        template = load_template(template)
     return suite_template_scores(model, suite, template, analysis="pattern", normalise=normalise,
                                  exclude_bos=exclude_bos, exclude_current_token=exclude_current_token, **options)

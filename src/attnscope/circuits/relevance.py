@@ -81,13 +81,18 @@ def _score(output: Any, target: "int | Callable | None", position: int) -> tuple
     if callable(target):
         return target(output), None
     logits = getattr(output, "logits", None)
+    if logits is None and target is not None:
+        raise AnalysisError("a target needs a model with logits", expected="a classifier or language model head "
+                            "(or no target)", got=f"target {target} for a model without logits",
+                            fix="leave --target out: a headless encoder explains its mean-pooled embedding")
     if logits is None:
         hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
         return hidden[0].mean(0).norm(), None  # headless encoder: the mean-pooled embedding's norm
     logits = logits[0, position] if logits.ndim == 3 else logits[0]
     index = int(logits.argmax()) if target is None else int(target)
     if not 0 <= index < logits.shape[-1]:
-        raise AnalysisError("target out of range", expected=f"0 <= target < {logits.shape[-1]}", got=index)
+        raise AnalysisError("target out of range", expected=f"0 <= target < {logits.shape[-1]}", got=index,
+                            fix="pass a class or token id the model's output has")
     return logits[index], index
 
 
@@ -110,6 +115,12 @@ def relevance(model: Any, inputs: Any, target: "int | Callable | None" = None, *
     info = adapter.info()
     if position is None:
         position = -1 if info.family in ("causal-lm", "vlm") else 0
+    ids = prepared.kwargs.get("input_ids")
+    length = int(ids.shape[-1]) if torch.is_tensor(ids) else None
+    if isinstance(position, bool) or not isinstance(position, int) or \
+            (length is not None and not -length <= position < length):
+        raise AnalysisError("position out of range", expected=f"-{length} <= position < {length}", got=position,
+                            fix=f"the input has {length} tokens: pick one of them (negative counts from the end)")
     sites = {mid: s for mid, s in adapter._sites().items() if s.tower == tower and s.kind == "self"}
     with torch.enable_grad(), eager_reference(adapter.module, sites, keep_grad=True) as collected:
         output = adapter.module(**prepared.kwargs)

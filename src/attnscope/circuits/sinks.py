@@ -307,7 +307,15 @@ def value_norms(model: Any, suite: PromptSuite, *, positions: Sequence[int] = (0
 def sinks(model: Any, suite: PromptSuite, *, positions: Sequence[int] = (0,), special_tokens: bool = True,
           threshold: float = 0.3, queries: str = "auto", heads: Any = None, batch_size: int = 8,
           massive: bool = True, values: bool = True, progress: bool = True, **options: Any) -> ResultTable:
-    """Everything above in one table (``analysis`` column: sinks, massive_activations, value_norms)."""
+    """Everything above in one table (``analysis`` column: sinks, massive_activations, value_norms).
+
+    ``options`` are ``massive_activations``' own (``top``, ``abs_threshold`` ...); anything else is refused."""
+    unknown = sorted(set(options) - set(_MASSIVE_OPTIONS))
+    if unknown:
+        from ..errors import AnalysisError
+
+        raise AnalysisError("unknown options for sinks", expected=f"its named options or {list(_MASSIVE_OPTIONS)}",
+                            got=unknown, fix="check the option names (`attnscope score --help`)")
     table = sink_scores(model, suite, positions=positions, special_tokens=special_tokens, threshold=threshold,
                         queries=queries, heads=heads, batch_size=batch_size, progress=progress)
     parts = [table]

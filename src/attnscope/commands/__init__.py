@@ -6,7 +6,7 @@ Add a module name to ``MODULES`` to add commands.
 
 import importlib
 
-MODULES = ["core", "zoo", "attribute", "heads", "score", "heatmap", "dash", "sweep"]
+MODULES = ["core", "zoo", "attribute", "heads", "score", "heatmap", "dash", "sweep", "patch"]
 
 
 def register_all(sub) -> None:

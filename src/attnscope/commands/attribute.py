@@ -17,6 +17,10 @@ def _token_values(args: argparse.Namespace, model) -> tuple:
     trace = capture(model, [args.text])
     attn = trace.stack()[:, 0]  # [layer, head, query, key]
     position = args.position if args.position is not None else (0 if model.info().family == "encoder" else -1)
+    n = attn.shape[-2]
+    if not -n <= position < n:
+        raise InputError("--position out of range", expected=f"-{n} <= position < {n}", got=position,
+                         fix=f"the text has {n} tokens: pick one of them (negative counts from the end)")
     options = {"head_fusion": args.head_fusion, "residual_weight": args.residual_weight}
     if args.method == "rollout":
         from ..circuits.rollout import rollout
@@ -38,8 +42,14 @@ def _attribute(args: argparse.Namespace) -> int:
     from ..circuits.relevance import relevance_table
     from ..probes.loading import load
 
+    from .._atomic import check_output
+    from .parsing import check_text
+
     if args.method not in METHODS:
-        raise InputError("unknown attribution method", expected=list(METHODS), got=args.method)
+        raise InputError("unknown attribution method", expected=list(METHODS), got=args.method,
+                         fix="pass --method " + "|".join(METHODS))
+    out = check_output(args.out)
+    check_text(args.text, "--text")
     model = load(args.model)
     if args.method == "relevance":
         table = relevance_table(model, [args.text], target=args.target, position=args.position)
@@ -51,7 +61,7 @@ def _attribute(args: argparse.Namespace) -> int:
         layers = [args.layer % n_layers] if args.layer is not None else list(range(n_layers))
         table = attribution_table(values[layers], tokens=tokens, method=args.method, layer_index=layers)
         table.provenance.update({"model": model.name, "text": args.text, "position": position})
-    path = table.save(args.out)
+    path = table.save(out)
     last = table.df[table.df["layer"] == table.df["layer"].max()]
     top = last.sort_values("value", ascending=False).head(8)
     print(f"{args.method} attribution ({model.name}), top tokens"

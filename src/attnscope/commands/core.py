@@ -2,7 +2,7 @@
 
 import argparse
 
-from .parsing import int_list, parse_spans, parse_stats
+from .parsing import check_text, int_list, parse_spans, parse_stats
 
 
 def _models(args: argparse.Namespace) -> int:
@@ -17,9 +17,11 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
+    from ..probes.coverage import summary_line
     from ..probes.loading import load
 
-    info = load(args.model).info()
+    loaded = load(args.model)
+    info = loaded.info()
     print(f"model: {info.name}\nfamily: {info.family} (adapter {info.adapter})\n"
           f"attention implementation: {info.attn_implementation}\nmax positions: {info.max_positions}")
     for tower in info.towers:
@@ -27,21 +29,24 @@ def _info(args: argparse.Namespace) -> int:
               f"({tower.n_kv_heads} KV heads, d_head {tower.d_head}), kinds {','.join(tower.kinds)}")
     print(f"sites ({len(info.sites)}): " + " ".join(str(s) for s in info.sites[:24])
           + (" ..." if len(info.sites) > 24 else ""))
+    print(summary_line(loaded.module))  # the architecture's row of docs/architectures.md
     return 0
 
 
 def _capture(args: argparse.Namespace) -> int:
+    from .._atomic import check_output
     from ..probes.capture import capture
     from ..probes.loading import load
 
+    out = check_output(args.out)  # before any work: a bad --out must not cost a capture
     stats, spans = parse_stats(args.stats)
     spans += parse_spans(args.mass_spans)
-    inputs = args.text if args.text else token_id_batch(args.ids)
+    inputs = [check_text(t, "--text") for t in args.text] if args.text else token_id_batch(args.ids)
     model = load(args.model)
     trace = capture(model, inputs, heads=args.heads, rows=args.rows, stats=stats,
                     mass_spans=spans or [(0, 1)], topk=args.topk, patterns=True if args.patterns else None,
                     implementation="eager" if args.eager else "auto")
-    path = trace.save(args.out)
+    path = trace.save(out)
     kept = "patterns" if any(r.probs is not None for r in trace.records.values()) else "statistics"
     print(f"captured {len(trace.sites)} sites ({kept}; attention path {trace.provenance['attention_path']}) "
           f"-> {path}")
@@ -62,9 +67,10 @@ def token_id_batch(rows: list[str]) -> "torch.Tensor":  # noqa: F821 (torch is i
 
 
 def _demo(args: argparse.Namespace) -> int:
+    from .._atomic import check_output
     from ..demo import run_demo
 
-    run_demo(args.out, model_name=args.model)
+    run_demo(check_output(args.out, folder=True), model_name=args.model)
     return 0
 
 

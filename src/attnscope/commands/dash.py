@@ -4,10 +4,11 @@ import argparse
 
 
 def _dash(args: argparse.Namespace) -> int:
-    from ..dashboards.app import serve
+    from ..dashboards.app import check_bind, serve
     from ..dashboards.files import ResultsRoot
 
     ResultsRoot(args.results)  # a missing directory is bad input: one line, exit 2, before any model is loaded
+    check_bind(args.host, args.port)  # as is an address that cannot be served (before "serving ..." is printed)
     serve(args.results, model=args.model, host=args.host, port=args.port)
     return 0
 

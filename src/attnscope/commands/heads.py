@@ -69,6 +69,10 @@ def _ablate(args: argparse.Namespace) -> int:
     from ..probes.heads import HeadSet
     from ..probes.interventions import InterventionPlan, apply_plan, mean_plan, resample_plan
 
+    from .._atomic import check_output
+
+    if args.save_plan:
+        check_output(args.save_plan)
     model, suite, batches, metric = _setup(args)
     tower = model.info().tower()
     limit = tower.n_kv_heads if args.select == "kv" else tower.n_heads
@@ -84,7 +88,7 @@ def _ablate(args: argparse.Namespace) -> int:
     with apply_plan(model, plan) as query:
         after = evaluate(model, batches, metric)
     if args.save_plan:
-        Path(args.save_plan).write_text(json.dumps(plan.to_dict()), encoding="utf-8")
+        _write_json(Path(args.save_plan), plan.to_dict())
     print(f"model {model.name}, suite {suite.name} ({len(suite)} items), metric {metric.name}")
     print(f"heads {query} ({args.mode}{'' if args.scale is None else f' x{args.scale}'})")
     print(f"before: {before:.4f}")
@@ -93,9 +97,9 @@ def _ablate(args: argparse.Namespace) -> int:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
-    tmp.replace(path)
+    from .._atomic import atomic_write_text
+
+    atomic_write_text(path, json.dumps(data, indent=1))
 
 
 def _run_key(args: argparse.Namespace) -> dict[str, Any]:
@@ -103,24 +107,41 @@ def _run_key(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _load_state(out: Path, key: dict[str, Any], restart: bool) -> dict[str, Any] | None:
+    from .._atomic import read_text
+    from ..errors import CorruptResultError
+
     path = out / "state.json"
     if restart or not path.is_file():
         return None
-    saved = json.loads(path.read_text(encoding="utf-8"))
+    fix = f"delete {path}, or pass --restart to start over"
+    try:
+        saved = json.loads(read_text(path, "pruning state", "state.json written by attnscope prune",
+                                     error=CorruptResultError))
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise CorruptResultError("pruning state is not valid JSON", expected="state.json written by attnscope prune",
+                                 got=f"{path} ({exc})"[:240], fix=fix) from None
+    pruning = saved.get("pruning") if isinstance(saved, dict) else None
+    if not isinstance(pruning, dict) or not isinstance(pruning.get("steps"), list) or \
+            (pruning["steps"] and not {"mask", "accepted_mask", "original"} <= set(pruning)) or \
+            not isinstance(pruning.get("original", 0.0), (int, float)):
+        raise CorruptResultError("malformed pruning state", expected="{'run': {...}, 'pruning': {'steps': [...]}}",
+                                 got=f"{path} ({type(saved).__name__})", fix=fix)
     if saved.get("run") != key:
         raise InputError("the output folder holds a pruning run with other options", expected=key,
                          got=saved.get("run"), fix="use another --out, or --restart to start over")
-    return saved["pruning"]
+    return pruning if "mask" in pruning else None  # no step recorded yet: nothing to resume
 
 
 def _prune(args: argparse.Namespace) -> int:
     from ..circuits.pruning import iterative_pruning, pruning_curve
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    from .._atomic import check_output
+
+    out = check_output(args.out, folder=True)
     key = _run_key(args)
     resume = _load_state(out, key, args.restart)
     model, suite, batches, metric = _setup(args)
+    out.mkdir(parents=True, exist_ok=True)
     if resume:
         _log(f"resuming from {out / 'state.json'} ({len(resume['steps'])} steps done)")
 

@@ -15,23 +15,29 @@ def parse_stats(spec: str | None) -> tuple[tuple[str, ...], list[tuple[int, int]
             spans.append((0, 1))
             name = "mass"
         if name not in ("mass", "entropy", "topk"):
-            raise InputError("unknown statistic", expected="sink, mass, entropy, topk", got=name)
+            raise InputError("unknown statistic", expected="sink, mass, entropy, topk", got=name,
+                             fix="e.g. --stats sink,entropy")
         if name not in names:
             names.append(name)
     return tuple(names), spans
 
 
 def parse_spans(spec: str | None) -> list[tuple[int, int]]:
-    """``0:1,5:9`` -> [(0, 1), (5, 9)]."""
+    """``0:1,5:9`` -> [(0, 1), (5, 9)] (half-open, ``0 <= START < END``)."""
     if not spec:
         return []
     spans = []
     for part in spec.split(","):
         try:
             a, b = part.split(":")
-            spans.append((int(a), int(b)))
+            span = (int(a), int(b))
         except ValueError:
-            raise InputError("malformed key span", expected="START:END[,START:END]", got=part) from None
+            raise InputError("malformed key span", expected="START:END[,START:END]", got=part,
+                             fix="e.g. --mass-spans 0:1,5:9") from None
+        if not 0 <= span[0] < span[1]:
+            raise InputError("empty or negative key span", expected="0 <= START < END", got=part,
+                             fix="e.g. --mass-spans 0:1 (keys 0 up to, not including, 1)")
+        spans.append(span)
     return spans
 
 
@@ -42,4 +48,18 @@ def int_list(spec: str | None, what: str = "integers") -> list[int] | None:
     try:
         return [int(v) for v in spec.split(",")]
     except ValueError:
-        raise InputError(f"malformed list of {what}", expected="comma-separated integers, e.g. 0,2", got=spec) from None
+        raise InputError(f"malformed list of {what}", expected="comma-separated integers, e.g. 0,2", got=spec,
+                         fix="write integers separated by commas, no spaces") from None
+
+
+def check_text(text: str, option: str = "--text") -> str:
+    """``text`` unless it is empty or not valid UTF-8 (undecodable command-line bytes arrive as surrogates)."""
+    if not isinstance(text, str) or not text.strip():
+        raise InputError(f"empty {option}", expected="some text", got=repr(text), fix=f"pass {option} 'a sentence'")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InputError(f"{option} is not valid UTF-8", expected="UTF-8 text",
+                         got=f"undecodable {text[exc.start:exc.end]!r} at character {exc.start}",
+                         fix="re-encode the text as UTF-8 (e.g. iconv -t UTF-8)") from None
+    return text

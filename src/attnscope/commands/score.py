@@ -76,7 +76,13 @@ def build_suite(name: str, model: Any, args: argparse.Namespace) -> Any:
     if Path(name).suffix == ".json":
         return ds.PromptSuite.from_json(Path(name))
     if name not in SUITES:
-        raise InputError("unknown suite", expected=list(SUITES) + ["PATH.json"], got=name)
+        raise InputError("unknown suite", expected=list(SUITES) + ["PATH.json"], got=name,
+                         fix="`attnscope score --help` lists the suites")
+    for option in ("n_items", "seq_len", "vocab_size", "needle_len"):
+        value = getattr(args, option, None)
+        if value is not None and value < 1:
+            raise InputError(f"--{option.replace('_', '-')} must be positive", expected=">= 1", got=value,
+                             fix=f"e.g. --{option.replace('_', '-')} 16")
     if name == "shapes":
         return shapes_suite(model, args.n_items, args.seed)
     tok = model.adapter.tokenizer
@@ -84,6 +90,9 @@ def build_suite(name: str, model: Any, args: argparse.Namespace) -> Any:
     n, seed = args.n_items, args.seed
     params = _zoo_suite_params(model, name)
     if args.vocab_size:
+        if args.vocab_size > vocab:
+            raise InputError("--vocab-size larger than the model's vocabulary", expected=f"<= {vocab}",
+                             got=args.vocab_size, fix=f"leave --vocab-size out (the model's {vocab}) or lower it")
         params["vocab_size"] = args.vocab_size
     if args.seq_len:
         params["seq_len"] = args.seq_len
@@ -109,6 +118,23 @@ def build_suite(name: str, model: Any, args: argparse.Namespace) -> Any:
     if name == "ioi":
         return ds.ioi(n, seed=seed, tokenizer=tok)
     return _sentences_suite(n, seed)
+
+
+def check_suite_ids(suite: Any, model: Any) -> None:
+    """InputError when a suite item holds token ids outside the model's vocabulary (before any work starts)."""
+    from ..probes.capture import _vocab_size
+
+    vocab = _vocab_size(getattr(model.adapter, "module", None))
+    if vocab is None or not hasattr(suite, "items"):
+        return
+    for index, item in enumerate(suite.items):
+        for field in ("ids", "answer_ids", "corrupt_ids"):
+            ids = getattr(item, field, None) or []
+            bad = [i for i in ids if not 0 <= int(i) < vocab]
+            if bad:
+                raise InputError("suite token ids outside the model's vocabulary", expected=f"0 <= id < {vocab}",
+                                 got=f"item {index} {field}: {bad[:3]}", fix="build the suite for this model's "
+                                 "vocabulary (--vocab-size) or pick the model the suite was made for")
 
 
 class PromptList(list):
@@ -250,10 +276,13 @@ def _score(args: argparse.Namespace) -> int:
     if not args.model or not args.suite or not args.out:
         raise InputError("score needs --model, --suite and --out", expected="all three",
                          got={"model": args.model, "suite": args.suite, "out": args.out})
+    from .._atomic import check_output
+
+    out = check_output(args.out)
     analysis = get_analysis(args.analysis)
     model = load(args.model)
     suite = build_suite(args.suite, model, args)
-    out = Path(args.out)
+    check_suite_ids(suite, model)
     partial = out.with_name(out.stem + ".partial.parquet")
     if args.restart and partial.is_file():
         partial.unlink()
@@ -274,8 +303,23 @@ def _score(args: argparse.Namespace) -> int:
     return 0
 
 
+REFERENCE_DEFAULTS = """defaults and the papers' reference code (change them with --option KEY=VALUE):
+  retrieval  span=answer: copies / length of the answer span, the reference's real_needle
+             (nightdessert/Retrieval_Head); span=needle divides by the whole needle sentence.
+             Decoding runs up to 50 tokens and stops only after a newline (never at EOS).
+  induction, prev-token, duplicate
+             normalise=rows: sum(A*P)/sum(A) over the rows the template covers;
+             normalise=tl: over every row, exactly TransformerLens' detect_head (pattern's default).
+  importance variant=abs_per_example (Michel et al.'s formula); abs_per_token is their repository's.
+  hrv        the reference protocol of SNU-DRL/HRV (one seeded generator for all prompts, words re-sampled
+             at every cross-attention call); see attnscope.circuits.hrv for the named alternatives.
+example: attnscope score retrieval --model zoo:recall-llama --suite recall --option span=needle --out r.parquet
+"""
+
+
 def register(sub) -> None:
-    p = sub.add_parser("score", help="score heads over a prompt suite (retrieval, sinks, induction, ...)")
+    p = sub.add_parser("score", help="score heads over a prompt suite (retrieval, sinks, induction, ...)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=REFERENCE_DEFAULTS)
     p.add_argument("analysis", help="a registered analysis, or 'list' to list them")
     p.add_argument("--model", help="minilm, zoo:NAME, a model folder ...")
     p.add_argument("--suite", help=f"{', '.join(SUITES)}, or a suite .json file")

@@ -18,6 +18,10 @@ def _sweep(args: argparse.Namespace) -> int:
     from ..sweeps.runner import run_sweep
     from ..sweeps.spec import load_spec, parse_spec
 
+    from .._atomic import check_output
+
+    if args.out is not None:
+        check_output(args.out, folder=True)
     spec = load_spec(args.spec)
     if args.device_map or args.max_memory:
         raw = dict(spec.raw)
@@ -45,6 +49,11 @@ def _remote_capture(args: argparse.Namespace) -> int:
     from ..probes.remote import plan_from_json, remote_capture
     from .parsing import parse_spans, parse_stats
 
+    from .._atomic import check_output
+    from .parsing import check_text
+
+    out = check_output(args.out)
+    texts = [check_text(t, "--text") for t in args.text]
     stats, spans = parse_stats(args.stats)
     spans += parse_spans(args.mass_spans)
     plan = plan_from_json(args.plan) if args.plan else None
@@ -55,9 +64,9 @@ def _remote_capture(args: argparse.Namespace) -> int:
         remote: "bool | str" = "local"
     else:
         model, remote = args.model, True  # a hub id: only its config is read here, the weights stay remote
-    trace = remote_capture(model, args.text, remote=remote, plan=plan, task=args.task, heads=args.heads,
+    trace = remote_capture(model, texts, remote=remote, plan=plan, task=args.task, heads=args.heads,
                            rows=args.rows, stats=stats, mass_spans=spans or [(0, 1)], topk=args.topk)
-    path = trace.save(args.out)
+    path = trace.save(out)
     where = trace.provenance.get("remote", {}).get("host", "local simulation")
     print(f"captured {len(trace.sites)} sites through nnsight ({where}) -> {path}")
     return 0

@@ -13,7 +13,12 @@ def _zoo(args: argparse.Namespace) -> int:
             print(f"{organism['name']:16s} {organism.get('architecture', '')}  {organism.get('task', '')}")
         return 0
     if not args.all and not args.name:
-        raise InputError("zoo train needs a name or --all", expected="NAME or --all", got="nothing")
+        raise InputError("zoo train needs a name or --all", expected="NAME or --all", got="nothing",
+                         fix="e.g. `attnscope zoo train induction-2l --out DIR`")
+    if args.out is not None:
+        from .._atomic import check_output
+
+        check_output(args.out, folder=True)
     result = zoo.train_all(args.out) if args.all else zoo.train(args.name, out_dir=args.out, seed=args.seed)
     for path in result if isinstance(result, (list, tuple)) else [result]:
         print(f"trained -> {path}")

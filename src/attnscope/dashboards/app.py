@@ -13,9 +13,11 @@ Example:
 """
 
 import mimetypes
+import socket
 from pathlib import Path
 from typing import Any
 
+from ..errors import InputError
 from .files import PathRefused, ResultsRoot
 
 DEFAULT_HOST = "127.0.0.1"
@@ -29,7 +31,7 @@ def _download_route(server: Any, root: ResultsRoot) -> None:
         try:
             path = root.resolve(relpath)
         except PathRefused as exc:
-            return Response(f"refused: {exc}\n", status=403, mimetype="text/plain")
+            return Response(f"refused: {exc}\n", status=exc.status, mimetype="text/plain")
         mime = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
         return send_file(path, mimetype=mime, as_attachment=True, download_name=path.name)
 
@@ -54,11 +56,36 @@ def create_app(results_dir: "str | Path", model: Any = None, model_name: str | N
     return app
 
 
+def check_bind(host: str, port: int) -> None:
+    """InputError unless ``host:port`` is a valid local address that is free to bind (checked before the model
+    loads and before the dashboard says it is serving)."""
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise InputError("port out of range", expected="1 <= port <= 65535", got=port, fix="e.g. --port 8050")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError, ValueError) as exc:
+        raise InputError("unknown host", expected="an address of this machine, e.g. 127.0.0.1",
+                         got=f"{host} ({exc})"[:200], fix="pass --host 127.0.0.1 (this machine only)") from None
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does: TIME_WAIT is no conflict
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            in_use = exc.errno in (98, 48, 10048)  # EADDRINUSE on Linux, macOS, Windows
+            raise InputError("port in use" if in_use else "cannot listen on this address",
+                             expected="a free port on an address of this machine", got=f"{host}:{port} "
+                             f"({exc.strerror or exc})", fix="pick another --port" if in_use else
+                             "pass --host 127.0.0.1 (this machine only) or one of its addresses") from None
+
+
 def serve(results_dir: "str | Path", model: Any = None, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> None:
     """Load ``model`` (a name for ``attnscope.load``, a loaded model, or None) and serve the app (blocking).
 
     Debug mode stays off: its interactive debugger would run code for anyone who can reach the port.
     """
+    ResultsRoot(results_dir)
+    check_bind(host, port)
     if isinstance(model, str):
         from ..probes.loading import load
 
@@ -69,4 +96,4 @@ def serve(results_dir: "str | Path", model: Any = None, host: str = DEFAULT_HOST
     app.run(host=host, port=int(port), debug=False)
 
 
-__all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "create_app", "serve"]
+__all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "check_bind", "create_app", "serve"]

@@ -183,6 +183,8 @@ def _file_item(root: ResultsRoot, relative: str) -> Any:
         text = json.dumps(read_json(root.resolve(relative, ("json",))), indent=1)[:20_000]
     except AttnscopeError as exc:
         text = str(exc)
+    except (RecursionError, TypeError, ValueError) as exc:  # a bad file is shown as a bad file
+        text = f"cannot show this JSON file ({type(exc).__name__}): download it instead"
     return html.Li(html.Details([html.Summary(link), html.Pre(text, className="result")]))
 
 

@@ -59,9 +59,30 @@ def _stamp(path: Path) -> tuple:
     return str(path), stat.st_mtime_ns, stat.st_size
 
 
+def _stamp_or_refuse(path: Path) -> tuple:
+    try:
+        return _stamp(path)
+    except OSError as exc:
+        raise CorruptResultError("result file cannot be read", expected="a readable file", got=f"{path.name} "
+                                 f"({type(exc).__name__})", fix="rescan: the file may have been removed") from None
+
+
+def _checked_table(path: Path) -> ResultTable:
+    """``ResultTable.load`` plus what the views rely on: numeric ``layer`` and ``head``, a numeric ``value``."""
+    import pandas as pd
+
+    table = ResultTable.load(path)
+    for column in ("layer", "head", "value"):
+        if not pd.api.types.is_numeric_dtype(table.df[column]) or pd.api.types.is_bool_dtype(table.df[column]):
+            raise CorruptResultError("result table has a non-numeric column", expected=f"numbers in {column!r}",
+                                     got=f"{path.name}: {column} of type {table.df[column].dtype}",
+                                     fix="write layer and head as integers and value as a number")
+    return table
+
+
 def load_table(path: Path) -> ResultTable:
-    """A ResultTable (cached)."""
-    return _TABLES.get(_stamp(path), lambda: ResultTable.load(path))
+    """A ResultTable (cached); CorruptResultError for a file the views cannot show."""
+    return _TABLES.get(_stamp_or_refuse(path), lambda: _checked_table(path))
 
 
 @dataclass
@@ -103,19 +124,25 @@ def _read_header(path: Path) -> TraceHeader:
         with safe_open(str(path), framework="pt") as handle:
             header = json.loads((handle.metadata() or {})["attnscope"])
             shapes = {key: handle.get_slice(key).get_shape() for key in handle.keys()}
-        if header.get("format") != FORMAT:
+        if not isinstance(header, dict) or header.get("format") != FORMAT:
             raise KeyError("format")
-    except Exception as exc:
+        records = header["records"]  # every record names its site and step: the views index them
+        if not isinstance(records, list) or not all(isinstance(e, dict) for e in records):
+            raise TypeError("records")
+        for entry in records:
+            Site.from_dict(entry["site"]), int(entry["step"]), int(entry["n_query"]), int(entry["n_key"])
+        tokens = TokenInfo.from_dict(header["tokens"])
+        provenance = header.get("provenance", {})
+        batch = max((shape[0] for key, shape in shapes.items() if key.endswith(".probs") and shape), default=0)
+    except Exception as exc:  # noqa: BLE001 - any malformed header is a bad file, never a failed page
         raise CorruptResultError("not a readable attnscope trace", expected=f"a {FORMAT} safetensors file",
                                  got=f"{path.name} ({type(exc).__name__})", fix="re-run the capture") from None
-    batch = max((shape[0] for key, shape in shapes.items() if key.endswith(".probs")), default=0)
-    return TraceHeader(path, header["records"], TokenInfo.from_dict(header["tokens"]), header.get("provenance", {}),
-                       int(batch))
+    return TraceHeader(path, records, tokens, provenance if isinstance(provenance, dict) else {}, int(batch))
 
 
 def trace_header(path: Path) -> TraceHeader:
     """The header of a trace file (cached)."""
-    return _HEADERS.get(_stamp(path), lambda: _read_header(path))
+    return _HEADERS.get(_stamp_or_refuse(path), lambda: _read_header(path))
 
 
 def _item_tokens(tokens: TokenInfo, batch: int) -> TokenInfo:
@@ -148,20 +175,41 @@ def _read_site(path: Path, site: Site, step: int | None, batch: int) -> Attentio
 
 def load_site(path: Path, site: Site, step: int | None = None, batch: int = 0) -> AttentionTrace:
     """A one-record trace holding one site's probabilities for batch item ``batch`` (as item 0), cached."""
-    return _SITES.get(_stamp(path) + (site, step, batch), lambda: _read_site(path, site, step, batch))
+    def read() -> AttentionTrace:
+        try:
+            return _read_site(path, site, step, batch)
+        except (CorruptResultError, SiteError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - tensors that do not match the header: a bad file
+            raise CorruptResultError("trace site cannot be read", expected=f"a {FORMAT} safetensors file",
+                                     got=f"{path.name} ({type(exc).__name__})", fix="re-run the capture") from None
+
+    return _SITES.get(_stamp_or_refuse(path) + (site, step, batch), read)
 
 
 def read_json(path: Path, limit: int = 200_000) -> Any:
-    """A JSON result file (at most ``limit`` bytes are read)."""
-    with open(path, encoding="utf-8") as handle:
-        text = handle.read(limit + 1)
+    """A JSON result file (at most ``limit`` bytes are read); CorruptResultError for anything unreadable (not
+    UTF-8, invalid, nested too deeply to parse)."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read(limit + 1)
+    except UnicodeDecodeError:
+        raise CorruptResultError("JSON file is not UTF-8 text", expected="a UTF-8 JSON file", got=path.name,
+                                 fix="download it instead") from None
+    except OSError as exc:
+        raise CorruptResultError("JSON file cannot be read", expected="a readable file",
+                                 got=f"{path.name} ({type(exc).__name__})", fix="check its permissions") from None
     if len(text) > limit:
         raise CorruptResultError("JSON file too large to show", expected=f"<= {limit} bytes", got=path.name,
                                  fix="download it instead")
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise CorruptResultError("not valid JSON", expected="a JSON file", got=f"{path.name}: {exc}") from None
+        raise CorruptResultError("not valid JSON", expected="a JSON file", got=f"{path.name}: {exc}",
+                                 fix="download it instead") from None
+    except RecursionError:
+        raise CorruptResultError("JSON nested too deeply to show", expected="a JSON file of moderate depth",
+                                 got=path.name, fix="download it instead") from None
 
 
 __all__ = ["TraceHeader", "load_site", "load_table", "read_json", "trace_header"]

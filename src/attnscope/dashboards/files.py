@@ -3,7 +3,8 @@
 A request names a file by its path *relative to the results directory*. It is refused, before anything is read,
 when it is absolute, contains ``..``, resolves (``Path.resolve()``, following symlinks) outside the directory,
 is not a result file type (``.parquet``, ``.safetensors``, ``.json``; images ``.png``/``.jpg`` only where the
-caller asks for kind ``image``), or does not exist. Nothing is unpickled:
+caller asks for kind ``image``), is hidden (a component starting with ``.``), is longer than ``MAX_PATH_CHARS``, or
+does not exist. Nothing is unpickled:
 parquet is read by pyarrow, safetensors by safetensors, JSON by ``json``.
 
 Example:
@@ -31,8 +32,14 @@ MAX_FILES = 5000
 MAX_DEPTH = 8
 
 
+MAX_PATH_CHARS = 1024  # longer requests are refused before the file system sees them (ENAMETOOLONG)
+
+
 class PathRefused(InputError):
-    """A path outside the results directory, or not a result file, was requested."""
+    """A path outside the results directory, or not a result file, was requested. ``status`` is the HTTP status
+    the download route answers with: 403 (refused), 404 (no such result file), 400 (malformed, too long)."""
+
+    status = 403
 
 
 @dataclass
@@ -62,29 +69,46 @@ class ResultsRoot:
                              fix="run `attnscope demo --out DIR` or pass a folder holding result files")
         self.root = path.resolve()
 
-    def _refuse(self, why: str, relative: object, fix: str = "pick a file listed by the dashboard") -> PathRefused:
-        return PathRefused("path refused", expected=why, got=repr(relative)[:200], fix=fix)
+    def _refuse(self, why: str, relative: object, fix: str = "pick a file listed by the dashboard",
+                status: int = 403) -> PathRefused:
+        refused = PathRefused("path refused", expected=why, got=repr(relative)[:200], fix=fix)
+        refused.status = status
+        return refused
 
     def resolve(self, relative: object, kinds: tuple[str, ...] = ("table", "trace", "json")) -> Path:
-        """The absolute path of a result file inside the root, or PathRefused (nothing is read)."""
+        """The absolute path of a result file inside the root, or PathRefused (nothing is read).
+
+        Also refused: hidden files and folders (a component starting with ``.``, which the listing never shows)
+        and paths longer than ``MAX_PATH_CHARS``."""
         if not isinstance(relative, str) or not relative.strip() or "\x00" in relative:
-            raise self._refuse("a relative path of a result file", relative)
+            raise self._refuse("a relative path of a result file", relative, status=400)
+        if len(relative) > MAX_PATH_CHARS:
+            raise self._refuse(f"a path of at most {MAX_PATH_CHARS} characters", f"{relative[:40]}... "
+                               f"({len(relative)} characters)", status=400)
         text = relative.replace("\\", "/")
         pure = PurePosixPath(text)
         if pure.is_absolute() or Path(relative).is_absolute() or text.startswith("~"):
             raise self._refuse("a path relative to the results directory, not an absolute one", relative)
         if ".." in pure.parts:
             raise self._refuse("a path inside the results directory without '..'", relative)
+        if any(part.startswith(".") for part in pure.parts):
+            raise self._refuse("a listed result file (hidden files and folders are never served)", relative)
         kind = (RESULT_TYPES | IMAGE_TYPES).get(pure.suffix.lower())
         if kind is None or kind not in kinds:
             allowed = sorted(s for s, k in (RESULT_TYPES | IMAGE_TYPES).items() if k in kinds)
             raise self._refuse(f"a result file ({', '.join(allowed)})", relative)
-        full = (self.root / pure).resolve()
-        if not full.is_relative_to(self.root):
+        try:
+            full = (self.root / pure).resolve()
+            inside = full.is_relative_to(self.root)
+            exists = inside and full.is_file()
+        except (OSError, RuntimeError, ValueError):  # a name too long for the file system, a symlink loop
+            raise self._refuse("a path the file system can resolve", relative, status=400) from None
+        if not inside:
             raise self._refuse("a file inside the results directory (this one leaves it through a symlink)",
                                relative)
-        if not full.is_file():
-            raise self._refuse("an existing result file", relative, fix="rescan: the file may have been removed")
+        if not exists:
+            raise self._refuse("an existing result file", relative, fix="rescan: the file may have been removed",
+                               status=404)
         return full
 
     def relative(self, path: Path) -> str:

@@ -16,6 +16,7 @@ Example:
 
 import json
 import math
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -64,7 +65,7 @@ def _ids(value: Any, name: str) -> list[int] | None:
         return [int(v) for v in value]
     except (TypeError, ValueError) as exc:
         raise InputError(f"{name} must be a sequence of token ids", expected="list[int]",
-                         got=type(value).__name__) from exc
+                         got=type(value).__name__, fix=f"write {name} as a list of integers") from None
 
 
 @dataclass
@@ -86,7 +87,8 @@ class PromptItem:
 
     def __post_init__(self) -> None:
         if self.ids is None and self.text is None:
-            raise InputError("a prompt item needs ids or text", expected="ids=[...] or text='...'", got="neither")
+            raise InputError("a prompt item needs ids or text", expected="ids=[...] or text='...'", got="neither",
+                             fix="give each item ids or text")
         self.ids = _ids(self.ids, "ids")
         self.answer_ids = _ids(self.answer_ids, "answer_ids")
         self.corrupt_ids = _ids(self.corrupt_ids, "corrupt_ids")
@@ -175,29 +177,49 @@ class PromptSuite:
         """Serialise to a JSON string; also write it to ``path`` when given."""
         text = json.dumps(self.to_dict(), indent=indent, allow_nan=False)
         if path is not None:
-            Path(path).write_text(text, encoding="utf-8")
+            from .._atomic import atomic_write_text
+
+            atomic_write_text(path, text)
         return text
 
     @classmethod
     def from_json(cls, source: str | Path) -> "PromptSuite":
         """Load from a JSON string or a path to a ``.json`` file written by ``to_json``."""
+        from .._atomic import read_text
+
         text = source
-        if isinstance(source, Path) or (isinstance(source, str) and not source.lstrip().startswith("{")):
-            path = Path(source)
-            if not path.is_file():
-                raise CorruptResultError("suite file not found", expected="a JSON file", got=str(path))
-            text = path.read_text(encoding="utf-8")
+        fix = "write the file with PromptSuite.to_json"
+        if isinstance(source, bytes):
+            try:
+                text = source.decode("utf-8")
+            except UnicodeDecodeError:
+                raise CorruptResultError("suite is not UTF-8 text", expected="UTF-8 JSON", got="undecodable bytes",
+                                         fix=fix) from None
+        elif isinstance(source, os.PathLike) or (isinstance(source, str) and not source.lstrip().startswith("{")):
+            text = read_text(source, "suite file", "a PromptSuite JSON file (UTF-8)", error=CorruptResultError)
+        elif not isinstance(source, str):
+            raise InputError("bad suite source", expected="a JSON string or a path", got=type(source).__name__,
+                             fix="pass PromptSuite.from_json('suite.json')")
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, RecursionError) as exc:
             raise CorruptResultError("suite is not valid JSON", expected="PromptSuite.to_json output",
-                                     got=str(exc)) from exc
+                                     got=str(exc)[:200], fix=fix) from None
         if not isinstance(data, dict) or data.get("format") != SUITE_FORMAT:
             raise CorruptResultError("not an attnscope prompt suite", expected=SUITE_FORMAT,
-                                     got=data.get("format") if isinstance(data, dict) else type(data).__name__)
-        return cls(name=data["name"], items=[PromptItem.from_dict(it) for it in data["items"]],
-                   seed=data.get("seed"), generator=data.get("generator"), params=data.get("params", {}),
-                   metadata=data.get("metadata", {}))
+                                     got=data.get("format") if isinstance(data, dict) else type(data).__name__,
+                                     fix=fix)
+        missing = [k for k in ("name", "items") if k not in data]
+        if missing or not isinstance(data["items"], list) or not all(isinstance(i, dict) for i in data["items"]):
+            raise CorruptResultError("incomplete prompt suite", expected="'name' and a list of item objects",
+                                     got=f"missing {missing}" if missing else type(data["items"]).__name__, fix=fix)
+        try:
+            return cls(name=str(data["name"]), items=[PromptItem.from_dict(it) for it in data["items"]],
+                       seed=data.get("seed"), generator=data.get("generator"), params=data.get("params") or {},
+                       metadata=data.get("metadata") or {})
+        except (TypeError, ValueError) as exc:
+            raise CorruptResultError("malformed prompt suite", expected="PromptSuite.to_json output",
+                                     got=f"{type(exc).__name__}: {exc}"[:200], fix=fix) from None
 
     # ---- batching ---------------------------------------------------------------------------------------------
     def batches(self, batch_size: int, *, pad_id: int | None = None, padding_side: str = "right",

@@ -14,9 +14,14 @@ Modes (every one edits the head's output ``Att_h(x)``, the head's slice of the o
   past the drawn reference's length get that reference's token mean.
 - ``uniform``: the head attends uniformly over the keys its mask allows (causal, padding, sliding window): the
   retrieval-head paper's "masking" (Wu et al. 2024). Runs through the attention route (``hf_route``).
+- ``steer``: ``Att_h(x) += scale * vector`` at every position (``vectors["L1H0"] = [d_head]``; ``scale`` defaults
+  to 1). With ``select="kv"`` the keys name KV heads and each vector is added to every query head of the group.
 
-``select="kv"`` reads the head set as KV heads and expands each to all of its query heads (GQA). Supported:
-GPT-2, Llama/Qwen2/Mistral class, BERT class (MiniLM). Hooks are removed in ``finally``, also after an error.
+``select="kv"`` reads the head set as KV heads and expands each to all of its query heads (GQA). Supported: every
+family ``head_slices.output_projections`` describes (GPT-2, Llama and BERT classes by their projections; every other
+transformers family through the attention route; diffusers denoisers through their SDPA side channel, where
+``resample`` and ``mean`` without ``mean_values`` are refused: they need token inputs). Hooks are removed in
+``finally``, also after an error.
 
 Example:
     >>> import torch, transformers
@@ -43,12 +48,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..errors import InputError
-from .head_slices import (OutputProjection, check_heads, edit_head_outputs, expand_kv_selection, output_projections,
-                          record_head_outputs, zeros_mask)
+from ..errors import InputError, UnsupportedModelError
+from .head_slices import (OutputProjection, check_heads, edit_attention_layers, edit_head_outputs, expand_kv_selection,
+                          output_projections, record_head_outputs, zeros_mask)
 from .heads import HeadSet
 
-MODES = ("zero", "mean", "resample", "uniform", "rescale")
+MODES = ("zero", "mean", "resample", "uniform", "rescale", "steer")
 PLAN_FORMAT = "attnscope.intervention/1"
 
 
@@ -69,6 +74,7 @@ class InterventionPlan:
         reference_ids: token-id lists of the reference inputs (``resample``; ``mean`` when no ``mean_values``).
         per_position: ``mean`` over tokens (False) or per position (True).
         seed: the draw of reference inputs for ``resample``.
+        vectors: ``"L1H0" -> [d_head]`` added to the head's output by ``steer`` (times ``scale``, default 1).
     """
 
     heads: HeadSet
@@ -80,6 +86,7 @@ class InterventionPlan:
     per_position: bool = False
     seed: int = 0
     metadata: dict[str, Any] = field(default_factory=dict)
+    vectors: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.heads, HeadSet):
@@ -94,6 +101,13 @@ class InterventionPlan:
         if self.mode == "resample" and not self.reference_ids:
             raise InputError("resample needs reference inputs", expected="reference_ids=[[...], ...]", got=None,
                              fix="build the plan with resample_plan(heads, reference_ids)")
+        if self.mode == "steer":
+            missing = [_key(layer, head) for layer, head in self.heads if _key(layer, head) not in (self.vectors or {})]
+            if missing:
+                raise InputError("steer needs a vector for every head", expected="vectors={'L1H0': [d_head], ...}",
+                                 got=f"no vector for {', '.join(missing[:4])}", fix="pass vectors=... (see mode steer)")
+            self.vectors = {k: [float(v) for v in torch.as_tensor(vec).flatten().tolist()]
+                            for k, vec in self.vectors.items()}
         if self.mode == "mean" and self.mean_values is None and not self.reference_ids:
             raise InputError("mean ablation needs means or reference inputs",
                              expected="mean_values or reference_ids", got=None,
@@ -102,7 +116,8 @@ class InterventionPlan:
     def to_dict(self) -> dict[str, Any]:
         return {"format": PLAN_FORMAT, "heads": str(self.heads), "mode": self.mode, "scale": self.scale,
                 "select": self.select, "mean_values": self.mean_values, "reference_ids": self.reference_ids,
-                "per_position": self.per_position, "seed": self.seed, "metadata": dict(self.metadata)}
+                "per_position": self.per_position, "seed": self.seed, "metadata": dict(self.metadata),
+                "vectors": self.vectors}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "InterventionPlan":
@@ -112,7 +127,7 @@ class InterventionPlan:
         return cls(heads=heads, mode=data["mode"], scale=data.get("scale"), select=data.get("select", "query"),
                    mean_values=data.get("mean_values"), reference_ids=data.get("reference_ids"),
                    per_position=bool(data.get("per_position", False)), seed=int(data.get("seed", 0)),
-                   metadata=dict(data.get("metadata") or {}))
+                   metadata=dict(data.get("metadata") or {}), vectors=data.get("vectors"))
 
     def query_heads(self, projections: list[OutputProjection]) -> HeadSet:
         """The query heads the plan acts on (KV selections expanded), validated against the model."""
@@ -147,6 +162,18 @@ def reference_head_outputs(model: nn.Module, reference_ids: Sequence[Sequence[in
     model = getattr(model, "module", model)
     if not reference_ids:
         raise InputError("no reference inputs", expected="at least one token-id list", got=0)
+    if getattr(model, "main_input_name", "input_ids") != "input_ids":
+        raise UnsupportedModelError("mean and resample need reference token inputs, which this model does not take",
+                                    expected="a model fed input_ids", got=f"{type(model).__name__} takes "
+                                    f"{model.main_input_name}", fix="use zero, rescale or uniform, or pass "
+                                    "mean_values computed with record_head_outputs")
+    from .adapter import adapter_for
+
+    adapter = adapter_for(model)  # e.g. encoder-decoders get their decoder ids the same way as in a capture
+    if not adapter.runs_on_text_alone:
+        raise UnsupportedModelError("mean and resample need reference runs on token ids alone", expected="a model "
+                                    "that runs on text alone", got=f"{type(model).__name__} needs images as well",
+                                    fix="use zero, rescale or uniform, or pass mean_values")
     width = max(len(s) for s in reference_ids)
     outs: dict[int, list[Tensor]] = {layer: [] for layer in layers}
     masks = []
@@ -154,8 +181,15 @@ def reference_head_outputs(model: nn.Module, reference_ids: Sequence[Sequence[in
         ids, mask = _pad(reference_ids[start:start + batch_size], pad_id)
         ids = torch.nn.functional.pad(ids, (0, width - ids.shape[1]), value=pad_id)
         mask = torch.nn.functional.pad(mask, (0, width - mask.shape[1]))
+        kwargs = adapter.prepare({"input_ids": ids.to(_device(model)), "attention_mask": mask.to(_device(model))})
         with record_head_outputs(model, layers) as seen:
-            model(input_ids=ids.to(_device(model)), attention_mask=mask.to(_device(model)))
+            model(**kwargs.kwargs)
+        silent = [layer for layer in layers if not seen[layer]]
+        if silent:
+            raise UnsupportedModelError("a layer did not run on the reference token inputs",
+                                        expected="every edited layer to run on text alone",
+                                        got=f"layers {silent} (e.g. cross-attention to images)",
+                                        fix="use zero, rescale or uniform on these layers, or give mean_values")
         for layer in layers:
             outs[layer].append(seen[layer][-1])
         masks.append(mask)
@@ -236,6 +270,24 @@ def _replace_editor(heads: list[int], values_of):
         values = values_of(x).to(device=x.device, dtype=x.dtype)
         out[:, :, index.to(x.device)] = values.expand(x.shape[0], x.shape[1], len(heads), x.shape[-1])
         return out
+    return edit
+
+
+def _steer_editor(plan: InterventionPlan, layer: int, heads: list[int], proj: OutputProjection):
+    """Editor adding ``scale * vector`` to each head's output (KV selections: the group's vector)."""
+    from .head_slices import kv_head_of
+
+    added = torch.zeros(proj.n_heads, proj.d_head, dtype=torch.float64)
+    for head in heads:
+        owner = kv_head_of(head, proj.n_heads, proj.n_kv_heads) if plan.select == "kv" else head
+        vector = torch.as_tensor(plan.vectors[_key(layer, owner)], dtype=torch.float64)
+        if vector.shape != (proj.d_head,):
+            raise InputError("steering vector of the wrong size", expected=f"[{proj.d_head}] (d_head)",
+                             got=list(vector.shape), fix=f"give L{layer}H{owner} a vector of d_head numbers")
+        added[head] = vector * (1.0 if plan.scale is None else float(plan.scale))
+
+    def edit(x: Tensor) -> Tensor:
+        return x + added.to(device=x.device, dtype=x.dtype)
     return edit
 
 
@@ -336,16 +388,19 @@ def apply_plan(model: Any, plan: InterventionPlan) -> Iterator[HeadSet]:
     module = getattr(model, "module", model)
     projections = output_projections(module)
     query = plan.query_heads(projections)
+    token_free = any(p.family == "diffusers" for p in projections)
+    if token_free and (plan.mode == "resample" or (plan.mode == "mean" and plan.mean_values is None)):
+        raise UnsupportedModelError("this mode needs reference token inputs, which a diffusion denoiser does not "
+                                    "take", expected="zero, rescale, uniform, or mean with mean_values",
+                                    got=plan.mode, fix="give mean_values ('L3H1' -> [d_head]) computed with "
+                                    "record_head_outputs")
     if plan.mode == "mean" and plan.mean_values is None:
         plan = InterventionPlan(**{**plan.__dict__, "mean_values": mean_head_outputs(
             module, query, plan.reference_ids, per_position=plan.per_position)})
     with ExitStack() as stack:
         if plan.mode == "uniform":
-            from .adapters.hf_route import edit_attention
-
-            editors = {id(projections[layer].attention): _uniform_editor(query.heads_in_layer(layer))
-                       for layer in query.layers}
-            stack.enter_context(edit_attention(module, editors))
+            editors = {layer: _uniform_editor(query.heads_in_layer(layer)) for layer in query.layers}
+            stack.enter_context(edit_attention_layers(module, editors, projections))
         else:
             stack.enter_context(edit_head_outputs(module, _editors(module, plan, query, projections, stack),
                                                   projections))
@@ -367,6 +422,8 @@ def _editors(module: nn.Module, plan: InterventionPlan, query: HeadSet, projecti
             editors[layer] = _scale_editor(heads, proj.n_heads, factor)
         elif plan.mode == "mean":
             editors[layer] = _mean_editor(plan, layer, heads, proj.d_head)
+        elif plan.mode == "steer":
+            editors[layer] = _steer_editor(plan, layer, heads, proj)
         else:
             editors[layer] = resampler.editor(layer, heads)
     return editors

@@ -371,18 +371,25 @@ def plan_from_json(text_or_path: str) -> Any:
     """An ``InterventionPlan`` from a JSON string or file (``InterventionPlan.to_dict`` format)."""
     from .interventions import InterventionPlan
 
+    from .._atomic import read_text
+
     text = text_or_path
+    fix = "write the plan with InterventionPlan.to_dict() (json.dumps)"
     if not text.lstrip().startswith("{"):
-        try:
-            with open(os.path.expanduser(text), encoding="utf-8") as handle:
-                text = handle.read()
-        except OSError as exc:
-            raise InputError("cannot read the intervention plan", expected="a JSON file", got=str(exc)) from None
+        text = read_text(text, "intervention plan", "a JSON file (UTF-8)")
     try:
-        return InterventionPlan.from_dict(json.loads(text))
-    except json.JSONDecodeError as exc:
+        data = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
         raise InputError("intervention plan is not valid JSON", expected="InterventionPlan.to_dict() output",
-                         got=str(exc)) from None
+                         got=str(exc)[:200], fix=fix) from None
+    if not isinstance(data, dict):
+        raise InputError("intervention plan is not a JSON object", expected="InterventionPlan.to_dict() output",
+                         got=type(data).__name__, fix=fix)
+    try:
+        return InterventionPlan.from_dict(data)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InputError("malformed intervention plan", expected="InterventionPlan.to_dict() output",
+                         got=f"{type(exc).__name__}: {exc}"[:200], fix=fix) from None
 
 
 __all__ = ["REMOTE_MODES", "RemoteNNsightAdapter", "RemoteSettings", "check_reachable", "edit_heads", "envoy_path",

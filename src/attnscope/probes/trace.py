@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..errors import CorruptResultError, SiteError
+from ..errors import CorruptResultError, InputError, SiteError
 from .site import Site
 from .tokens import TokenInfo
 
@@ -130,8 +130,11 @@ class AttentionTrace:
     def towers(self) -> list[str]:
         return sorted({s.tower for s in self.sites})
 
-    def stack(self, tower: str = "text", kind: str = "self", step: int | None = None) -> Tensor:
-        """Probabilities of every layer of one tower and kind: ``[layer, batch, head, query, key]``."""
+    def stack(self, tower: str | None = None, kind: str = "self", step: int | None = None) -> Tensor:
+        """Probabilities of every layer of one tower and kind: ``[layer, batch, head, query, key]``.
+
+        tower: None takes the trace's only tower of that kind (``text`` where there are several and one is text).
+        """
         sites = self._tower_sites(tower, kind)
         probs = [self.get(s, step).probs for s in sites]
         if any(p is None for p in probs):
@@ -139,7 +142,7 @@ class AttentionTrace:
                             got="statistics only", fix="capture again with full patterns")
         return torch.stack(probs)
 
-    def stat(self, name: str, tower: str = "text", kind: str = "self", step: int | None = None) -> Tensor:
+    def stat(self, name: str, tower: str | None = None, kind: str = "self", step: int | None = None) -> Tensor:
         """One statistic over every layer of a tower: ``[layer, batch, head, query, ...]``."""
         sites = self._tower_sites(tower, kind)
         values = [self.get(s, step).stats.get(name) for s in sites]
@@ -148,7 +151,10 @@ class AttentionTrace:
                             fix=f"capture with stats including {name!r}")
         return torch.stack(values)
 
-    def _tower_sites(self, tower: str, kind: str) -> list[Site]:
+    def _tower_sites(self, tower: str | None, kind: str) -> list[Site]:
+        if tower is None:
+            towers = sorted({s.tower for s in self.sites if s.kind == kind})
+            tower = towers[0] if len(towers) == 1 else "text"
         sites = [s for s in self.sites if s.tower == tower and s.kind == kind]
         if not sites:
             raise SiteError("no sites of this tower/kind", expected=sorted({f"{s.tower}/{s.kind}" for s in self.sites}),
@@ -175,12 +181,16 @@ class AttentionTrace:
                             "n_key": rec.n_key, "meta": rec.meta})
         header = {"format": FORMAT, "records": entries, "tokens": self.tokens.to_dict(),
                   "provenance": self.provenance}
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".part")
-        save_file(tensors, str(tmp), metadata={"attnscope": json.dumps(header)})
-        tmp.replace(path)
-        return path
+        from .._atomic import atomic_write, check_output
+
+        path = check_output(path)
+        try:
+            metadata = {"attnscope": json.dumps(header)}
+        except (TypeError, ValueError) as exc:
+            raise InputError("trace metadata cannot be stored as JSON", expected="plain JSON values in provenance "
+                             "and record meta", got=f"{type(exc).__name__}: {exc}"[:240],
+                             fix="convert the values to str, numbers, lists or dicts") from None
+        return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
     @classmethod
     def load(cls, path: str | Path) -> "AttentionTrace":

@@ -6,8 +6,14 @@ with ``ray.wait``, writes each result atomically the moment it arrives, and show
 running / failed. A cell that raises is not retried (the error is deterministic) and is recorded in its
 ``_error.json``; a later run retries it. Interrupting the driver cancels the cells in flight and keeps every cell
 already written, so rerunning the same command resumes.
+
+A driver runs a cell only while it holds the cell's lock (``store.claim``) and claims only as many cells as its
+Ray instance runs at once, so two drivers on one folder share the cells and none runs twice; a cell the other
+driver finished (or failed) meanwhile is counted as skipped (or failed). A local instance listens on 127.0.0.1
+only (``_loopback_only``); joining a cluster with ``address`` is the user's choice.
 """
 
+import contextlib
 import logging
 import os
 import time
@@ -78,8 +84,11 @@ def start_ray(address: str | None, workers: int | None, verbose: bool = False,
 
     if ray.is_initialized():
         return False
+    check_workers(workers)
+    # ERROR, not WARNING, unless verbose: Ray's start-up warnings (e.g. its token-authentication notice) must not
+    # add lines to the one-line error contract of the CLI
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": verbose,
-                              "logging_level": logging.INFO if verbose else logging.WARNING}
+                              "logging_level": logging.INFO if verbose else logging.ERROR}
     if runtime_env:
         kwargs["runtime_env"] = runtime_env
     if address:
@@ -92,11 +101,43 @@ def start_ray(address: str | None, workers: int | None, verbose: bool = False,
                              f"{str(exc).splitlines()[0] if str(exc) else ''}"[:240],
                              fix="check the address, or leave --address out for a local instance") from None
     else:
-        n = int(workers or os.cpu_count() or 1)
-        if n < 1:
-            raise InputError("bad worker count", expected=">= 1", got=workers)
-        ray.init(num_cpus=n, **kwargs)
+        n = int(workers if workers is not None else os.cpu_count() or 1)
+        with _loopback_only():
+            ray.init(num_cpus=n, _node_ip_address="127.0.0.1", **kwargs)
     return True
+
+
+def check_workers(workers: Any) -> None:
+    """InputError unless ``workers`` is None (all cores) or a positive integer."""
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise InputError("bad worker count", expected="an integer >= 1 (leave --workers out for all cores)",
+                         got=workers, fix="e.g. --workers 2")
+
+
+@contextlib.contextmanager
+def _loopback_only():
+    """A local Ray instance whose GCS, raylet, object manager and workers listen on 127.0.0.1 only.
+
+    ``ray.init(_node_ip_address="127.0.0.1")`` alone is turned back into the machine's network address
+    (``resolve_ip_for_localhost``) and the servers then listen on every interface. Ray's single-machine mode
+    (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, its default on macOS and Windows) keeps the node address on the
+    loopback, and its servers bind that address only. Set for this process while Ray starts (the processes it
+    starts inherit it), then restored. Joining a cluster with ``address`` is not affected.
+    """
+    from ray._private import ray_constants
+
+    name = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
+    before_env, before_flag = os.environ.get(name), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[name] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before_flag
+        if before_env is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before_env
 
 
 def _probe(address: str, timeout: float = 10.0) -> None:
@@ -185,39 +226,53 @@ def run_sweep(spec: Any, out: "str | Path | None" = None, *, address: str | None
     spec = _coerce(spec)
     if remote is not None:
         spec = spec.with_remote(remote)
+    check_workers(workers)
     out = Path(out or Path("results") / "sweeps" / spec.name)
-    out.mkdir(parents=True, exist_ok=True)
-    store.clean_temporaries(out)
+    _make_folder(out)
     cells = spec.cells()
     store.write_manifest(out, spec.raw, cells, spec.name)
-    started = time.perf_counter()
+    started, since = time.perf_counter(), time.time()
     report = SweepReport(out=out, total=len(cells))
-    todo = []
+    waiting = []  # cells without a result: run by this driver once it holds their claim
     for cell in cells:
         if store.is_done(out, cell.id):
             report.skipped.append(cell.id)
         else:
-            todo.append(cell)
+            waiting.append(cell)
     sweep_info = {"name": spec.name, "spec": spec.raw, "driver_versions": versions(), "remote": spec.remote}
-    if not todo:
+    if not waiting:
         report.seconds = time.perf_counter() - started
         return report
-    owned = start_ray(address, workers, verbose, runtime_env)
     bar = tqdm(total=len(cells), initial=len(report.skipped), desc=f"sweep {spec.name}", unit="cell",
                disable=not progress, mininterval=0.5)
     pending: dict[Any, Cell] = {}
+    claims: dict[str, store.CellClaim] = {}
+    owned, ray_up, slots = False, False, 1
+    per_cell = sum(c.model.resources.num_cpus for c in waiting) / len(waiting)
     try:
-        _check_feasible(todo, local=owned and not address)
-        task = _task()
-        for cell in todo:
-            options = {**cell.model.resources.ray_options(), "max_retries": spec.max_retries,
-                       "retry_exceptions": False, "name": f"attnscope-cell-{cell.id}"}
-            pending[task.options(**options).remote(cell.to_dict(), spec.imports)] = cell
-        per_cell = sum(c.model.resources.num_cpus for c in todo) / len(todo)
-        while pending:
+        while waiting or pending:
+            # claim only what can run now: a second driver on the same folder takes the rest
+            mine, waiting = _claim_cells(out, waiting, claims, since, report, bar, slots - len(pending))
+            if mine and not ray_up:
+                owned, ray_up = start_ray(address, workers, verbose, runtime_env), True
+                _check_feasible(waiting + mine, local=owned and not address)
+                slots = _slots(per_cell)
+            for cell in mine:
+                options = {**cell.model.resources.ray_options(), "max_retries": spec.max_retries,
+                           "retry_exceptions": False, "name": f"attnscope-cell-{cell.id}"}
+                pending[_task().options(**options).remote(cell.to_dict(), spec.imports)] = cell
+            if mine and waiting and len(pending) < slots:
+                continue  # Ray just started: fill the free slots before waiting
+            if not pending:
+                time.sleep(0.5)  # every cell left is running in another driver: wait for it (or for its lock)
+                continue
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
             for ref in ready:
-                _collect(ref, pending.pop(ref), out, sweep_info, report)
+                cell = pending.pop(ref)
+                try:
+                    _collect(ref, cell, out, sweep_info, report)
+                finally:
+                    claims.pop(cell.id).release()
                 bar.update(1)
             bar.set_postfix(running=_running(len(pending), per_cell), failed=len(report.failed), refresh=False)
     except BaseException:
@@ -225,11 +280,65 @@ def run_sweep(spec: Any, out: "str | Path | None" = None, *, address: str | None
             ray.cancel(ref, force=True)
         raise
     finally:
+        for held in claims.values():
+            held.release()
         bar.close()
         if owned:
             ray.shutdown()
         report.seconds = time.perf_counter() - started
     return report
+
+
+def _make_folder(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        from ..errors import OutputError
+
+        raise OutputError("cannot create the results folder", expected="a writable folder path",
+                          got=f"{out} ({type(exc).__name__}: {exc.strerror or exc})",
+                          fix="pass --out a folder you can write to") from None
+
+
+def _slots(per_cell_cpus: float) -> int:
+    """Cells the cluster runs at once (at least 1)."""
+    import ray
+
+    try:
+        cpus = ray.cluster_resources().get("CPU", 1.0)
+    except Exception:  # noqa: BLE001 - an autoscaling cluster may report nothing yet
+        return 1
+    return max(1, int(cpus // per_cell_cpus) if per_cell_cpus > 0 else int(cpus))
+
+
+def _claim_cells(out: Path, waiting: list[Cell], claims: dict, since: float, report: SweepReport,
+                 bar: Any, limit: int) -> tuple[list[Cell], list[Cell]]:
+    """(up to ``limit`` cells this driver now holds and must run, the cells still waiting). A cell another driver
+    finished (or recorded a failure for) since this run started is counted as skipped (or failed), not rerun."""
+    mine, busy = [], []
+    for i, cell in enumerate(waiting):
+        if len(mine) >= limit:
+            busy.extend(waiting[i:])
+            break
+        held = store.claim(out, cell.id)
+        if held is None:
+            busy.append(cell)
+            continue
+        if store.is_done(out, cell.id):
+            held.release()
+            report.skipped.append(cell.id)
+            bar.update(1)
+            continue
+        error = store.failed_since(out, cell.id, since)
+        if error is not None:
+            held.release()
+            report.failed[cell.id] = f"(in another driver) {error.splitlines()[0]}"[:300]
+            bar.update(1)
+            continue
+        store.clean_temporaries(out, cell.id)  # ours now: no other driver is writing them
+        claims[cell.id] = held
+        mine.append(cell)
+    return mine, busy
 
 
 def _collect(ref: Any, cell: Cell, out: Path, sweep_info: dict, report: SweepReport) -> None:

@@ -432,6 +432,20 @@ def load_imports(imports: list[str], base_dir: Path | None = None) -> None:
                            fix=str(exc)) from None
 
 
+def _name(value: Any) -> str:
+    """The sweep's name: also its default folder ``results/sweeps/<name>``, so one plain path component."""
+    name = "sweep" if value is None or value == "" else value
+    if not isinstance(name, (str, int)) or isinstance(name, bool):
+        raise _err("name", "name must be a string", "e.g. sinks-vs-ablation", repr(name))
+    name = str(name)
+    if any(c in name for c in "/\\\x00:") or name.strip() in (".", "..") or name.startswith(".") or \
+            name != name.strip() or len(name) > 200:
+        raise _err("name", "name must be one plain folder name", "letters, digits, '-', '_', '.', not starting "
+                   "with '.', no path separators", repr(name)[:100], fix="e.g. name: sinks-vs-ablation (pass --out to "
+                   "choose the folder)")
+    return name
+
+
 def parse_spec(data: Any, base_dir: "str | Path | None" = None) -> SweepSpec:
     """Validate a spec mapping (YAML already parsed). Relative paths are relative to ``base_dir`` (default cwd)."""
     from . import analyses as _builtin  # noqa: F401  (registers head-stats)
@@ -465,7 +479,7 @@ def parse_spec(data: Any, base_dir: "str | Path | None" = None) -> SweepSpec:
         dupes = sorted({x for x in labels if labels.count(x) > 1})
         if dupes:
             raise _err(axis, "labels must be unique", "distinct labels (add `label:`)", dupes)
-    name = str(data.get("name") or "sweep")
+    name = _name(data.get("name"))
     return SweepSpec(name, seed, models, suites, analyses, interventions, resources, retries, imports, remote,
                      dict(data))
 
@@ -474,12 +488,13 @@ def load_spec(path: "str | Path") -> SweepSpec:
     """Read and validate a YAML (or JSON) spec file."""
     import yaml
 
+    from .._atomic import read_text
+
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise InputError("sweep spec not found", expected="a YAML file", got=str(path))
+    text = read_text(path, "sweep spec", "a YAML file (UTF-8)")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
+        data = yaml.safe_load(text)
+    except (yaml.YAMLError, RecursionError) as exc:
         raise InputError("sweep spec is not valid YAML", expected="a YAML mapping",
                          got=str(exc).replace("\n", " ")[:240]) from None
     return parse_spec(data, base_dir=path.parent)

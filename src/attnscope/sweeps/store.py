@@ -5,6 +5,11 @@
     OUT/_sweep.json                 the spec and the list of cells (rewritten by every run)
     OUT/cell=<id>/part.parquet      the cell's table + provenance (written atomically)
     OUT/cell=<id>/_error.json       the last failure of a cell that has no result yet
+    OUT/cell=<id>/.lock             held (``fcntl.flock``) by the driver running the cell
+
+Concurrent drivers on one folder share the work: a driver runs a cell only while it holds the cell's lock
+(``claim``), so no cell runs twice; a lock dies with its process (``kill -9`` included), so nothing stays claimed.
+Temporaries of a cell are deleted only by the driver holding its lock (another driver may be writing them).
 
 A result is written to a hidden temporary file in the cell's folder and renamed over ``part.parquet`` with
 ``os.replace`` (atomic on POSIX and Windows), after an ``fsync``: a reader sees the whole file or none, never a
@@ -19,14 +24,13 @@ into one tidy table.
 """
 
 import json
-import os
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from .._atomic import atomic_write
 from ..errors import CorruptResultError
 from ..results import ResultTable
 from .spec import Cell
@@ -41,33 +45,10 @@ def cell_dir(out: "str | Path", cid: str) -> Path:
     return Path(out) / f"cell={cid}"
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return  # not supported (Windows): the rename is still atomic
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def atomic_write_bytes(path: Path, write: Any) -> Path:
-    """Write through ``write(tmp_path)`` to a temporary file beside ``path``, fsync it, ``os.replace`` it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
+    """Write through ``write(tmp_path)`` to a unique temporary file beside ``path``, fsync it, ``os.replace`` it
+    (``attnscope._atomic.atomic_write``)."""
+    return atomic_write(path, write)
 
 
 def _atomic_json(path: Path, data: Any) -> Path:
@@ -90,13 +71,55 @@ def is_done(out: "str | Path", cid: str) -> bool:
         return False
 
 
-def clean_temporaries(out: "str | Path") -> int:
-    """Delete temporaries left by a crashed writer; returns how many."""
+def clean_temporaries(out: "str | Path", cid: str | None = None) -> int:
+    """Delete temporaries left by a crashed writer (of one cell, or of all); returns how many.
+
+    Only call it for cells whose lock you hold (``claim``): another driver may be writing the others."""
     count = 0
-    for tmp in Path(out).glob("cell=*/.*.tmp"):
+    for tmp in Path(out).glob(f"cell={cid if cid is not None else '*'}/.*.tmp"):
         tmp.unlink(missing_ok=True)
         count += 1
     return count
+
+
+class CellClaim:
+    """An exclusive lock on one cell (``OUT/cell=<id>/.lock``), held until ``release`` or the process ends."""
+
+    def __init__(self, cid: str, handle: Any):
+        self.cid, self._handle = cid, handle
+
+    def release(self) -> None:
+        if self._handle is not None:
+            self._handle.close()  # closing the file drops the flock; the lock file stays (unlinking it would race)
+            self._handle = None
+
+
+def claim(out: "str | Path", cid: str) -> CellClaim | None:
+    """The cell's lock if no other driver holds it, else None (never blocks)."""
+    folder = cell_dir(out, cid)
+    folder.mkdir(parents=True, exist_ok=True)
+    handle = open(folder / ".lock", "a+b")  # noqa: SIM115 - held open for as long as the claim
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks; one driver per folder
+        return CellClaim(cid, handle)
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        return None
+    return CellClaim(cid, handle)
+
+
+def failed_since(out: "str | Path", cid: str, since: float) -> str | None:
+    """The error another driver recorded for the cell after ``since`` (epoch seconds), else None."""
+    path = cell_dir(out, cid) / ERROR
+    try:
+        if path.stat().st_mtime < since:
+            return None
+        return str(json.loads(path.read_text(encoding="utf-8")).get("error", "failed"))
+    except (OSError, ValueError):
+        return None
 
 
 def write_manifest(out: "str | Path", spec_raw: dict, cells: list[Cell], name: str) -> Path:
@@ -106,14 +129,24 @@ def write_manifest(out: "str | Path", spec_raw: dict, cells: list[Cell], name: s
 
 
 def read_manifest(out: "str | Path") -> dict | None:
+    from .._atomic import read_text
+
     path = Path(out) / MANIFEST
     if not path.is_file():
         return None
+    fix = "re-run the sweep (cells on disk are kept), or read them with load_sweep(out, all_cells=True)"
+    text = read_text(path, "sweep manifest", "_sweep.json written by attnscope", error=CorruptResultError)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
+        data = json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
         raise CorruptResultError("sweep manifest is not valid JSON", expected="_sweep.json written by attnscope",
-                                 got=str(path), fix="re-run the sweep (cells on disk are kept)") from None
+                                 got=str(path), fix=fix) from None
+    cells = data.get("cells") if isinstance(data, dict) else None
+    if not isinstance(cells, list) or not all(isinstance(c, dict) and isinstance(c.get("id"), str) for c in cells):
+        shape = f"keys {sorted(data)[:6]}" if isinstance(data, dict) else type(data).__name__
+        raise CorruptResultError("malformed sweep manifest", expected="a JSON object with a list of cells {id: ...}",
+                                 got=f"{path} ({shape})", fix=fix)
+    return data
 
 
 def cell_frame(cell: Cell, df: pd.DataFrame) -> pd.DataFrame:
@@ -164,7 +197,12 @@ def load_sweep(out: "str | Path", *, all_cells: bool = False) -> ResultTable:
     if not root.is_dir():
         raise CorruptResultError("sweep folder not found", expected="a folder written by `attnscope sweep`",
                                  got=str(root))
-    manifest = read_manifest(root)
+    try:
+        manifest = read_manifest(root)
+    except CorruptResultError:
+        if not all_cells:
+            raise
+        manifest = None  # every cell on disk was asked for: the manifest is not needed
     wanted = None if all_cells or manifest is None else {c["id"] for c in manifest["cells"]}
     frames, cells = [], {}
     for part in sorted(root.glob(f"cell=*/{PART}")):
@@ -202,6 +240,6 @@ def load_sweep(out: "str | Path", *, all_cells: bool = False) -> ResultTable:
     return ResultTable(df, provenance)
 
 
-__all__ = ["ERROR", "LABEL_COLUMNS", "MANIFEST", "PART", "atomic_write_bytes", "cell_dir", "cell_frame",
-           "clean_temporaries", "is_done", "load_sweep", "read_manifest", "write_cell", "write_failure",
-           "write_manifest"]
+__all__ = ["ERROR", "LABEL_COLUMNS", "MANIFEST", "PART", "CellClaim", "atomic_write_bytes", "cell_dir", "cell_frame",
+           "claim", "clean_temporaries", "failed_since", "is_done", "load_sweep", "read_manifest", "write_cell",
+           "write_failure", "write_manifest"]

@@ -84,10 +84,11 @@ def panel_png(panels: Sequence, labels: Sequence[str], path: "str | Path", gap: 
         sheet.paste(panel, (x, 0))
         draw.text((x + 4, height + 4), label, fill="black", font=font)
         x += panel.size[0] + gap
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(path)
-    return path
+    from .._atomic import atomic_write, check_output
+
+    path = check_output(path)
+    fmt = Image.registered_extensions().get(path.suffix.lower(), "PNG")
+    return atomic_write(path, lambda tmp: sheet.save(tmp, format=fmt))
 
 
 __all__ = ["colour_table", "overlay_image", "panel_png"]
