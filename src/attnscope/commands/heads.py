@@ -71,6 +71,7 @@ def _ablate(args: argparse.Namespace) -> int:
 
     from .._atomic import check_output
 
+    out = check_output(args.out, suffixes=(".parquet",)) if args.out else None  # before any work
     if args.save_plan:
         check_output(args.save_plan)
     model, suite, batches, metric = _setup(args)
@@ -93,7 +94,26 @@ def _ablate(args: argparse.Namespace) -> int:
     print(f"heads {query} ({args.mode}{'' if args.scale is None else f' x{args.scale}'})")
     print(f"before: {before:.4f}")
     print(f"after:  {after:.4f}  (delta {after - before:+.4f})")
+    if out is not None:
+        path = _ablation_table(args, model, suite, metric, query, before, after).save(out)
+        print(f"wrote {path}")
     return 0
+
+
+def _ablation_table(args: argparse.Namespace, model: Any, suite: Any, metric: Any, heads: Any, before: float,
+                    after: float) -> Any:
+    """The metric before and after the intervention (and their difference) as a ResultTable: model-level rows
+    (``layer = head = -1``) with a ``setting`` column (before, after, delta)."""
+    from ..results import ResultTable
+
+    common = {"analysis": "ablate", "layer": -1, "head": -1, "metric": metric.name, "mode": args.mode,
+              "heads": str(heads)}
+    records = [{**common, "setting": setting, "value": float(value)}
+               for setting, value in (("before", before), ("after", after), ("delta", after - before))]
+    provenance = {"model": model.name, "suite": suite.name, "n_items": len(suite), "metric": metric.name,
+                  "heads": str(heads), "mode": args.mode, "scale": args.scale, "select": args.select,
+                  "per_position": args.per_position, "seed": args.seed, "main_metric": metric.name}
+    return ResultTable.from_records(records, provenance)
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -197,37 +217,65 @@ def _save_model(args: argparse.Namespace, model: Any, result: Any, batches: list
     return {"saved": str(target), "structural": True, "report": report.to_dict(), "speed": speed}
 
 
+SUITE_HELP = ("suite name (induction, recall, needle_tokens, agreement, ioi, sentences, default = the zoo "
+              "organism's task) or a suite JSON file (default: default for zoo:NAME models, else sentences)")
+
+ABLATE_EXAMPLES = """examples:
+  attnscope ablate --model zoo:induction-2l --heads "L1H*" --suite induction
+  attnscope ablate --model zoo:induction-2l --heads L1H0,L1H1 --mode mean --n 32 --out ablate.parquet
+  attnscope ablate --model zoo:recall-llama --heads L1H0 --select kv --mode resample --save-plan plan.json
+modes: zero (head output set to 0), mean (its mean over a reference suite), resample (from another item of the
+reference suite), uniform (uniform attention), rescale (output times --scale).
+"""
+
+PRUNE_EXAMPLES = """examples:
+  attnscope prune --model zoo:induction-2l --n 32 --out pruned-induction/
+  attnscope prune --model zoo:recall-llama --granularity kv --keep-metric 0.8 --out pruned-recall/
+  attnscope prune --model minilm --suite sentences --curve --out pruned-minilm/
+Rerun the same command to resume from OUT/state.json (--restart starts over). Writes state.json, steps.parquet,
+curve.parquet (with --curve), model/ and summary.json into --out.
+"""
+
+
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True)
-    p.add_argument("--suite", help="suite name (induction, recall, needle_tokens, agreement, ioi, sentences, "
-                                   "default = the zoo organism's task) or a suite JSON file")
+    p.add_argument("--model", required=True, help="zoo:NAME, minilm, a model folder or a hub name")
+    p.add_argument("--suite", help=SUITE_HELP)
     p.add_argument("--n", type=int, default=64, help="items in the suite")
     p.add_argument("--suite-args", help="generator arguments, e.g. seq_len=32,vocab_size=64")
     p.add_argument("--seed", type=int, default=None, help="suite seed (default: held-out seed of zoo cards, or 0)")
     p.add_argument("--metric", choices=["accuracy", "loss", "embedding_cosine", "classification_accuracy"],
                    help="task metric (default: picked from the model and suite)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16, help="items per forward pass")
 
 
 def register(sub) -> None:
-    p = sub.add_parser("ablate", help="intervene on heads and print the task metric before and after")
+    p = sub.add_parser("ablate", help="intervene on heads and print the task metric before and after",
+                       epilog=ABLATE_EXAMPLES, description="Evaluate the task metric on a suite, intervene on "
+                       "the given heads, evaluate again; print both (and write them with --out).")
     _common(p)
-    p.add_argument("--heads", required=True, help="e.g. L1H0,L1H3 or L2H*")
-    p.add_argument("--mode", default="zero", choices=["zero", "mean", "resample", "uniform", "rescale"])
-    p.add_argument("--scale", type=float, help="factor of --mode rescale")
+    p.add_argument("--heads", required=True, help="heads to intervene on, e.g. L1H0,L1H3 or L2H*")
+    p.add_argument("--mode", default="zero", choices=["zero", "mean", "resample", "uniform", "rescale"],
+                   help="what replaces the heads' output (see below)")
+    p.add_argument("--scale", type=float, help="factor of --mode rescale (required there)")
     p.add_argument("--select", default="query", choices=["query", "kv"],
                    help="kv: the head indices are KV heads, expanded to all their query heads (GQA)")
     p.add_argument("--per-position", action="store_true", help="mean mode: per-position means")
     p.add_argument("--reference-seed", type=int, help="seed of the reference suite for mean/resample "
                                                       "(default: suite seed + 1)")
     p.add_argument("--save-plan", help="write the intervention plan as JSON")
+    p.add_argument("--out", default=None, help="also write the metric before/after as a results .parquet "
+                   "(checked before any work)")
     p.set_defaults(run=_ablate)
-    p = sub.add_parser("prune", help="iterative head pruning by importance (Michel et al. 2019)")
+    p = sub.add_parser("prune", help="iterative head pruning by importance (Michel et al. 2019)",
+                       epilog=PRUNE_EXAMPLES, description="Mask the least important heads step by step while the "
+                       "task metric stays above --keep-metric of the original; save the pruned model.")
     _common(p)
     p.add_argument("--keep-metric", type=float, default=0.9, help="stop below this fraction of the original metric")
     p.add_argument("--masking-amount", type=float, default=0.1, help="fraction of all heads masked per step")
     p.add_argument("--variant", default="abs_per_example",
-                   choices=["abs_per_example", "abs_per_token", "abs_per_batch", "abs_of_sum"])
+                   choices=["abs_per_example", "abs_per_token", "abs_per_batch", "abs_of_sum"],
+                   help="importance estimate: abs_per_example is Michel et al.'s formula, abs_per_token their "
+                   "repository's")
     p.add_argument("--no-layer-norm", dest="layer_norm", action="store_false",
                    help="skip the per-layer L2 normalisation of importance")
     p.add_argument("--global-minmax", action="store_true", help="also min-max normalise globally (bertology)")
@@ -240,5 +288,5 @@ def register(sub) -> None:
     p.add_argument("--curve", action="store_true", help="also write importance- vs random-ordered curves")
     p.add_argument("--random-seeds", type=int, default=3, help="random orders in the curve")
     p.add_argument("--restart", action="store_true", help="ignore a previous run in --out")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="output folder (state.json, steps.parquet, model/, summary.json)")
     p.set_defaults(run=_prune)

@@ -1,6 +1,39 @@
-"""Small parsers shared by CLI commands."""
+"""Small parsers shared by CLI commands, and the help formatter every command's parser uses."""
+
+import argparse
 
 from ..errors import InputError
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Descriptions and epilogs (the examples) kept as written; every option's default shown, and required
+    options marked, after its help text.
+
+    A default is left out where it says nothing (None, or False/True of a flag) and where the help text already
+    speaks of its default; ``(required)`` is added to options argparse requires.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.required and action.option_strings and "required" not in text.lower():
+            return text + " (required)"
+        if (action.default is None or isinstance(action.default, bool) or action.default is argparse.SUPPRESS
+                or "default" in text.lower() or "%(default)" in text):
+            return text
+        return super()._get_help_string(action)
+
+
+def one_of(values: tuple[str, ...] | list[str], what: str):
+    """An argparse ``type`` that refuses anything but ``values`` with ``unknown WHAT 'x' (choose from ...)``
+    (use together with ``choices=values``, which lists them in the help)."""
+
+    def check(value: str) -> str:
+        if value not in values:
+            raise argparse.ArgumentTypeError(f"unknown {what} {value!r} (choose from {', '.join(values)})")
+        return value
+
+    check.__name__ = what.replace(" ", "_")
+    return check
 
 
 def parse_stats(spec: str | None) -> tuple[tuple[str, ...], list[tuple[int, int]]]:

@@ -72,9 +72,35 @@ def _remote_capture(args: argparse.Namespace) -> int:
     return 0
 
 
+SWEEP_EXAMPLES = """a minimal spec (sweep.yaml):
+  name: sinks-vs-ablation
+  models: [zoo:induction-2l]
+  suites: [{generator: induction, n_items: 8}]
+  analyses: [head-stats, sinks]
+  interventions: [none, {heads: "L0H1", mode: zero}]
+
+examples:
+  attnscope sweep sweep.yaml --workers 2                     # local Ray instance, results/sweeps/<name>
+  attnscope sweep sweep.yaml --out results/sweep --workers 4
+  attnscope sweep sweep.yaml --out results/sweep --address HOST:6379   # join a running cluster
+Read the results in Python with attnscope.sweeps.load_sweep("results/sweep").
+"""
+
+REMOTE_EXAMPLES = """examples:
+  attnscope remote-capture --model minilm --local-sim --text "Hello world" --stats sink,entropy --out r.safetensors
+  attnscope remote-capture --model minilm --local-sim --text "Hello world" --plan plan.json --out p.safetensors
+  attnscope remote-capture --model meta-llama/Llama-3.1-8B --text "Hello world" --stats sink --out l.safetensors
+Without --local-sim the backend is ATTNSCOPE_NNSIGHT_HOST (else NDIF_HOST) with the key NDIF_API_KEY.
+A plan is the JSON of InterventionPlan.to_dict, e.g. from
+  attnscope ablate --model minilm --heads L1H0 --save-plan plan.json
+"""
+
+
 def register(sub) -> None:
     p = sub.add_parser("sweep", help="run a grid of models x suites x analyses x interventions on Ray",
-                       description="Cells already in --out are skipped: rerun the same command to resume.")
+                       epilog=SWEEP_EXAMPLES,
+                       description="Run every cell of a sweep spec as a Ray task, one folder of a parquet dataset "
+                       "per cell.\nCells already in --out are skipped: rerun the same command to resume.")
     p.add_argument("spec", help="the sweep spec (YAML)")
     p.add_argument("--out", default=None, help="results folder (default results/sweeps/<name>)")
     p.add_argument("--address", default=None, help="join this Ray cluster (auto, HOST:6379, ray://HOST:10001); "
@@ -91,20 +117,22 @@ def register(sub) -> None:
     p.set_defaults(run=_sweep)
 
     p = sub.add_parser("remote-capture", help="capture (and apply an intervention plan) in an nnsight trace on "
-                       "an NDIF-compatible backend")
+                       "an NDIF-compatible backend", epilog=REMOTE_EXAMPLES,
+                       description="Capture attention (statistics or patterns) through nnsight on a remote "
+                       "backend, or locally with --local-sim.")
     p.add_argument("--model", required=True, help="hub id the backend serves (with --local-sim: any model)")
     p.add_argument("--text", required=True, action="append", help="input text (repeat for a batch)")
     p.add_argument("--plan", default=None, help="intervention plan JSON (InterventionPlan.to_dict), a file or "
                    "inline")
-    p.add_argument("--heads", help="e.g. L3H5,L7H*")
-    p.add_argument("--rows", help="query rows: last:K, first:K, A:B")
+    p.add_argument("--heads", help="only these heads, e.g. L3H5,L7H* (default: all)")
+    p.add_argument("--rows", help="only these query rows: last:K, first:K, A:B (default: all)")
     p.add_argument("--stats", help="streaming statistics: sink,mass,entropy,topk")
-    p.add_argument("--mass-spans", help="key spans for mass, e.g. 0:1,5:9")
-    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--mass-spans", help="key spans for mass, e.g. 0:1,5:9 (default with --stats mass: 0:1)")
+    p.add_argument("--topk", type=int, default=5, help="k of the topk statistic")
     p.add_argument("--local-sim", action="store_true", help="serialise the request as for the backend but run "
                    "it here (no network)")
     p.add_argument("--device-map", default=None, help="with --local-sim: how to place the local model")
     p.add_argument("--task", default=None, help="nnsight task of the remote model (default: inferred; "
                    "text-generation when it cannot be)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="trace file to write (.safetensors; checked before any work)")
     p.set_defaults(run=_remote_capture)
