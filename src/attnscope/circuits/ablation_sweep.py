@@ -176,20 +176,29 @@ def replay_attention(proj: OutputProjection, z: Tensor, n: int) -> Iterator[None
         _restore_forward(module, old)
 
 
-@torch.no_grad()
-def _clean_pass(module: nn.Module, blocks: list[nn.Module] | None, projections: list[OutputProjection],
-                batch: EvalBatch, metric: TaskMetric) -> tuple[Tensor, list[Any], list[Tensor]]:
-    """Clean per-item stats of one batch and (with ``blocks``) every block's output and head outputs ``z``."""
+@contextmanager
+def prefix_cache(blocks: list[nn.Module] | None,
+                 projections: list[OutputProjection]) -> Iterator[tuple[list[Any], list[Tensor]]]:
+    """Collect, during one forward, every block's output and every projection's input (the head outputs ``z``):
+    what ``replay_blocks`` / ``replay_attention`` replay. Nothing is collected without ``blocks``."""
     outputs: list[Any] = []
     z: list[Tensor] = []
     handles = [b.register_forward_hook(lambda m, a, o: outputs.append(o)) for b in blocks or []]
     if blocks:
         handles += [p.module.register_forward_pre_hook(lambda m, a: z.append(a[0])) for p in projections]
     try:
-        out, scored = _run(module, batch)
+        yield outputs, z
     finally:
         for h in handles:
             h.remove()
+
+
+@torch.no_grad()
+def _clean_pass(module: nn.Module, blocks: list[nn.Module] | None, projections: list[OutputProjection],
+                batch: EvalBatch, metric: TaskMetric) -> tuple[Tensor, list[Any], list[Tensor]]:
+    """Clean per-item stats of one batch and (with ``blocks``) every block's output and head outputs ``z``."""
+    with prefix_cache(blocks, projections) as (outputs, z):
+        out, scored = _run(module, batch)
     return metric.item_stats(out, scored).sum(0).cpu(), outputs, z
 
 

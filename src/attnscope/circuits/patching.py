@@ -40,7 +40,7 @@ from ..probes.head_slices import (OutputProjection, check_heads, edit_head_outpu
                                   query_heads_of, record_head_outputs)
 from ..probes.heads import HeadSet
 from ..results import ResultTable
-from .ablation_sweep import DEFAULT_PASS_MB, layer_blocks, replay_attention, replay_blocks, row_bytes
+from .ablation_sweep import DEFAULT_PASS_MB, layer_blocks, prefix_cache, replay_attention, replay_blocks, row_bytes
 from .patch_pairs import PatchBatch, PatchMetric, PatchPairs, metric_from, run_model
 
 DIRECTIONS = ("noise", "denoise")
@@ -97,16 +97,8 @@ def _units_per_pass(module: nn.Module, batch: PatchBatch, memory_mb: float | Non
 def _base_pass(module: nn.Module, blocks: list[nn.Module] | None, projections: list[OutputProjection],
                batch: PatchBatch, which: str, metric: PatchMetric) -> tuple[Tensor, list[Any], list[Tensor]]:
     """Per-pair stats of the base input and (with ``blocks``) every block's output and projection input."""
-    outputs: list[Any] = []
-    z: list[Tensor] = []
-    handles = [b.register_forward_hook(lambda m, a, o: outputs.append(o)) for b in blocks or []]
-    if blocks:
-        handles += [p.module.register_forward_pre_hook(lambda m, a: z.append(a[0])) for p in projections]
-    try:
+    with prefix_cache(blocks, projections) as (outputs, z):
         stats = run_model(module, batch.ids(which), batch.attention_mask, batch, metric)
-    finally:
-        for h in handles:
-            h.remove()
     return stats.double(), outputs, z
 
 

@@ -47,6 +47,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..datasets._tokenize import encode_with_spans
 from ..datasets.suite import PromptSuite
 from ..errors import AnalysisError, InputError, InputTooLongError
 from ..probes.capture import capture, resolve_adapter
@@ -125,8 +126,6 @@ def _char_span(enc: Encoded, tokenizer: Any, span: str) -> tuple[int, int] | Non
     chars = enc.item.metadata.get(f"{span}_span_chars")
     if chars is None or tokenizer is None or enc.item.text is None:
         return None
-    from ..datasets._tokenize import encode_with_spans
-
     plain, spans = encode_with_spans(tokenizer, enc.item.text, {span: tuple(chars)})
     shift = _sublist(enc.ids, plain)
     if shift is None or spans[span][0] >= spans[span][1]:

@@ -6,11 +6,11 @@ estimates (AtP, AtP*), optionally with the top ``K`` estimates re-checked exactl
 
 import argparse
 import json
-import os
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError, OutputError
+from .._atomic import check_output
+from ..errors import InputError
 
 METHODS = ("exact", "atp", "atp*", "atp-qk")
 PAIR_SUITES = ("ioi", "induction", "recall")
@@ -36,22 +36,6 @@ examples:
 pairs.json: [{"clean": [ids], "corrupt": [ids, same length], "answers": [id], "wrong": [id],
               "positions": [scored position]}, ...] (positions default to the last; wrong optional)
 """
-
-
-def check_out(path: str) -> Path:
-    """The output file, refused before any work when it cannot be written."""
-    out = Path(path)
-    if not str(path).strip() or out.is_dir():
-        raise OutputError("output path is a directory or empty", expected="a file path, e.g. results/t.parquet",
-                          got=str(path))
-    parent = out.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise OutputError("output path lies under a file", expected="a path under a directory", got=str(path))
-    if not os.access(parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
-        raise OutputError("output path is not writable", expected="a writable location", got=str(path))
-    return out
 
 
 def load_pairs(path: str) -> Any:
@@ -107,7 +91,7 @@ def _patch(args: argparse.Namespace) -> int:
     from ..probes.loading import load
     from .score import build_suite
 
-    out = check_out(args.out)
+    out = check_output(args.out)
     if not args.suite and not args.pairs:
         raise InputError("patch needs pairs", expected="--suite ioi|induction|recall|FILE.json or --pairs FILE.json",
                          got=None)

@@ -35,6 +35,9 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import HeadSpecError, UnsupportedModelError
+from .adapters.diffusers_edits import attention_layers, edit_denoiser, head_layout
+from .adapters.hf_route import attention_modules, edit_attention
+from .adapters.hf_text import encoder_decoder_tower, is_cross_attention, is_encoder_decoder
 from .heads import HeadSet
 
 HeadEditor = Callable[[Tensor], Tensor]  # [batch, seq, head, d_head] -> same shape
@@ -120,10 +123,7 @@ def routed_layout(module: nn.Module) -> tuple[int, int, int] | None:
 
 
 def _routed_projections(model: nn.Module) -> list[OutputProjection]:
-    from .adapters.hf_route import attention_modules
-    from .adapters.hf_text import _is_cross, encoder_decoder_tower, is_encoder_decoder
-
-    found = [(name, m) for name, m in attention_modules(model) if not _is_cross(name, m)]
+    found = [(name, m) for name, m in attention_modules(model) if not is_cross_attention(name, m)]
     if is_encoder_decoder(model):  # encoder layers first, then the decoder's
         found.sort(key=lambda item: encoder_decoder_tower(item[0]) == "decoder")
     out = []
@@ -139,8 +139,6 @@ def _routed_projections(model: nn.Module) -> list[OutputProjection]:
 
 
 def _diffusers_projections(denoiser: nn.Module) -> list[OutputProjection]:
-    from .adapters.diffusers_edits import attention_layers, head_layout
-
     out = []
     for name, module in attention_layers(denoiser):
         n_heads, d_head = head_layout(module)
@@ -266,18 +264,14 @@ def edit_attention_layers(model: Any, editors: Mapping[int, Callable[..., Tensor
     """Route editors (``editor(module, q, k, v, mask, *, scaling, is_causal, softcap, output)``, see
     ``hf_route.edit_attention``) by layer: transformers attention through ``hf_route``, diffusers attention through
     its SDPA side channel (``diffusers_edits``). The one place where attention is written."""
-    by_module = {id(projections[layer].attention): editor for layer, editor in editors.items()}
-    diffusers = {k: v for layer, v in editors.items() if projections[layer].family == "diffusers"
-                 for k in [id(projections[layer].attention)]}
-    transformers_side = {k: v for k, v in by_module.items() if k not in diffusers}
+    diffusers, transformers_side = {}, {}
+    for layer, editor in editors.items():
+        side = diffusers if projections[layer].family == "diffusers" else transformers_side
+        side[id(projections[layer].attention)] = editor
     with ExitStack() as stack:
         if transformers_side:
-            from .adapters.hf_route import edit_attention
-
             stack.enter_context(edit_attention(getattr(model, "module", model), transformers_side))
         if diffusers:
-            from .adapters.diffusers_edits import edit_denoiser
-
             stack.enter_context(edit_denoiser(_denoiser(getattr(model, "module", model)), diffusers))
         yield
 

@@ -51,6 +51,7 @@ from torch import Tensor, nn
 from ..errors import InputError, UnsupportedModelError
 from .head_slices import (OutputProjection, check_heads, edit_attention_layers, edit_head_outputs, expand_kv_selection,
                           output_projections, record_head_outputs, zeros_mask)
+from .adapter import adapter_for
 from .heads import HeadSet
 
 MODES = ("zero", "mean", "resample", "uniform", "rescale", "steer")
@@ -167,8 +168,6 @@ def reference_head_outputs(model: nn.Module, reference_ids: Sequence[Sequence[in
                                     expected="a model fed input_ids", got=f"{type(model).__name__} takes "
                                     f"{model.main_input_name}", fix="use zero, rescale or uniform, or pass "
                                     "mean_values computed with record_head_outputs")
-    from .adapter import adapter_for
-
     adapter = adapter_for(model)  # e.g. encoder-decoders get their decoder ids the same way as in a capture
     if not adapter.runs_on_text_alone:
         raise UnsupportedModelError("mean and resample need reference runs on token ids alone", expected="a model "

@@ -23,7 +23,10 @@ from torch import nn
 from ...errors import InputError
 from ..adapter import Prepared, register_adapter
 from ..tokens import Span, TokenInfo
-from .hf_text import HFTextAdapter, attention_modules, decoder_start, is_encoder_decoder
+from ..device_map import input_device
+from .hf_text import (HFTextAdapter, attention_modules, decoder_start, hf_sites, is_encoder_decoder, token_info,
+                      tower_info)
+from .hf_vlm import image_token_id, vision_or_text
 
 PIXELS, AUDIO, WAVEFORM = "pixel_values", "input_features", "input_values"
 
@@ -82,13 +85,9 @@ class HFVisionEncoderAdapter(HFTextAdapter):
         return info
 
     def _sites(self):
-        from .hf_text import hf_sites
-
         return hf_sites(self.module, lambda name: "vision")
 
     def prepare(self, inputs: Any) -> Prepared:
-        from ..device_map import input_device
-
         kwargs = _as_kwargs(inputs, PIXELS)
         pixels = kwargs[PIXELS]
         if pixels.ndim != 4:
@@ -126,8 +125,6 @@ class HFSpeechAdapter(HFTextAdapter):
         return isinstance(module, PreTrainedModel) and _main_input(module) == AUDIO and bool(attention_modules(module))
 
     def prepare(self, inputs: Any) -> Prepared:
-        from ..device_map import input_device
-
         kwargs = _as_kwargs(inputs, AUDIO)
         features = kwargs[AUDIO]
         device = input_device(self.module)
@@ -165,8 +162,6 @@ class HFAudioEncoderAdapter(HFTextAdapter):
             and not is_encoder_decoder(module) and bool(attention_modules(module))
 
     def _sites(self):
-        from .hf_text import hf_sites
-
         return hf_sites(self.module, lambda name: "audio")
 
     def info(self):
@@ -175,8 +170,6 @@ class HFAudioEncoderAdapter(HFTextAdapter):
         return info
 
     def prepare(self, inputs: Any) -> Prepared:
-        from ..device_map import input_device
-
         kwargs = _as_kwargs(inputs, WAVEFORM)
         if kwargs[WAVEFORM].ndim != 2:
             raise InputError("input_values must be [batch, samples]", expected="a 2-D waveform tensor",
@@ -208,21 +201,14 @@ class HFDualEncoderAdapter(HFTextAdapter):
     def matches(cls, module: Any) -> bool:
         from transformers import PreTrainedModel
 
-        from .hf_vlm import image_token_id
-
         cfg = getattr(module, "config", None)
         return isinstance(module, PreTrainedModel) and hasattr(cfg, "text_config") and hasattr(cfg, "vision_config") \
             and image_token_id(cfg) is None and bool(attention_modules(module))
 
     def _sites(self):
-        from .hf_text import hf_sites
-        from .hf_vlm import vision_or_text
-
         return hf_sites(self.module, vision_or_text)
 
     def info(self):
-        from .hf_text import tower_info
-
         info = super().info()
         cfg = self.module.config
         info.family = "dual-encoder"
@@ -231,9 +217,6 @@ class HFDualEncoderAdapter(HFTextAdapter):
         return info
 
     def prepare(self, inputs: Any) -> Prepared:
-        from ..device_map import input_device
-        from .hf_text import token_info
-
         if not (isinstance(inputs, dict) and torch.is_tensor(inputs.get("input_ids"))
                 and torch.is_tensor(inputs.get(PIXELS))):
             raise InputError("a dual encoder takes text and images together", expected="a dict with input_ids and "

@@ -31,7 +31,8 @@ from .hf_route import attention_modules, eager_reference, route_attention
 SAMPLE_SENTENCES = ["The cat sat on the mat because it was warm.", "Attention is all you need."]
 
 
-def _is_cross(name: str, module: nn.Module) -> bool:
+def is_cross_attention(name: str, module: nn.Module) -> bool:
+    """Cross-attention (T5 ``EncDecAttention``, BART ``encoder_attn``, ``crossattention`` ...) from module and name."""
     flat = name.replace("_", "").lower()
     return bool(getattr(module, "is_cross_attention", False)) or "cross" in type(module).__name__.lower() \
         or "crossattention" in flat or flat.endswith(("encdecattention", "encoderattn"))
@@ -52,7 +53,7 @@ def hf_sites(model: nn.Module, tower_of=lambda name: "text") -> dict[int, Site]:
     counters: dict[tuple[str, str], int] = {}
     sites: dict[int, Site] = {}
     for name, module in attention_modules(model):
-        tower, kind = tower_of(name), "cross" if _is_cross(name, module) else "self"
+        tower, kind = tower_of(name), "cross" if is_cross_attention(name, module) else "self"
         layer = counters.get((tower, kind), 0)
         counters[(tower, kind)] = layer + 1
         sites[id(module)] = Site(tower=tower, layer=layer, kind=kind)
