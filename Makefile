@@ -16,7 +16,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q $(TORCH)
-	$(PIP) install -q -c constraints.txt -e ".[dev]"
+	$(PIP) install -q -c constraints.txt -e ".[all,dev]"
 	$(PY) -c "import torch, sys; sys.exit('torch was replaced: ' + torch.__version__ if '+cpu' not in torch.__version__ and not torch.cuda.is_available() else 0)"
 	touch $(STAMP)
 
@@ -35,7 +35,7 @@ run-tests:
 test-latest: browsers
 	rm -rf $(LATEST_VENV) && python3 -m venv $(LATEST_VENV)
 	$(LATEST_VENV)/bin/python -m pip install -q $(TORCH)
-	$(LATEST_VENV)/bin/python -m pip install -q -e ".[dev]"
+	$(LATEST_VENV)/bin/python -m pip install -q -e ".[all,dev]"
 	mkdir -p results && $(MAKE) --no-print-directory constraints VENV=$(LATEST_VENV) > results/latest-constraints.txt
 	$(MAKE) run-tests VENV=$(LATEST_VENV)
 

@@ -26,7 +26,7 @@ from scipy.stats import spearmanr
 import attnscope
 from attnscope import zoo
 from attnscope.circuits.flow import attention_flow
-from attnscope.circuits.rollout import rollout
+from attnscope.circuits.attention_rollout import rollout
 from attnscope.datasets import agreement
 
 VIEWS = ("raw", "rollout", "flow")

@@ -33,7 +33,7 @@ def run_attnscope(attn: np.ndarray, sinks: np.ndarray | None) -> dict:
     """All layers' raw values for all (or the given) sinks, with wall/CPU time extrapolated to all sinks."""
     from attnscope.circuits._flow_layers import flow_values
     from attnscope.circuits.flow import attention_flow
-    from attnscope.circuits.rollout import augmented_layers
+    from attnscope.circuits.attention_rollout import augmented_layers
 
     n_layers, n = attn.shape[0], attn.shape[-1]
     wall, cpu = time.perf_counter(), time.process_time()
@@ -116,7 +116,7 @@ def _scipy_solver(a_hat: np.ndarray, top: int, scale: float = 1e9):
 
 
 def bench_one(n_layers: int, n: int, args: argparse.Namespace) -> dict:
-    from attnscope.circuits.rollout import augmented_layers
+    from attnscope.circuits.attention_rollout import augmented_layers
 
     attn = peaked_attention(n_layers, n, temp=args.temp, seed=args.seed)
     a_hat = augmented_layers(attn)[0][:, 0]

@@ -48,7 +48,7 @@ def run_one(mode: str, length: int) -> dict:
     import torch
 
     import attnscope
-    from attnscope.circuits.retrieval import retrieval_scores
+    from attnscope.circuits.retrieval_heads import retrieval_scores
     from attnscope.datasets import needle_tokens
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))

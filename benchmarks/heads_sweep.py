@@ -97,7 +97,7 @@ def run_config(model_name: str, suite_kind: str, n_items: int, seq_len: int, bat
 
     import torch
 
-    from attnscope.circuits.ablation_sweep import ablation_loop, single_head_sweep
+    from attnscope.circuits.head_ablation import ablation_loop, single_head_sweep
     from attnscope.circuits.task_metrics import AnswerLoss, eval_batches
     from attnscope.probes.adapters.tl_bridge import boot_bridge, tiny_word_tokenizer
     from attnscope.probes.head_slices import output_projections

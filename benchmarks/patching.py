@@ -54,9 +54,9 @@ def agreement_setup(model, n: int):
     import torch
 
     from attnscope.circuits.patch_pairs import FunctionMetric, PatchPairs
-    from attnscope.circuits.task_metrics import suite_from_name
+    from attnscope.tasks import build_suite
 
-    suite = suite_from_name("default", model=model, n_items=n)
+    suite = build_suite("default", model, n_items=n)
     of = {int(k): v for k, v in suite.metadata["class_of_token"].items()}
     by_class: dict[int, list[int]] = {}
     for token, label in of.items():
@@ -126,7 +126,7 @@ def gpt2_setup(n: int, seq_len: int, quick: bool):
 def build(name: str, cfg: dict, quick: bool):
     import attnscope
     from attnscope.circuits.patch_pairs import induction_pairs, recall_pairs
-    from attnscope.circuits.task_metrics import suite_from_name
+    from attnscope.tasks import build_suite
 
     n = min(cfg["n"], 4) if quick else cfg["n"]
     if cfg["kind"] == "gpt2":
@@ -140,7 +140,7 @@ def build(name: str, cfg: dict, quick: bool):
     if name == "agreement-enc":
         pairs, metric, _ = agreement_setup(model, n)
         return model, pairs, metric
-    suite = suite_from_name("default", model=model, n_items=n)
+    suite = build_suite("default", model, n_items=n)
     if name == "induction-2l":
         return model, induction_pairs(suite, seed=0), "logit"
     if name == "recall-llama":
@@ -164,7 +164,7 @@ def agreement(exact, estimate, signed: bool) -> dict:
 
 
 def run(name: str, cfg: dict, quick: bool) -> dict:
-    from attnscope.circuits.attribution_patching import attribution_patching
+    from attnscope.circuits.gradient_patching import attribution_patching
     from attnscope.circuits.patch_pairs import PatchPairs
     from attnscope.circuits.patching import activation_patching
     from attnscope.probes.head_slices import output_projections

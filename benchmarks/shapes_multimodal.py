@@ -23,7 +23,7 @@ KS = (0, 2, 4, 6, 8, 12, 16)
 
 
 def daam_section(pipe, n_scenes: int) -> dict:
-    from attnscope.circuits.daam_iou import best_aggregation, daam_iou
+    from attnscope.circuits.daam_segmentation import best_aggregation, daam_iou
     from attnscope.zoo.shapes_checks import teacher_forced_daam, two_object_scenes
 
     result, masks = teacher_forced_daam(pipe, two_object_scenes(n_scenes, seed=2024))
@@ -67,9 +67,9 @@ def hrv_section(pipe, n_prompts: int, n_captions: int = 24, steps: int = 10, con
 
 def vlm_section(n_items: int) -> dict:
     import attnscope
-    from attnscope.circuits.visual_heads import visual_heads
-    from attnscope.circuits.visual_token_pruning import visual_token_pruning
-    from attnscope.datasets.shapes_vlm_examples import shapes_vlm_examples
+    from attnscope.circuits.visual_head_scores import visual_heads
+    from attnscope.circuits.cls_token_pruning import visual_token_pruning
+    from attnscope.datasets.shapes_vlm_suite import shapes_vlm_examples
 
     vlm = attnscope.load("zoo:shapes-vlm")
     examples = shapes_vlm_examples(vlm, n_items, seed=5)

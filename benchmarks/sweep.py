@@ -53,10 +53,11 @@ def make_spec(model_dir: Path, n_cells: int, n_items: int, seq_len: int):
 def plain_loop(spec) -> dict:
     import torch
 
-    from attnscope.sweeps.cells import _MODEL_CACHE, run_cell
+    from attnscope.sweeps.cells import run_cell
+    from attnscope.tasks import clear_model_cache
 
     torch.set_num_threads(1)
-    _MODEL_CACHE.clear()
+    clear_model_cache()
     start = time.perf_counter()
     seconds = [run_cell(cell.to_dict(), spec.imports)["seconds"] for cell in spec.cells()]
     wall = time.perf_counter() - start

@@ -1,5 +1,11 @@
 """attnscope: a workbench for mechanistic interpretability of attention in LLMs, VLMs and diffusion models.
 
+The data path, top-down: ``load`` (a model's handle, ``attnscope.models``) -> ``capture`` (``attnscope.probes``)
+-> ``AttentionTrace`` -> analyses (``attnscope.circuits``) -> ``ResultTable`` -> figures (``attnscope.viz``),
+the dashboard and the CLI; ``attnscope.tasks`` runs analyses by name for the CLI, sweeps and the dashboard.
+
+The names below are imported on first use, so ``import attnscope`` is quick and has no side effects.
+
 Example:
     >>> import attnscope
     >>> model = attnscope.load("minilm")
@@ -8,26 +14,22 @@ Example:
     6
 """
 
-from .probes import tl_guard as _tl_guard  # noqa: E402
+from ._lazy import lazy_exports
+from ._version import __version__
 
-_tl_guard.install()  # never let TransformerLens pip-install torchvision (it replaces the CPU torch)
+_EXPORTS = {
+    "errors": ("AnalysisError", "AttnscopeError", "CaptureError", "CorruptResultError", "HeadSpecError", "InputError",
+               "InputTooLongError", "MissingExtraError", "ModelNotFoundError", "OutputError", "RemoteError",
+               "SiteError", "UnsupportedAttentionError", "UnsupportedModelError"),
+    "probes.capturing": ("Capture", "capture"),
+    "probes.adapter": ("ModelAdapter",),
+    "probes.heads": ("Head", "HeadSet"),
+    "probes.site": ("Site",),
+    "probes.tokens": ("Span", "TokenInfo"),
+    "probes.trace": ("AttentionTrace", "SiteRecord"),
+    "models.builtin": ("BUILTIN_MODELS",),
+    "results": ("ResultTable",),
+}
+_RENAMED = {"load": ("tasks.models", "load_model")}  # attnscope.load resolves zoo:NAME too
 
-from .errors import (AnalysisError, AttnscopeError, CaptureError, CorruptResultError, HeadSpecError, InputError,
-                     InputTooLongError, ModelNotFoundError, OutputError, RemoteError, SiteError,
-                     UnsupportedAttentionError, UnsupportedModelError)
-from .probes.capture import Capture, capture
-from .probes.heads import HeadSet
-from .probes.loading import BUILTIN_MODELS, LoadedModel, load
-from .probes.site import Site
-from .probes.tokens import Span, TokenInfo
-from .probes.trace import AttentionTrace, SiteRecord
-from .results import ResultTable
-
-__version__ = "0.1.0"
-
-__all__ = [
-    "AnalysisError", "AttentionTrace", "AttnscopeError", "BUILTIN_MODELS", "Capture", "CaptureError",
-    "CorruptResultError", "HeadSet", "HeadSpecError", "InputError", "InputTooLongError", "LoadedModel",
-    "ModelNotFoundError", "OutputError", "RemoteError", "ResultTable", "Site", "SiteError", "SiteRecord", "Span", "TokenInfo",
-    "UnsupportedAttentionError", "UnsupportedModelError", "capture", "load",
-]
+__all__, __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, _RENAMED)

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .errors import AttnscopeError, OutputError
+from .errors import AttnscopeError, InputError, OutputError
 
 TMP_SUFFIX = ".tmp"
 
@@ -146,8 +146,6 @@ def atomic_write(path: "str | os.PathLike[str]", write: Callable[[Path], Any], *
 def read_text(path: "str | os.PathLike[str]", what: str = "input file", expected: str = "a UTF-8 text file",
               error: type = None) -> str:
     """The UTF-8 text of ``path``; ``error`` (default InputError) for a missing, unreadable or non-UTF-8 file."""
-    from .errors import InputError
-
     error = error or InputError
     target = Path(path).expanduser()
     if not target.is_file():

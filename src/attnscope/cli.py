@@ -6,7 +6,9 @@ Commands live in ``attnscope.commands`` (one module per group).
 import argparse
 import sys
 from collections.abc import Sequence
+from contextlib import nullcontext
 
+from ._progress import heartbeat
 from .errors import AttnscopeError
 
 
@@ -51,7 +53,7 @@ def package_version() -> str:
     try:
         return version("attnscope")
     except PackageNotFoundError:
-        from . import __version__
+        from ._version import __version__
 
         return __version__
 
@@ -88,14 +90,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _quiet_libraries() -> None:
-    """Keep library warnings and progress bars off the one-line error contract."""
+    """Keep library warnings and progress bars off the one-line error contract.
+
+    Imports nothing heavy (``attnscope models`` never loads transformers): a library already imported is quieted
+    directly; one imported later reads the same settings from the environment when it loads."""
     import logging
+    import os
 
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
     logging.getLogger("huggingface_hub").setLevel(logging.CRITICAL)
+    transformers = sys.modules.get("transformers")
+    if transformers is not None:
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+        return
+    os.environ["TRANSFORMERS_VERBOSITY"] = "error"  # read by transformers' logging when it is first imported
+    hub = sys.modules.get("huggingface_hub")
+    if hub is not None:
+        hub.utils.disable_progress_bars()  # transformers' bars start from the hub's setting
+    else:
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # read by huggingface_hub when it is first imported
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -105,8 +118,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     if not args.debug:
         _quiet_libraries()
+    live = sys.stderr.isatty() and not args.debug  # a status line on a terminal only (never in logs or pipes)
     try:
-        return int(args.run(args))
+        with heartbeat(sys.stderr) if live else nullcontext():
+            return int(args.run(args))
     except AttnscopeError as exc:
         if args.debug:
             raise

@@ -107,3 +107,10 @@ class OutputError(InputError, OSError):
     Also an ``OSError``, so code that catches failed writes as such keeps working."""
 
     default_fix = "pass --out a writable file path (its folder is created), not a directory"
+
+
+class MissingExtraError(AttnscopeError, ImportError):
+    """An optional dependency is not installed: the message names the extra that installs it. Also an
+    ``ImportError``, so code that falls back when a package is missing keeps working."""
+
+    default_fix = "pip install 'attnscope[all]'"

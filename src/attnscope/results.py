@@ -16,7 +16,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from .errors import CorruptResultError
+from ._atomic import atomic_write, check_output
+from ._display import render
+from .errors import CorruptResultError, InputError
 
 REQUIRED_COLUMNS = ("analysis", "layer", "head", "metric", "value")
 _META_KEY = b"attnscope"
@@ -54,8 +56,6 @@ class ResultTable:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        from ._atomic import atomic_write, check_output
-        from .errors import InputError
 
         path = check_output(path)
         try:
@@ -91,19 +91,39 @@ class ResultTable:
         df = self.df if metric is None else self.df[self.df["metric"] == metric]
         return df.sort_values("value", ascending=ascending).head(n)
 
-    def pivot(self, metric: str | None = None) -> pd.DataFrame:
-        """Layers by heads grid of one metric (mean over other columns)."""
+    def pivot(self, metric: str | None = None, aggfunc: str = "mean") -> pd.DataFrame:
+        """Layers by heads grid of one metric (``aggfunc`` over rows that share a layer and head, e.g. concepts).
+
+        ``metric`` may be left out only when the table holds one metric: averaging different metrics into one grid
+        would mean nothing, so that raises InputError naming them."""
+        metrics = sorted(self.df["metric"].unique())
+        if metric is None and len(metrics) > 1:
+            raise InputError("pivot of a table with several metrics", expected=f"pivot(metric=...) with one of "
+                             f"{metrics}", got=None, fix=f"e.g. table.pivot({metrics[0]!r})")
         df = self.df if metric is None else self.df[self.df["metric"] == metric]
-        return df.pivot_table(index="layer", columns="head", values="value", aggfunc="mean")
+        if metric is not None and df.empty:
+            raise InputError("no rows of this metric", expected=metrics, got=metric)
+        return df.pivot_table(index="layer", columns="head", values="value", aggfunc=aggfunc)
 
     def show(self, view: str | None = None, **options):
-        """A plotly figure of this table: head grid, attribution, pruning or profile (``attnscope.viz.show_table``)."""
-        from .viz.notebook import show_table
-
-        return show_table(self, view, **options)
+        """A plotly figure of this table: head grid, attribution, pruning or profile (the plotting backend's
+        ``show_table``, by default ``attnscope.viz.notebook.show_table``; see ``attnscope._display``)."""
+        return render("table", self, view, **options)
 
     def __len__(self) -> int:
         return len(self.df)
+
+    def _repr_html_(self) -> str:
+        """Jupyter's view: a header (rows, analyses, metrics, provenance) and the first rows."""
+        import html
+
+        metrics = sorted(self.df["metric"].unique()) if len(self.df) else []
+        analyses = sorted(self.df["analysis"].unique()) if len(self.df) else []
+        provenance = ", ".join(f"{k}={v}" for k, v in list(self.provenance.items())[:8]
+                               if isinstance(v, (str, int, float, bool)))
+        head = (f"<b>ResultTable</b>: {len(self.df)} rows; analyses {html.escape(', '.join(analyses))}; metrics "
+                f"{html.escape(', '.join(metrics[:12]))}<br><small>{html.escape(provenance)}</small>")
+        return head + self.df.to_html(max_rows=20, max_cols=12, float_format=lambda v: f"{v:.4g}")
 
     def __repr__(self) -> str:
         analyses = sorted(self.df["analysis"].unique()) if len(self.df) else []

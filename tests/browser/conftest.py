@@ -47,7 +47,7 @@ def results_dir(tmp_path_factory):
     """demo/ (the real demo on MiniLM), demo_b/ (its table with layer 2 halved), long/ (12x12 table, 4096-token
     trace), plus things that must stay hidden:
     a symlink to /etc, a .json symlink to /etc/passwd, and a non-result file."""
-    from attnscope.demo import run_demo
+    from attnscope.tasks.demo import run_demo
 
     import attnscope
 

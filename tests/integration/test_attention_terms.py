@@ -90,7 +90,7 @@ def test_gpt_oss_edits_refuse_the_sinks_they_do_not_model():
 def test_encoder_decoder_sites_towers_and_position_bias(build):
     model = build()
     ids = torch.randint(3, 64, (1, 9), generator=torch.Generator().manual_seed(2))
-    adapter = attnscope.load(model).adapter
+    adapter = attnscope.load(model)
     info = adapter.info()
     assert info.family == "encoder-decoder"
     assert {(t.name, t.n_layers, tuple(t.kinds)) for t in info.towers} == {

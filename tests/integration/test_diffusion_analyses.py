@@ -15,7 +15,7 @@ import attnscope
 from attnscope import Site
 from attnscope.circuits.concept_maps import concept_overlap, concept_retention
 from attnscope.circuits.daam import binary_mask, daam_from_trace, daam_maps, mask_iou
-from attnscope.circuits.daam_iou import best_aggregation, daam_iou
+from attnscope.circuits.daam_segmentation import best_aggregation, daam_iou
 from attnscope.circuits.hrv import head_relevance
 from attnscope.circuits.hrv_weakening import ordered_weakening, weakening_plan
 from attnscope.errors import InputError

@@ -11,7 +11,7 @@ import pytest
 import torch
 from tiny_models import tiny_text_model
 
-from attnscope.circuits.ablation_sweep import ablation_loop, single_head_sweep
+from attnscope.circuits.head_ablation import ablation_loop, single_head_sweep
 from attnscope.circuits.importance import VARIANTS, head_importance, normalize_importance
 from attnscope.circuits.pruning import (ablation_importance, evaluate_masked, heads_of_mask, iterative_pruning,
                                        pruning_curve)

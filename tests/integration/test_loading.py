@@ -40,7 +40,7 @@ def test_local_diffusers_pipeline_directory(tmp_path):
 def test_model_objects_are_wrapped():
     module = tiny_text_model("bert")
     model = attnscope.load(module)
-    assert model.module is module and model.adapter.family == "hf-text"
+    assert model.module is module and model.family == "hf-text"
 
 
 @pytest.mark.parametrize("make", ["missing", "file", "empty_dir", "bad_json"])

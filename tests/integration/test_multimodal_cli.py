@@ -61,8 +61,8 @@ def test_heatmap_missing_model_is_one_line_exit_2(tmp_path, capsys):
 
 
 def test_score_visual_heads_on_the_shapes_vlm_matches_the_library(tmp_path, capsys):
-    from attnscope.circuits.visual_heads import visual_heads
-    from attnscope.datasets.shapes_vlm_examples import shapes_vlm_examples
+    from attnscope.circuits.visual_head_scores import visual_heads
+    from attnscope.datasets.shapes_vlm_suite import shapes_vlm_examples
 
     out = tmp_path / "vh.parquet"
     assert main(["score", "visual-heads", "--model", "zoo:shapes-vlm", "--suite", "shapes", "--n-items", "6",

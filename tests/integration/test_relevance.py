@@ -6,7 +6,7 @@ import torch
 from tiny_models import tiny_text_model
 
 import attnscope
-from attnscope.circuits.relevance import co_attention_update, normalize_residual, relevance
+from attnscope.circuits.relevance_propagation import co_attention_update, normalize_residual, relevance
 
 
 def _reference(model, inputs, position, target):
@@ -54,7 +54,7 @@ def test_classifier_relevance_uses_cls_and_argmax():
 
 
 def test_relevance_table_and_minilm(minilm):
-    table = attnscope.circuits.relevance.relevance_table(minilm, "The cat sat on the mat.")
+    table = attnscope.circuits.relevance_propagation.relevance_table(minilm, "The cat sat on the mat.")
     assert list(table.df["token"])[:2] == ["[CLS]", "the"] and (table.df["value"] >= 0).all()
 
 

@@ -58,7 +58,7 @@ def test_routed_head_edit_equals_a_hook_on_the_familys_projection(name, mode, fa
     model = build().eval()
     projections = output_projections(model)
     assert all(p.family == "routed" and p.module is None for p in projections)
-    kwargs = attnscope.load(model).adapter.prepare(torch.randint(3, 64, (2, 9))).kwargs
+    kwargs = attnscope.load(model).prepare(torch.randint(3, 64, (2, 9))).kwargs
     layer, head = len(projections) - 1, 1
     proj = projections[layer]
     plan = InterventionPlan(HeadSet([(layer, head)]), mode, scale=factor if mode == "rescale" else None)

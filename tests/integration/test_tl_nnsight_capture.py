@@ -1,7 +1,7 @@
 """TransformerLens TransformerBridge and nnsight adapters on tiny random-init models, plus the torchvision guard.
 
-Nothing here may run pip: the TransformerLens installer is replaced by attnscope's guard (tested below), and every
-test additionally fails if a subprocess is started at all.
+Nothing here may run pip: the TransformerLens installer is replaced by attnscope's guard once the adapter is used
+(tested below), and every test additionally fails if a subprocess is started at all.
 """
 
 import subprocess
@@ -16,8 +16,8 @@ import transformers
 from tiny_models import tiny_text_model
 
 import attnscope
-from attnscope.probes import tl_guard, validate
-from attnscope.probes.adapters import hf_route
+from attnscope.probes import validate
+from attnscope.probes.adapters import hf_route, tl_guard
 from attnscope.probes.adapters.nnsight_model import NNsightAdapter
 from attnscope.probes.adapters.tl_bridge import TLBridgeAdapter, boot_bridge, tiny_word_tokenizer
 from attnscope.probes.statistics import statistics_from_probs
@@ -32,9 +32,7 @@ def no_subprocesses(monkeypatch):
 
     for name in ("Popen", "check_call", "run", "call", "check_output"):
         monkeypatch.setattr(subprocess, name, refuse)
-    assert tl_guard.guarded()
     yield
-    assert tl_guard.guarded()
 
 
 def _gpt2():
@@ -76,7 +74,7 @@ def _check_stats(adapter, inputs, model):
 
 def test_bridge_recomputes_attention_itself_whatever_the_hf_implementation(gpt2_bridge):
     loaded = attnscope.load(gpt2_bridge)
-    assert isinstance(loaded.adapter, TLBridgeAdapter)
+    assert isinstance(loaded, TLBridgeAdapter)
     assert gpt2_bridge.original_model.config._attn_implementation == "eager"  # boot_transformers forces eager
     for impl in ("eager", "sdpa"):
         gpt2_bridge.original_model.set_attn_implementation(impl)
@@ -144,9 +142,10 @@ def test_bridge_hooks_removed_after_capture_and_after_a_forward_that_raises(gpt2
 
 # -- the torchvision guard ---------------------------------------------------------------------------------------------
 
-def test_transformer_lens_torchvision_installer_raises_our_error_instead_of_running_pip(monkeypatch):
+def test_transformer_lens_torchvision_installer_raises_our_error_instead_of_running_pip(monkeypatch, gpt2_bridge):
     from transformer_lens.model_bridge.sources.transformers import helpers
 
+    tl_guard.install()  # what booting gpt2_bridge did (another test may have removed it since)
     assert helpers._ensure_torchvision is tl_guard.refuse_torchvision_install
     monkeypatch.setitem(sys.modules, "torchvision", None)  # torchvision missing, whatever is installed
 
@@ -173,17 +172,28 @@ def test_booting_a_multimodal_bridge_offline_raises_our_error_and_runs_no_pip(mo
     tokenizer = tiny_word_tokenizer(64)
     tokenizer.save_pretrained(tmp_path / "tok")
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "tok")
-    with pytest.raises(attnscope.UnsupportedModelError, match="pip install torchvision"):
+    with tl_guard.guarded(), pytest.raises(attnscope.UnsupportedModelError, match="pip install torchvision"):
         TransformerBridge.boot_transformers(str(tmp_path / "no-such-model"), hf_model=model, tokenizer=tokenizer,
                                             device="cpu")
 
 
-def test_guard_backstop_refuses_pip_installs_of_torch_packages():
-    assert tl_guard.pip_install_refused(["uv", "pip", "install", "torchvision", "-q"])
-    assert tl_guard.pip_install_refused([sys.executable, "-m", "pip", "install", "torch==2.0"])
-    assert not tl_guard.pip_install_refused([sys.executable, "-m", "pip", "install", "numpy"])
-    with pytest.raises(attnscope.UnsupportedModelError):  # the audit hook fires before anything is started
-        tl_guard._audit("subprocess.Popen", ("pip", ["pip", "install", "torchvision"], None, None))
+def test_the_guard_is_applied_when_the_adapter_is_first_used_and_is_removable(gpt2_bridge):
+    from transformer_lens.model_bridge.sources.transformers import helpers
+
+    was = tl_guard.is_installed()
+    try:
+        tl_guard.uninstall()  # as in a fresh process: importing attnscope applies nothing
+        original = helpers._ensure_torchvision
+        assert original is not tl_guard.refuse_torchvision_install and not tl_guard.is_installed()
+        assert TLBridgeAdapter.matches(gpt2_bridge)  # the adapter's first use
+        assert tl_guard.is_installed() and helpers._ensure_torchvision is tl_guard.refuse_torchvision_install
+        tl_guard.uninstall()
+        assert helpers._ensure_torchvision is original and not tl_guard.is_installed()
+        assert not any(isinstance(f, tl_guard.PatchOnImport) for f in sys.meta_path)
+        boot_bridge(_gpt2(), tiny_word_tokenizer(64))  # booting through attnscope applies it too
+        assert tl_guard.is_installed() and helpers._ensure_torchvision is tl_guard.refuse_torchvision_install
+    finally:
+        (tl_guard.install if was else tl_guard.uninstall)()
 
 
 def test_multimodal_bridges_are_refused_before_transformer_lens_boots():
@@ -205,15 +215,15 @@ def wrapped_llama():
 
 def test_nnsight_captures_inside_the_trace_under_sdpa_and_eager(wrapped_llama):
     loaded = attnscope.load(wrapped_llama)
-    assert isinstance(loaded.adapter, NNsightAdapter)
+    assert isinstance(loaded, NNsightAdapter)
     report = validate(loaded)
     assert report.ok and report.output_bit_identical, str(report)
     assert report.attention_path.startswith("nnsight in-trace: sdpa q/k from attention_interface inputs")
-    loaded.adapter.reduce_in_trace = True
+    loaded.reduce_in_trace = True
     report = validate(loaded)
     assert report.ok and "computed in the trace" in report.attention_path, str(report)
-    loaded.adapter.reduce_in_trace = False
-    trace = attnscope.capture(loaded, loaded.adapter.sample_inputs(), implementation="eager")
+    loaded.reduce_in_trace = False
+    trace = attnscope.capture(loaded, loaded.sample_inputs(), implementation="eager")
     assert trace.provenance["attention_path"] == "nnsight in-trace: eager weights from attn.output[1]"
     assert wrapped_llama._module.config._attn_implementation == "sdpa"
 
@@ -250,7 +260,7 @@ def test_nnsight_restored_after_a_forward_that_raises(wrapped_llama):
             attnscope.capture(wrapped_llama, {"input_ids": torch.tensor([[1, 2, 3]])})
     finally:
         handle.remove()
-    adapter = attnscope.load(wrapped_llama).adapter
+    adapter = attnscope.load(wrapped_llama)
     assert wrapped_llama._module.config._attn_implementation == "sdpa"
     assert not hf_route._ACTIVE
     assert validate(adapter).ok

@@ -7,7 +7,7 @@ import torch
 import transformers
 
 import attnscope
-from attnscope.circuits.rollout import rollout
+from attnscope.circuits.attention_rollout import rollout
 from attnscope.errors import InputError, UnsupportedModelError
 from attnscope.probes import validate
 from attnscope.probes.site import Site

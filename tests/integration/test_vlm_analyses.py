@@ -9,14 +9,14 @@ import pytest
 import torch
 
 from attnscope.circuits import registry
-from attnscope.circuits.relevance import relevance
+from attnscope.circuits.relevance_propagation import relevance
 from attnscope.circuits.var_intervention import VARSettings, redistribute, visual_attention_redistribution
-from attnscope.circuits.vision_divergence import text_only_inputs, vhr_plan, vision_divergence
-from attnscope.circuits.visual_heads import top_visual_heads, visual_heads
-from attnscope.circuits.visual_sinks import find_sink_dims, visual_sinks
-from attnscope.circuits.visual_token_pruning import (cls_patch_scores, feature_layers, keep_indices, pruned_logits,
+from attnscope.circuits.vision_head_divergence import text_only_inputs, vhr_plan, vision_divergence
+from attnscope.circuits.visual_head_scores import top_visual_heads, visual_heads
+from attnscope.circuits.visual_sink_tokens import find_sink_dims, visual_sinks
+from attnscope.circuits.cls_token_pruning import (cls_patch_scores, feature_layers, keep_indices, pruned_logits,
                                                      visual_token_pruning)
-from attnscope.datasets.vlm_examples import VLMExample, vlm_examples
+from attnscope.datasets.vlm_example_batches import VLMExample, vlm_examples
 from attnscope.errors import InputError
 from attnscope.probes.adapters import hf_route
 from attnscope.probes.adapters.hf_vlm import HFVisionLanguageAdapter, tiny_llava
@@ -420,8 +420,8 @@ def test_dimension_annotations_hold():
     from jaxtyping import jaxtyped
 
     from attnscope.circuits.var_intervention import image_centric, sink_phi
-    from attnscope.circuits.vision_divergence import head_divergence
-    from attnscope.circuits.visual_heads import head_target_mass, head_visual_mass
+    from attnscope.circuits.vision_head_divergence import head_divergence
+    from attnscope.circuits.visual_head_scores import head_target_mass, head_visual_mass
 
     def check(fn):
         return jaxtyped(typechecker=beartype)(fn)

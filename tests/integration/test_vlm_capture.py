@@ -26,7 +26,7 @@ def _impls(model):
 
 
 def test_adapter_is_found_and_describes_both_towers(llava):
-    adapter = attnscope.load(llava).adapter
+    adapter = attnscope.load(llava)
     assert isinstance(adapter, HFVisionLanguageAdapter)
     info = adapter.info()
     assert [(t.name, t.n_layers, t.n_heads, t.n_kv_heads) for t in info.towers] == [("text", 2, 4, 2),
@@ -123,7 +123,7 @@ def test_text_and_image_through_the_processor_of_a_saved_model(llava, tmp_path):
     llava.save_pretrained(tmp_path)
     processor.save_pretrained(tmp_path)
     loaded = attnscope.load(str(tmp_path))
-    assert isinstance(loaded.adapter, HFVisionLanguageAdapter)
+    assert isinstance(loaded, HFVisionLanguageAdapter)
     image = Image.fromarray((np.random.default_rng(0).random((20, 24, 3)) * 255).astype("uint8"))
     report = validate(loaded, ("w1 w2 <image> w3", image))
     assert report.ok, str(report)

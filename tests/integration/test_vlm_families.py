@@ -37,7 +37,7 @@ def models():
 
 
 def _adapter(model) -> HFVisionLanguageAdapter:
-    adapter = attnscope.load(model).adapter
+    adapter = attnscope.load(model)
     assert isinstance(adapter, HFVisionLanguageAdapter)
     return adapter
 

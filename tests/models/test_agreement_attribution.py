@@ -17,7 +17,7 @@ from scipy.stats import spearmanr
 
 from attnscope import zoo
 from attnscope.circuits.flow import attention_flow
-from attnscope.circuits.rollout import rollout
+from attnscope.circuits.attention_rollout import rollout
 from attnscope.datasets import agreement
 
 SEED = 86_420  # neither a training seed (>= 2**31) nor the card's (1_000_00x) nor the benchmark's (12345)

@@ -7,8 +7,8 @@ import pytest
 
 import attnscope
 from attnscope import zoo
-from attnscope.circuits import detectors, retrieval, sinks
-from attnscope.commands.score import _sentences_suite
+from attnscope.circuits import detectors, retrieval_heads as retrieval, attention_sinks as sinks
+from attnscope.datasets import sentences
 from attnscope.datasets import associative_recall, induction
 
 SEED = 424242
@@ -81,7 +81,7 @@ def test_sink_scores_find_the_bos_sink_of_sink_lm(sink_lm):
 
 
 def test_minilm_cls_is_the_dominant_sink_in_the_middle_layers(minilm):
-    table = sinks.sink_scores(minilm, _sentences_suite(8, seed=SEED), progress=False)
+    table = sinks.sink_scores(minilm, sentences(8, seed=SEED), progress=False)
     df = table.df[table.df["head"] >= 0]
     means = df.groupby(["layer", "metric"])["value"].mean()
     for layer in (1, 2, 3, 4):

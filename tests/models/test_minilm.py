@@ -23,7 +23,7 @@ def test_minilm_cls_is_the_dominant_sink_in_middle_layers(minilm):
 
 
 def test_minilm_embeddings_unchanged_by_streaming_capture(minilm):
-    inputs = minilm.adapter.prepare(["A sentence to embed."]).kwargs
+    inputs = minilm.prepare(["A sentence to embed."]).kwargs
     with torch.no_grad():
         base = minilm.module(**inputs).last_hidden_state
     trace = attnscope.capture(minilm, ["A sentence to embed."], stats=("entropy", "topk"))

@@ -6,7 +6,7 @@ import torch
 from scipy.stats import spearmanr
 
 import attnscope
-from attnscope.circuits.attribution_patching import attribution_patching
+from attnscope.circuits.gradient_patching import attribution_patching
 from attnscope.circuits.patch_pairs import PatchPairs, induction_pairs, recall_pairs
 from attnscope.circuits.patching import activation_patching
 from attnscope.circuits.verified_patching import verified_top_k
@@ -22,10 +22,10 @@ def _zoo(name):
 
 @pytest.fixture(scope="module")
 def organism():
-    from attnscope.circuits.task_metrics import suite_from_name
+    from attnscope.tasks import build_suite
 
     model, card = _zoo("induction-2l")
-    suite = suite_from_name("default", model=model, n_items=32)  # the card's data parameters, held-out seed
+    suite = build_suite("default", model, n_items=32)  # the card's data parameters, held-out seed
     return model, card, induction_pairs(suite, seed=0)
 
 
@@ -59,10 +59,10 @@ def test_induction_organism_verified_top_k(organism):
 
 
 def test_recall_organism_gqa_patching_per_kv_head_finds_the_retrieval_head():
-    from attnscope.circuits.task_metrics import suite_from_name
+    from attnscope.tasks import build_suite
 
     model, card = _zoo("recall-llama")
-    suite = suite_from_name("default", model=model, n_items=16)
+    suite = build_suite("default", model, n_items=16)
     pairs = recall_pairs(suite)
     per_head = activation_patching(model, pairs, "logit_diff").df
     best = per_head.loc[per_head["effect"].abs().idxmax()]

@@ -8,7 +8,9 @@ import attnscope
 from attnscope.circuits.importance import head_importance
 from attnscope.circuits.pruning import curve_gap, iterative_pruning, pruning_curve
 from attnscope.circuits.structural import prune_heads_structurally
-from attnscope.circuits.task_metrics import builtin_sentences, metric_for, suite_from_name
+from attnscope.circuits.task_metrics import metric_for
+from attnscope.datasets import sentences
+from attnscope.tasks import build_suite
 
 
 def _zoo(name):
@@ -21,7 +23,7 @@ def _zoo(name):
 @pytest.fixture(scope="module")
 def induction_organism():
     model = _zoo("induction-2l")
-    suite = suite_from_name("default", model=model, n_items=48)
+    suite = build_suite("default", model, n_items=48)
     batches, metric = metric_for(model, suite, "accuracy", batch_size=48)
     return model, batches, metric
 
@@ -62,7 +64,7 @@ def test_gqa_organism_structural_pruning_of_whole_kv_groups(tmp_path):
     from attnscope.probes.interventions import InterventionPlan, apply_plan
 
     model = _zoo("recall-llama")
-    suite = suite_from_name("default", model=model, n_items=32)
+    suite = build_suite("default", model, n_items=32)
     batches, metric = metric_for(model, suite, "accuracy", batch_size=32)
     imp = head_importance(model, batches, metric).normalized
     groups = [(p.layer, query_heads_of(kv, p.n_heads, p.n_kv_heads)) for p in output_projections(model)
@@ -84,7 +86,7 @@ def test_gqa_organism_structural_pruning_of_whole_kv_groups(tmp_path):
 
 @pytest.fixture(scope="module")
 def minilm_curve(minilm):
-    suite = builtin_sentences(32, seed=0)
+    suite = sentences(32, seed=0, sentences_per_item=1)
     batches, metric = metric_for(minilm, suite, "embedding_cosine", batch_size=32)
     table = pruning_curve(minilm, batches, metric, fractions=(0.0, 0.1, 0.2, 0.3, 0.5, 0.7), n_random=2)
     return batches, metric, table

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import attnscope
-from attnscope.circuits.daam_iou import best_aggregation, daam_iou
+from attnscope.circuits.daam_segmentation import best_aggregation, daam_iou
 from attnscope.circuits.hrv import head_relevance
 from attnscope.circuits.hrv_weakening import ordered_weakening
 from attnscope.datasets.shapes import COLORS, shapes_scenes
@@ -46,8 +46,8 @@ def test_weakening_the_most_relevant_heads_removes_a_colour_faster(pipe):
 
 
 def test_vlm_heads_attend_to_the_queried_object_more_than_to_the_rest():
-    from attnscope.circuits.visual_heads import top_visual_heads, visual_heads
-    from attnscope.datasets.shapes_vlm_examples import shapes_vlm_examples
+    from attnscope.circuits.visual_head_scores import top_visual_heads, visual_heads
+    from attnscope.datasets.shapes_vlm_suite import shapes_vlm_examples
 
     vlm = attnscope.load("zoo:shapes-vlm")
     table = visual_heads(vlm, shapes_vlm_examples(vlm, 32, seed=9), queries="last").df

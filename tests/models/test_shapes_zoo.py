@@ -152,8 +152,8 @@ def test_vlm_readout_heads_attend_to_the_queried_object(vlm, cards):
 def test_visual_heads_analysis_finds_object_focused_heads(vlm, cards):
     """The visual-heads analysis (other code than the card's): its top visual heads look at the queried object
     more densely than at the rest of the image, and so do the card's readout heads."""
-    from attnscope.circuits.visual_heads import top_visual_heads, visual_heads
-    from attnscope.datasets.vlm_examples import VLMExample
+    from attnscope.circuits.visual_head_scores import top_visual_heads, visual_heads
+    from attnscope.datasets.vlm_example_batches import VLMExample
 
     suite = shapes_vqa(32, seed=SEED + 2)
     examples = []

@@ -13,7 +13,7 @@ import time
 
 from attnscope.circuits.registry import register_analysis
 from attnscope.errors import AnalysisError
-from attnscope.sweeps.analyses import head_stats
+from attnscope.circuits.streaming_head_stats import head_stats
 
 
 @register_analysis("test-kill-once", description="kills its worker the first time, then head-stats")

@@ -107,7 +107,7 @@ def test_out_is_checked_before_the_capture_runs(tmp_path, monkeypatch, capsys):
     from attnscope.cli import main
 
     ran = []
-    monkeypatch.setattr(attnscope.probes.capture.Capture, "run", lambda self, inputs: ran.append(1))
+    monkeypatch.setattr(attnscope.probes.capturing.Capture, "run", lambda self, inputs: ran.append(1))
     (tmp_path / "adir").mkdir()
     assert main(["capture", "--model", "minilm", "--text", "hi", "--out", str(tmp_path / "adir")]) == 2
     assert not ran and "output path is a directory" in capsys.readouterr().err

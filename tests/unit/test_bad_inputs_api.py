@@ -63,13 +63,13 @@ def _plan(text):
 
 
 def _rollout(attn, **kwargs):
-    from attnscope.circuits.rollout import rollout
+    from attnscope.circuits.attention_rollout import rollout
 
     return rollout(attn, **kwargs)
 
 
 def _relevance(ctx, **kwargs):
-    from attnscope.circuits.relevance import relevance
+    from attnscope.circuits.relevance_propagation import relevance
 
     return relevance(ctx.minilm, "Paris is in France.", **kwargs)
 

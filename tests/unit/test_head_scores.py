@@ -14,7 +14,7 @@ import transformers
 from tiny_models import tiny_text_model
 
 import attnscope
-from attnscope.circuits import detectors, retrieval, sinks, streaming_llm
+from attnscope.circuits import detectors, retrieval_heads as retrieval, attention_sinks as sinks, sink_window_perplexity as streaming_llm
 from attnscope.datasets import PromptItem, PromptSuite, induction, needle_tokens
 from attnscope.errors import InputError
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import transformers
 
-from attnscope.circuits.attribution_patching import attribution_patching
+from attnscope.circuits.gradient_patching import attribution_patching
 from attnscope.circuits.patch_pairs import PatchPairs
 from attnscope.circuits.patching import activation_patching
 from attnscope.circuits.verified_patching import clopper_pearson_upper, verified_top_k
@@ -209,7 +209,7 @@ def planted_saturated_model(marker: int = 3, stronger: int = 4):
 
 
 def test_saturated_head_is_missed_by_atp_through_qk_and_found_by_atp_star():
-    from attnscope.circuits.attribution_patching import attention_probs, record_qkv
+    from attnscope.circuits.gradient_patching import attention_probs, record_qkv
     from attnscope.probes.head_slices import output_projections
 
     model = planted_saturated_model()

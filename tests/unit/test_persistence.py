@@ -100,3 +100,18 @@ def test_result_table_rejects_bad_input(tmp_path):
     (tmp_path / "bad.parquet").write_text(json.dumps({"no": "parquet"}))
     with pytest.raises(CorruptResultError):
         ResultTable.load(tmp_path / "bad.parquet")
+
+
+def test_pivot_refuses_to_average_different_metrics_and_tables_render_in_jupyter():
+    from attnscope.errors import InputError
+    from attnscope.results import ResultTable
+
+    rows = [{"analysis": "a", "layer": layer, "head": head, "metric": metric, "value": float(layer * 10 + head)}
+            for layer in range(2) for head in range(3) for metric in ("m", "n")]
+    table = ResultTable(pd.DataFrame(rows).assign(value=lambda d: d.value + (d.metric == "n") * 100),
+                        {"model": "tiny<b>"})
+    with pytest.raises(InputError, match="several metrics"):
+        table.pivot()
+    assert table.pivot("n").loc[1, 2] == 112.0 and table.pivot("m").loc[1, 2] == 12.0
+    html = table._repr_html_()
+    assert "12 rows" in html and "metrics m, n" in html and "tiny&lt;b&gt;" in html and "<table" in html

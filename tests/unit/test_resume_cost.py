@@ -4,7 +4,7 @@ sample: the done-set of the partial log is built once and kept up to date (count
 import pandas as pd
 from tiny_models import tiny_text_model
 
-from attnscope.circuits import detectors, retrieval
+from attnscope.circuits import detectors, retrieval_heads as retrieval
 from attnscope.datasets import needle_tokens
 from attnscope.results import ResultTable
 

@@ -7,8 +7,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from attnscope.circuits.attribution_table import attribution_table
-from attnscope.circuits.rollout import rollout
+from attnscope.circuits.token_attribution import attribution_table
+from attnscope.circuits.attention_rollout import rollout
 from attnscope.errors import AnalysisError
 from attnscope.probes.site import Site
 from attnscope.probes.tokens import TokenInfo

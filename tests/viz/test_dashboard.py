@@ -134,7 +134,7 @@ def test_deep_link_and_selection(root):
     assert len(errors) == 1 and errors[0].startswith("trace: path refused")
     state = selection(root, None, "?trace=run_a/trace.safetensors", None, None, None)
     assert state["run"] == "run_a" and state["trace"] == "run_a/trace.safetensors" and state["metric"] == "m"
-    assert state["site"] == "text|self"
+    assert state["site"] == "text.L0.self"
     changed = selection(root, "run", "", "run_b/deeper", None, None)
     assert changed["table"] == "run_b/deeper/scores.parquet" and changed["trace"] is None
     forged = selection(root, "run", "", "../outside", None, None)
@@ -153,7 +153,7 @@ def test_site_slices_equal_the_full_trace(root):
 
 
 def test_pattern_view_click_spec_and_errors(root):
-    fig, top = pattern_view(root, "run_a/trace.safetensors", "text|self", 1, None, (1, 2), "auto")
+    fig, top = pattern_view(root, "run_a/trace.safetensors", "text.L0.self", 1, None, (1, 2), "auto")
     full = AttentionTrace.load(root.resolve("run_a/trace.safetensors")).get(attnscope.Site("text", 1)).probs
     np.testing.assert_allclose(np.asarray(fig.data[0].z), full[1, 2, :3, :3].numpy(), rtol=1e-6)
     received = full[1, 2, :3, :3].mean(0)
@@ -175,7 +175,7 @@ def gpt2():
 def test_run_ablation_matches_independent_zero_hooks(gpt2):
     result = run_ablation(gpt2, "L1H0,L1H2", "zero", "w3 w4 w5 w6")
     assert result["path"] == "interventions.apply_plan" and result["heads"] == "L1H0,L1H2"
-    prepared = gpt2.adapter.prepare(["w3 w4 w5 w6"])
+    prepared = gpt2.prepare(["w3 w4 w5 w6"])
     with torch.no_grad():
         clean = torch.log_softmax(gpt2.module(**prepared.kwargs).logits[0, -1], -1)
         with zero_hooks(gpt2.module, HeadSet([(1, 0), (1, 2)])):

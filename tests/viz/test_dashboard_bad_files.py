@@ -76,16 +76,16 @@ def test_trace_without_records_is_a_bad_file(results):
     state = selection(root, "trace", None, "run", "run/a_good.parquet", "run/b_norecords.safetensors")
     assert state["site_options"] == [] and state["site"] is None
     with pytest.raises(attnscope.CorruptResultError, match="not a readable attnscope trace"):
-        pattern_view(root, "run/b_norecords.safetensors", "text|self", 0, None, None, "auto")
+        pattern_view(root, "run/b_norecords.safetensors", "text.L0.self", 0, None, None, "auto")
     client = create_app(results).server.test_client()
     response = _post(client, [("pattern", "figure"), ("top-tokens", "children"), ("pattern-msg", "children")],
                      [{"id": i, "property": p, "value": v} for i, p, v in (
                          ("head-grid", "clickData", None), ("heads", "n_submit", None),
-                         ("trace", "value", "run/b_norecords.safetensors"), ("site", "value", "text|self"),
+                         ("trace", "value", "run/b_norecords.safetensors"), ("site", "value", "text.L0.self"),
                          ("item", "value", 0), ("mode", "value", "auto"), ("map-token", "value", None),
                          ("map-step", "value", None))], [{"id": "heads", "property": "value", "value": None}])
     assert response.status_code == 200 and "not a readable attnscope trace" in response.get_data(as_text=True)
-    fig, _ = pattern_view(root, "run/a_good.safetensors", "text|self", 0, None, (0, 1), "auto")  # the rest works
+    fig, _ = pattern_view(root, "run/a_good.safetensors", "text.L0.self", 0, None, (0, 1), "auto")  # the rest works
     assert fig.data
 
 

@@ -82,7 +82,7 @@ def _heat(fig):
 
 
 def test_cross_attention_map_defaults_to_the_most_attended_token(root):
-    fig, grid = map_view(root, "sd/capture.safetensors", "unet.up.0|cross", 0, "L0H1", None)
+    fig, grid = map_view(root, "sd/capture.safetensors", "unet.up.0.L0.cross", 0, "L0H1", None)
     reference = _planted_cross()[0, 1, :, 2].reshape(GRID).numpy()  # key 2 has the largest mean column
     np.testing.assert_allclose(_heat(fig), reference, atol=1e-6)
     np.testing.assert_allclose(grid.values, reference, atol=1e-6)
@@ -94,18 +94,18 @@ def test_cross_attention_map_defaults_to_the_most_attended_token(root):
 
 
 def test_cross_attention_map_of_a_chosen_token_step_and_clicked_head(root):
-    fig, _ = map_view(root, "sd/capture.safetensors", "unet.up.0|cross", 0, None, (0, 1), token=0)
+    fig, _ = map_view(root, "sd/capture.safetensors", "unet.up.0.L0.cross", 0, None, (0, 1), token=0)
     np.testing.assert_allclose(_heat(fig), _planted_cross()[0, 1, :, 0].reshape(GRID).numpy(), atol=1e-6)
-    fig, _ = map_view(root, "sd/capture.safetensors", "unet.up.0|cross", 0, None, (0, 1), token=1, step=1)
+    fig, _ = map_view(root, "sd/capture.safetensors", "unet.up.0.L0.cross", 0, None, (0, 1), token=1, step=1)
     flipped = _planted_cross().flip(-1)  # step 1 holds the keys reversed: key 1 there = key 2 of step 0
     np.testing.assert_allclose(_heat(fig), flipped[0, 1, :, 1].reshape(GRID).numpy(), atol=1e-6)
     assert "step 1" in fig.layout.title.text
-    fig, _ = map_view(root, "sd/capture.safetensors", "unet.up.0|cross", 0, None, (0, 0), token=3)
+    fig, _ = map_view(root, "sd/capture.safetensors", "unet.up.0.L0.cross", 0, None, (0, 0), token=3)
     np.testing.assert_allclose(_heat(fig), np.full(GRID, 0.25), atol=1e-6)
 
 
 def test_latent_self_attention_map_is_the_mean_received_per_pixel(root):
-    fig, _ = map_view(root, "sd/capture.safetensors", "unet.up.0|self", 0, "L0H0", None)
+    fig, _ = map_view(root, "sd/capture.safetensors", "unet.up.0.L0.self", 0, "L0H0", None)
     probs = AttentionTrace.load(root.root / "sd" / "capture.safetensors").get(
         attnscope.Site("unet.up.0", 0, "self"), 0).probs[0, 0]
     np.testing.assert_allclose(_heat(fig), probs.mean(0).reshape(GRID).numpy(), atol=1e-6)
@@ -119,19 +119,19 @@ def test_vlm_map_is_the_query_row_over_the_image_tokens(root):
     fig, _ = map_view(root, "vlm/trace.safetensors", None, 0, None, None, token=5)
     np.testing.assert_allclose(_heat(fig), probs[5, 1:5].reshape(2, 2).numpy(), atol=1e-6)
     assert len(fig.data) == 1  # vlm/image.png leaves the results directory: not drawn
-    fig, _ = map_view(root, "vlm/trace.safetensors", "vision|self", 0, "L0H0", None)  # vision tower: [CLS] row
+    fig, _ = map_view(root, "vlm/trace.safetensors", "vision.L0.self", 0, "L0H0", None)  # vision tower: [CLS] row
     tower = torch.softmax(torch.arange(25.0).reshape(5, 5) / 7, -1)
     np.testing.assert_allclose(_heat(fig), tower[0, 1:].reshape(2, 2).numpy(), atol=1e-6)
-    assert map_choices(root, "vlm/trace.safetensors", "vision|self", 0)[:3] == (True, "", [])
+    assert map_choices(root, "vlm/trace.safetensors", "vision.L0.self", 0)[:3] == (True, "", [])
 
 
 def test_map_choices_offer_tokens_steps_and_only_where_there_is_an_image(root):
-    able, what, options, steps = map_choices(root, "sd/capture.safetensors", "unet.up.0|cross", 0)
+    able, what, options, steps = map_choices(root, "sd/capture.safetensors", "unet.up.0.L0.cross", 0)
     assert able and what.startswith("key token") and steps == [0, 1]
     assert [o["value"] for o in options] == [0, 1, 2, 3] and options[2]["label"] == "2: red"
     able, what, options, _ = map_choices(root, "vlm/trace.safetensors", None, 0)
     assert able and what.startswith("query token") and [o["value"] for o in options] == [0, 5, 6]
-    assert map_choices(root, "sd/capture.safetensors", "unet.up.0|self", 0)[:3] == (True, "", [])
+    assert map_choices(root, "sd/capture.safetensors", "unet.up.0.L0.self", 0)[:3] == (True, "", [])
     assert map_choices(root, "text/trace.safetensors", None, 0) == (False, "", [], [])
     assert map_choices(root, "../outside/secret.png", None, 0) == (False, "", [], [])
     with pytest.raises(InputError, match="no image structure"):
@@ -188,7 +188,7 @@ def test_app_builds_with_the_map_components(root):
 def test_pooled_pattern_of_latent_self_attention_has_no_text_labels(root):
     from attnscope.dashboards.callbacks import pattern_view
 
-    fig, top = pattern_view(root, "sd/capture.safetensors", "unet.up.0|self", 0, "L0H1", None, "auto")
+    fig, top = pattern_view(root, "sd/capture.safetensors", "unet.up.0.L0.self", 0, "L0H1", None, "auto")
     probs = AttentionTrace.load(root.root / "sd" / "capture.safetensors").get(
         attnscope.Site("unet.up.0", 0, "self"), 0).probs[0, 1]
     np.testing.assert_allclose(np.asarray(fig.data[0].z, dtype=np.float64), probs.numpy(), atol=1e-6)
@@ -199,7 +199,7 @@ def test_pooled_pattern_of_latent_self_attention_has_no_text_labels(root):
                                               (None, None, "zz"), (None, None, 5)])
 def test_forged_map_picker_values_raise_named_errors(root, token, step, item):
     with pytest.raises(AttnscopeError):
-        map_view(root, "sd/capture.safetensors", "unet.up.0|cross", item, None, (0, 1), token, step)
+        map_view(root, "sd/capture.safetensors", "unet.up.0.L0.cross", item, None, (0, 1), token, step)
     if token is None and step is None:
         with pytest.raises(AttnscopeError):
             maps_view(root, "sd/daam.parquet", "cat", item)

@@ -109,7 +109,7 @@ def test_token_attribution_orders_tokens_and_excludes():
 
 
 def test_per_layer_attribution_tables_pick_one_layer():
-    from attnscope.circuits.attribution_table import attribution_table
+    from attnscope.circuits.token_attribution import attribution_table
 
     values = np.arange(12, dtype=float).reshape(3, 4)          # [layer, key]
     table = attribution_table(values, tokens=["a", "b", "c", "d"], method="rollout")
@@ -171,7 +171,7 @@ def test_image_overlay_vlm_row_over_image_tokens():
     from attnscope.probes.adapters.hf_vlm import tiny_llava
 
     model = attnscope.load(tiny_llava())
-    trace = attnscope.capture(model, model.adapter.sample_inputs())
+    trace = attnscope.capture(model, model.sample_inputs())
     image = trace.tokens.positions("image")
     m = viz.attention_map(trace, 1, 2)  # text tower, last token -> image tokens
     expected = trace.get(attnscope.Site("text", 1)).probs[0, 2, -1, image].reshape(4, 4).numpy()

@@ -15,25 +15,22 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from jaxtyping import Float
-from torch import Tensor
 
 from ..errors import AnalysisError, InputError
-from ..probes.capture import resolve_adapter
+from ..probes.adapter import ModelLike, as_adapter
+from ..probes.adapters.diffusers_pipeline import PipelineAdapter
 from ..probes.recorder import Recorder
 from ..probes.request import CaptureRequest
 from ..probes.site import Site
+from ..probes.text_columns import TEXT_KINDS
 from ..probes.trace import AttentionTrace, SiteRecord
 
-TEXT_KINDS = ("cross", "joint")
 Positions = list[dict[str, list[int]]]  # per batch item: word -> text-key positions
 
 
-def pipeline_adapter(model: Any) -> Any:
-    """The ``PipelineAdapter`` of a pipeline, a ``LoadedModel`` of one, or the adapter itself."""
-    from ..probes.adapters.diffusers_pipeline import PipelineAdapter
-
-    adapter = resolve_adapter(model)
+def pipeline_adapter(model: ModelLike) -> Any:
+    """The ``PipelineAdapter`` of a pipeline, a ``model handle (``attnscope.load``)`` of one, or the adapter itself."""
+    adapter = as_adapter(model)
     if not isinstance(adapter, PipelineAdapter):
         raise InputError("a diffusers pipeline is needed", expected="StableDiffusion/PixArt/SD3 pipeline",
                          got=type(adapter).__name__, fix="pass the pipeline (or attnscope.load of one)")
@@ -82,30 +79,6 @@ def as_positions(positions: "Positions | Mapping[str, Sequence[int]]", batch: in
     if len(positions) != batch:
         raise InputError("one positions mapping per batch item", expected=batch, got=len(positions))
     return [{w: [int(p) for p in ps] for w, ps in item.items()} for item in positions]
-
-
-def text_attention(record: SiteRecord) -> Float[Tensor, "batch head query key"]:
-    """Latent-query x text-key probabilities of a cross or joint record (columns as captured)."""
-    if record.probs is None:
-        raise AnalysisError("record holds no probabilities", expected="patterns=True at capture",
-                            got=str(record.site), fix="capture with full patterns")
-    if record.site.kind == "joint" and not record.meta.get("text_block"):
-        return record.block("image", "text")
-    if record.site.kind not in TEXT_KINDS:
-        raise AnalysisError("not a text-attention site", expected=TEXT_KINDS, got=record.site.kind)
-    return record.probs
-
-
-def column_index(record: SiteRecord, positions: Sequence[int]) -> list[int]:
-    """Columns of ``text_attention(record)`` holding text positions (records may keep only some columns)."""
-    kept = record.meta.get("key_positions")
-    if kept is None:
-        return list(positions)
-    lookup = {int(p): i for i, p in enumerate(kept)}
-    missing = [p for p in positions if p not in lookup]
-    if missing:
-        raise AnalysisError("positions not kept at capture", expected=sorted(lookup), got=missing)
-    return [lookup[int(p)] for p in positions]
 
 
 def text_records(trace: AttentionTrace, sites: Sequence[Site] | None = None,

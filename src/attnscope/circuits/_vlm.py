@@ -14,18 +14,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..datasets.vlm_examples import VLMExample
+from ..datasets.vlm_example_batches import VLMExample
 from ..errors import AnalysisError, InputError
-from ..probes.capture import resolve_adapter
+from ..probes.adapter import ModelLike, as_adapter, module_of
+from ..probes.adapters.hf_vlm import HFVisionLanguageAdapter, image_token_id
 
 QUERY_MODES = ("after_image", "last", "all_text")
 
 
-def vlm_adapter(model: Any) -> Any:
+def vlm_adapter(model: ModelLike) -> Any:
     """The adapter of a LLaVA-class VLM; AnalysisError for anything else."""
-    from ..probes.adapters.hf_vlm import HFVisionLanguageAdapter
-
-    adapter = resolve_adapter(model)
+    adapter = as_adapter(model)
     if not isinstance(adapter, HFVisionLanguageAdapter):
         raise AnalysisError("this analysis needs a vision-language model", expected="a LLaVA-class VLM "
                             "(vision tower + language model)", got=type(adapter).__name__,
@@ -34,8 +33,6 @@ def vlm_adapter(model: Any) -> Any:
 
 
 def image_token(adapter: Any) -> int:
-    from ..probes.adapters.hf_vlm import image_token_id
-
     return int(image_token_id(adapter.module.config))
 
 
@@ -93,10 +90,10 @@ def target_mask(example: VLMExample, n_patches: int) -> Tensor | None:
     return flat
 
 
-def language_model(model: Any) -> nn.Module:
+def language_model(model: ModelLike) -> nn.Module:
     """The text decoder of a LLaVA-class model (``model.model.language_model``)."""
-    module = getattr(model, "module", model)
-    module = getattr(module, "module", module)  # an adapter
+    module = module_of(model)
+    module = module_of(module)  # an adapter
     inner = getattr(module, "model", module)
     lm = getattr(inner, "language_model", None)
     lm = getattr(module, "language_model", None) if lm is None else lm
@@ -106,7 +103,7 @@ def language_model(model: Any) -> nn.Module:
     return lm
 
 
-def decoder_layers(model: Any) -> nn.ModuleList:
+def decoder_layers(model: ModelLike) -> nn.ModuleList:
     lm = language_model(model)
     layers = getattr(lm, "layers", None)
     if layers is None:

@@ -31,6 +31,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from ..errors import InputError
+from ..probes.text_columns import text_attention
 from ..probes.trace import AttentionTrace
 from ..results import ResultTable
 from . import _diffusion as dx
@@ -49,7 +50,7 @@ def step_maps(source: "DaamResult | AttentionTrace", positions: Mapping | Sequen
             raise InputError("positions needed with a trace", expected="{word: [text positions]}", got=None)
         trace, base = source, {}
         first = dx.text_records(trace, options.get("sites"), options.get("steps"))[0]
-        per_item = dx.as_positions(positions, dx.text_attention(first).shape[0])
+        per_item = dx.as_positions(positions, text_attention(first).shape[0])
     opts = DaamOptions(**{**base, **options, "normalize": "none", "step_reduce": "sum"})
     opts.check()
     words = list(per_item[0])

@@ -63,7 +63,9 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from ..errors import AnalysisError, InputError
+from ..probes.adapter import ModelLike
 from ..probes.site import Site
+from ..probes.text_columns import column_index, text_attention
 from ..probes.trace import AttentionTrace, SiteRecord
 from ..results import ResultTable
 from . import _diffusion as dx
@@ -229,12 +231,12 @@ def kept_records(trace: AttentionTrace, opts: DaamOptions) -> tuple[list[SiteRec
 def record_columns(record: SiteRecord, columns: Sequence[int],
                    heads: Sequence[int] | None) -> Float[Tensor, "batch head column gh gw"]:
     """A record's text ``columns`` as raw maps on its latent grid (kept ``heads`` only)."""
-    probs = dx.text_attention(record).float()
+    probs = text_attention(record).float()
     if heads is not None:
         have = record.heads()
         probs = probs[:, [have.index(h) for h in heads if h in have]]
     gh, gw = _grid(record)
-    cols = probs[..., dx.column_index(record, columns)]
+    cols = probs[..., column_index(record, columns)]
     b, h, _, k = cols.shape
     return cols.permute(0, 1, 3, 2).reshape(b, h, k, gh, gw)
 
@@ -360,7 +362,7 @@ def daam_from_trace(trace: AttentionTrace, positions: "dx.Positions | Mapping[st
     ``preset``: ``"attnscope"`` or ``"daam"`` (see the module); ``options`` override it (``DaamOptions``).
     """
     opts = DaamOptions.from_preset(preset, **options)
-    batch = dx.text_attention(dx.text_records(trace, opts.sites, opts.steps)[0]).shape[0]
+    batch = text_attention(dx.text_records(trace, opts.sites, opts.steps)[0]).shape[0]
     per_item = dx.as_positions(positions, batch)
     opts.prompt_positions = _per_item(opts.prompt_positions, batch)
     words = list(per_item[0])
@@ -373,7 +375,7 @@ def _describe(opts: DaamOptions) -> dict:
             for k, v in vars(opts).items()}
 
 
-def daam_maps(model: Any, prompts: "str | Sequence[str]", words: Sequence[str], *, preset: str = "attnscope",
+def daam_maps(model: ModelLike, prompts: "str | Sequence[str]", words: Sequence[str], *, preset: str = "attnscope",
               seed: int = 0, size: "str | tuple[int, int] | None" = None,
               pipeline_kwargs: Mapping[str, Any] | None = None, num_inference_steps: int = 20,
               guidance_scale: float | None = None, **options: Any) -> DaamResult:

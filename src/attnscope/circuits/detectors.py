@@ -50,7 +50,8 @@ from torch import Tensor
 
 from ..datasets.suite import PromptItem, PromptSuite, pad_ids
 from ..errors import AnalysisError, InputError
-from ..probes.capture import capture, resolve_adapter
+from ..probes.adapter import ModelLike, as_adapter
+from ..probes.capturing import capture
 from ..probes.heads import HeadSet
 from ..probes.site import Site
 from ..results import ResultTable
@@ -100,10 +101,10 @@ def encode_suite(suite: PromptSuite, tokenizer: Any, add_special_tokens: bool = 
     return [encode_item(item, tokenizer, add_special_tokens, i) for i, item in enumerate(suite)]
 
 
-def parse_heads(model: Any, heads: "HeadSet | str | None") -> HeadSet | None:
+def parse_heads(model: ModelLike, heads: "HeadSet | str | None") -> HeadSet | None:
     if heads is None or isinstance(heads, HeadSet):
         return heads
-    tower = resolve_adapter(model).info().tower()
+    tower = as_adapter(model).info().tower()
     return HeadSet.parse(str(heads), n_layers=tower.n_layers, n_heads=tower.n_heads)
 
 
@@ -136,9 +137,9 @@ def progress_bar(iterable: Any, total: int | None, desc: str, enabled: bool) -> 
     return tqdm(iterable, total=total, desc=desc, disable=not enabled, leave=False, mininterval=0.5)
 
 
-def fingerprint(suite: PromptSuite, model: Any, **options: Any) -> str:
+def fingerprint(suite: PromptSuite, model: ModelLike, **options: Any) -> str:
     """A hash of the suite, the model's name and the options: a partial file is only resumed by the same run."""
-    adapter = resolve_adapter(model)
+    adapter = as_adapter(model)
     blob = json.dumps({"suite": suite.to_dict(), "model": adapter.name or type(adapter.module).__name__,
                        "options": {k: str(v) for k, v in sorted(options.items())}}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -304,7 +305,7 @@ def _row_selection(templates: list[Tensor], normalise: str) -> tuple[int, int] |
     return int(min(a.min() for a in active)), int(max(a.max() for a in active)) + 1
 
 
-def suite_template_scores(model: Any, suite: PromptSuite, template: "Template | Any", *, analysis: str = "pattern",
+def suite_template_scores(model: ModelLike, suite: PromptSuite, template: "Template | Any", *, analysis: str = "pattern",
                           normalise: str = "tl", exclude_bos: bool = False, exclude_current_token: bool = False,
                           heads: "HeadSet | str | None" = None, batch_size: int = 8, add_special_tokens: bool = True,
                           progress: bool = True, tower: str = "text") -> ResultTable:
@@ -313,7 +314,7 @@ def suite_template_scores(model: Any, suite: PromptSuite, template: "Template | 
     template: a function ``(ids, item) -> [n, n]`` tensor, or one fixed ``[query, key]`` array.
     """
     make = template if callable(template) else fixed_template(template)
-    adapter = resolve_adapter(model)
+    adapter = as_adapter(model)
     head_set = parse_heads(model, heads)
     encoded = encode_suite(suite, adapter.tokenizer, add_special_tokens)
     sums: dict[tuple[int, int], list[float]] = {}
@@ -353,7 +354,7 @@ def suite_template_scores(model: Any, suite: PromptSuite, template: "Template | 
 
 
 @register_analysis("prev-token", description="previous-token score per head: attention mass on t-1, over a suite")
-def previous_token_scores(model: Any, suite: PromptSuite, *, normalise: str = "rows", exclude_bos: bool = False,
+def previous_token_scores(model: ModelLike, suite: PromptSuite, *, normalise: str = "rows", exclude_bos: bool = False,
                           exclude_current_token: bool = False, **options: Any) -> ResultTable:
     """Previous-token heads (template ``P[t, t-1]``)."""
     return suite_template_scores(model, suite, previous_token_template, analysis="prev-token", normalise=normalise,
@@ -361,7 +362,7 @@ def previous_token_scores(model: Any, suite: PromptSuite, *, normalise: str = "r
 
 
 @register_analysis("duplicate", description="duplicate-token score per head: mass on earlier copies of the token")
-def duplicate_token_scores(model: Any, suite: PromptSuite, *, normalise: str = "rows", exclude_bos: bool = False,
+def duplicate_token_scores(model: ModelLike, suite: PromptSuite, *, normalise: str = "rows", exclude_bos: bool = False,
                            exclude_current_token: bool = False, **options: Any) -> ResultTable:
     """Duplicate-token heads (template ``P[i, j] = [ids[j] == ids[i]], j < i``)."""
     return suite_template_scores(model, suite, duplicate_token_template, analysis="duplicate", normalise=normalise,
@@ -370,7 +371,7 @@ def duplicate_token_scores(model: Any, suite: PromptSuite, *, normalise: str = "
 
 @register_analysis("induction", description="induction score per head: from a repeated token to the token after "
                    "its first occurrence, on the repeated half")
-def induction_scores(model: Any, suite: PromptSuite, *, normalise: str = "rows", rows: str = "repeat",
+def induction_scores(model: ModelLike, suite: PromptSuite, *, normalise: str = "rows", rows: str = "repeat",
                      exclude_bos: bool = False, exclude_current_token: bool = False, **options: Any) -> ResultTable:
     """Induction heads (template ``P[i, j] = [ids[j-1] == ids[i]]``; ``rows="repeat"``: repeated half only)."""
     if rows not in ("repeat", "all"):
@@ -384,7 +385,7 @@ def induction_scores(model: Any, suite: PromptSuite, *, normalise: str = "rows",
 
 @register_analysis("pattern", description="score per head for a user template [query, key] (TransformerLens "
                    "detect_head 'mul' normalisation)")
-def pattern_scores(model: Any, suite: PromptSuite, *, template: Any = None, normalise: str = "tl",
+def pattern_scores(model: ModelLike, suite: PromptSuite, *, template: Any = None, normalise: str = "tl",
                    exclude_bos: bool = False, exclude_current_token: bool = False, **options: Any) -> ResultTable:
     """A user template: a function ``(ids, item) -> [n, n]`` or an array (``.npy`` path from the CLI)."""
     if template is None:

@@ -2,7 +2,7 @@
 
 The graph has a node ``(l, i)`` per layer ``l = 0..L`` (0 = input tokens, ``l`` = output of attention layer ``l``)
 and token ``i``; the arc ``(l, i) -> (l-1, j)`` has capacity ``A_hat_l[i, j]``, the residual-augmented, head-fused
-attention of rollout (``attnscope.circuits.rollout``). The flow value of output node ``(l, i)`` to input token ``j``
+attention of rollout (``attnscope.circuits.attention_rollout``). The flow value of output node ``(l, i)`` to input token ``j``
 is the max-flow from ``(l, i)`` to ``(0, j)``, each pair solved on its own; rows are then normalised to sum to 1.
 Unlike rollout (a product of matrices), a path carries the minimum of its capacities, and paths share capacity.
 
@@ -32,8 +32,10 @@ from collections.abc import Sequence
 import numpy as np
 from jaxtyping import Float
 
+from .._extras import available, require
+from .._progress import stage
 from ..errors import AnalysisError
-from .rollout import Array, AttnInput, augmented_layers
+from .attention_rollout import Array, AttnInput, augmented_layers
 
 BACKENDS = ("auto", "numba", "networkx")
 
@@ -43,11 +45,7 @@ def _resolve_backend(backend: str) -> str:
         raise AnalysisError("unknown flow backend", expected=f"one of {BACKENDS}", got=backend)
     if backend != "auto":
         return backend
-    try:
-        import numba  # noqa: F401
-    except ImportError:
-        return "networkx"
-    return "numba"
+    return "numba" if available("numba") else "networkx"
 
 
 def _resolve_layers(layers: int | Sequence[int] | None, n_layers: int) -> list[int]:
@@ -64,8 +62,8 @@ def _resolve_layers(layers: int | Sequence[int] | None, n_layers: int) -> list[i
 
 def _networkx_values(a_hat: np.ndarray, top: int) -> np.ndarray:
     """Reference: networkx preflow-push per (source, sink) pair on float capacities (slow; small inputs only)."""
-    import networkx as nx
-    from networkx.algorithms.flow import preflow_push
+    nx = require("networkx", "flow")
+    preflow_push = require("networkx.algorithms.flow", "flow").preflow_push
 
     n = a_hat.shape[-1]
     values = np.zeros((top, n, n))
@@ -81,10 +79,11 @@ def _networkx_values(a_hat: np.ndarray, top: int) -> np.ndarray:
 
 
 def _numba_values(a_hat: np.ndarray, top: int, threads: int | None, stats: dict | None) -> np.ndarray:
-    import numba
+    numba = require("numba", "flow")
+    stage("compiling the attention-flow solver (numba, first use only)")
+    from ._flow_layers import flow_values  # numba-compiled: only with the [flow] extra
 
-    from ._flow_layers import flow_values
-
+    stage("solving attention flow")
     previous = numba.get_num_threads()
     if threads is not None:
         if not 1 <= threads <= numba.config.NUMBA_NUM_THREADS:

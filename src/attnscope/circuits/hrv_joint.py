@@ -46,11 +46,12 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from ..errors import AnalysisError, InputError
+from ..probes.adapter import tokenizer_of
 from ..probes.adapters import diffusers_common as dc
 from ..probes.recorder import Recorder
 from ..probes.request import CaptureRequest
 from ..probes.site import Site
-from .hrv import HrvRecorder
+from .hrv_recorder import HrvRecorder
 
 
 def _layout(tok: Any, words: Sequence[str], length: int, offset: int) -> list[list[int]]:
@@ -204,7 +205,7 @@ def joint_recorder(adapter: Any, heads: list[tuple[Site, int]], words: Sequence[
                    steps: Sequence[int] | None, pipeline_kwargs: dict) -> JointHrvRecorder:
     """The recorder of one prompt: the concept sequence of ``words`` encoded and laid out."""
     pipe = adapter.module
-    if not hasattr(pipe, "encode_prompt") or getattr(pipe, "tokenizer", None) is None:
+    if not hasattr(pipe, "encode_prompt") or tokenizer_of(pipe) is None:
         raise AnalysisError("joint-attention HRV needs an SD3-style pipeline", expected="encode_prompt and tokenizers",
                             got=type(pipe).__name__)
     param = inspect.signature(type(pipe).__call__).parameters.get("max_sequence_length")

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from ..errors import InputError
+from ..probes.adapter import ModelLike
 from ..probes.cross_attention_edits import apply_cross_attention_edits
 from ..probes.cross_attention_plan import CrossAttentionEdit, CrossAttentionPlan
 from ..probes.site import Site
@@ -50,7 +51,7 @@ def _generate(pipe: Any, prompt: str, plan: CrossAttentionPlan, seed: int, kwarg
         return pipe(prompt, generator=torch.Generator().manual_seed(seed), **kwargs).images
 
 
-def ordered_weakening(model: Any, prompts: Sequence[str], relevance: HeadRelevance, concept: str, word: str,
+def ordered_weakening(model: ModelLike, prompts: Sequence[str], relevance: HeadRelevance, concept: str, word: str,
                       scorer: Callable[[Any], float], *, ks: Sequence[int] = (0, 1, 2, 4, 8),
                       factor: float = -2.0, orders: Sequence[str] = ORDERS, seed: int = 22,
                       num_inference_steps: int = 50, guidance_scale: float = 7.5, output_type: str = "pt",

@@ -40,6 +40,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from ..errors import InputError
+from ..probes.adapter import ModelLike, module_of
 from ..probes.head_slices import edit_head_outputs, output_projections
 from ..results import ResultTable
 from .registry import register_analysis
@@ -131,7 +132,7 @@ def gate_gradients(model: nn.Module, batches: Sequence[EvalBatch], metric: TaskM
     """Summed per-batch contributions ``[layer, max_heads]`` (NaN where a layer has fewer heads) and item count."""
     if variant not in VARIANTS:
         raise InputError("unknown importance variant", expected=", ".join(VARIANTS), got=variant)
-    module = getattr(model, "module", model)
+    module = module_of(model)
     projections = output_projections(module)
     width = max(p.n_heads for p in projections)
     if head_mask is not None and tuple(head_mask.shape) != (len(projections), width):
@@ -162,7 +163,7 @@ def gate_gradients(model: nn.Module, batches: Sequence[EvalBatch], metric: TaskM
     return totals, n_items
 
 
-def head_importance(model: Any, batches: Sequence[EvalBatch], metric: TaskMetric, *,
+def head_importance(model: ModelLike, batches: Sequence[EvalBatch], metric: TaskMetric, *,
                     variant: str = "abs_per_example", normalize_layers: bool = True, global_minmax: bool = False,
                     exponent: float = 2.0, head_mask: Tensor | None = None) -> Importance:
     """Michel et al. importance of every head (see the module docstring for the variants and normalisation).
@@ -181,10 +182,10 @@ def head_importance(model: Any, batches: Sequence[EvalBatch], metric: TaskMetric
 
 @register_analysis("importance", takes="model",
                    description="head importance E|dL/dxi| through head gates (Michel et al. 2019)")
-def importance_analysis(model: Any, suite: Any, *, variant: str = "abs_per_example", normalize_layers: bool = True,
+def importance_analysis(model: ModelLike, suite: Any, *, variant: str = "abs_per_example", normalize_layers: bool = True,
                         global_minmax: bool = False, metric: str | None = None, batch_size: int = 16,
                         **_: Any) -> ResultTable:
-    """Analysis entry point: ``model`` a LoadedModel, ``suite`` a PromptSuite; rows ``importance`` (normalised)
+    """Analysis entry point: ``model`` a model handle (``attnscope.load``), ``suite`` a PromptSuite; rows ``importance`` (normalised)
     and ``importance_raw`` per head."""
     batches, task_metric = metric_for(model, suite, metric, batch_size)
     imp = head_importance(model, batches, task_metric, variant=variant, normalize_layers=normalize_layers,

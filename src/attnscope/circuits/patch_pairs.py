@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from ..errors import AnalysisError, InputError
+from .task_metrics import _encode
 
 METRICS = ("logit_diff", "logit", "prob", "loss")
 
@@ -115,8 +116,6 @@ class PatchPairs:
         item's ``metadata["wrong_answer_ids"][0]`` (IOI: the subject) where every item has one. Pairs whose two
         sides tokenise to different lengths are dropped (counted in ``dropped``).
         """
-        from .task_metrics import _encode
-
         clean, corrupt, answers, wrong, dropped = [], [], [], [], 0
         for item in suite:
             ids = list(item.ids) if item.ids is not None else _encode(tokenizer, item.text, False)
@@ -187,7 +186,7 @@ def induction_pairs(suite: Any, *, vocab_size: int | None = None, seed: int = 0)
         span = item.metadata.get("repeat_span")
         if not span or item.ids is None:
             raise InputError("not an induction item", expected="ids with repeat_span metadata",
-                             got=sorted(item.metadata), fix="build the suite with attnscope.datasets.induction")
+                             got=sorted(item.metadata), fix="build the suite with attnscope.datasets.induction_suite")
         ids = list(item.ids)
         start, end = int(span[0]), min(int(span[1]), len(ids))
         keep = 1 if bos is not None and ids[0] == bos else 0

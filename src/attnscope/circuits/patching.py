@@ -36,11 +36,12 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import InputError
+from ..probes.adapter import ModelLike, module_of
 from ..probes.head_slices import (OutputProjection, check_heads, edit_head_outputs, head_grid, output_projections,
                                   query_heads_of, record_head_outputs)
 from ..probes.heads import HeadSet
 from ..results import ResultTable
-from .ablation_sweep import DEFAULT_PASS_MB, layer_blocks, prefix_cache, replay_attention, replay_blocks, row_bytes
+from .head_ablation import DEFAULT_PASS_MB, layer_blocks, prefix_cache, replay_attention, replay_blocks, row_bytes
 from .patch_pairs import PatchBatch, PatchMetric, PatchPairs, metric_from, run_model
 
 DIRECTIONS = ("noise", "denoise")
@@ -136,7 +137,7 @@ def _bar(progress: bool, total: int, desc: str):
 
 
 @torch.no_grad()
-def activation_patching(model: Any, pairs: PatchPairs, metric: Any = "logit_diff", *, direction: str = "noise",
+def activation_patching(model: ModelLike, pairs: PatchPairs, metric: Any = "logit_diff", *, direction: str = "noise",
                         granularity: str = "head", heads: HeadSet | None = None, normalize: bool = False,
                         batch_size: int = 16, memory_mb: float | None = None, units_per_pass: int | None = None,
                         share_prefix: bool = True, progress: bool = False) -> ResultTable:
@@ -148,7 +149,7 @@ def activation_patching(model: Any, pairs: PatchPairs, metric: Any = "logit_diff
     ``normalized_effect``, ``patched``, ``baseline``, ``clean``, ``corrupt``, ``position`` (-1: all), ``unit``,
     ``method="exact"``, ``is_estimate=False``, ``direction``, ``n_pairs``.
     """
-    module = getattr(model, "module", model)
+    module = module_of(model)
     task = metric_from(metric)
     base_side, source_side = sides(direction)
     projections = output_projections(module)

@@ -36,10 +36,12 @@ from jaxtyping import Float
 from torch import Tensor
 
 from ..errors import InputError
+from ..probes.adapter import ModelLike, module_of
 from ..probes.head_slices import output_projections, query_heads_of
 from ..probes.heads import HeadSet
 from ..probes.interventions import InterventionPlan, apply_plan
 from ..results import ResultTable
+from .head_ablation import single_head_sweep
 from .importance import head_importance
 from .task_metrics import EvalBatch, TaskMetric, evaluate
 
@@ -51,7 +53,7 @@ def heads_of_mask(mask: Float[Tensor, "layer head"]) -> HeadSet:
     return HeadSet((int(l), int(h)) for l, h in (mask == 0).nonzero().tolist())
 
 
-def evaluate_masked(model: Any, batches: Sequence[EvalBatch], metric: TaskMetric, mask: Tensor) -> float:
+def evaluate_masked(model: ModelLike, batches: Sequence[EvalBatch], metric: TaskMetric, mask: Tensor) -> float:
     """The metric with the heads where ``mask == 0`` masked (zero gates)."""
     heads = heads_of_mask(mask)
     if not len(heads):
@@ -60,14 +62,12 @@ def evaluate_masked(model: Any, batches: Sequence[EvalBatch], metric: TaskMetric
         return evaluate(model, batches, metric)
 
 
-def ablation_importance(model: Any, batches: Sequence[EvalBatch], metric: TaskMetric,
+def ablation_importance(model: ModelLike, batches: Sequence[EvalBatch], metric: TaskMetric,
                         head_mask: Tensor | None = None) -> Tensor:
     """``[layer, head]`` damage of zero-ablating each head alone (under ``head_mask``), by the batched sweep:
     ``clean - ablated`` for higher-is-better metrics, ``ablated - clean`` otherwise (not Michel et al.'s gradient
     estimate; the exact first-order-free effect, one batched sweep per call)."""
-    from .ablation_sweep import single_head_sweep
-
-    projections = output_projections(getattr(model, "module", model))
+    projections = output_projections(module_of(model))
     width = max(p.n_heads for p in projections)
     out = torch.full((len(projections), width), math.nan)
     masked = heads_of_mask(head_mask) if head_mask is not None else HeadSet()
@@ -91,9 +91,9 @@ def _estimate(model, batches, metric, mask, method: str, imp_kw: dict) -> Tensor
     raise InputError("unknown importance method", expected="'gradient' (Michel et al.) or 'ablation'", got=method)
 
 
-def _units(model: Any, granularity: str) -> list[list[tuple[int, int]]]:
+def _units(model: ModelLike, granularity: str) -> list[list[tuple[int, int]]]:
     """Pruning units: single heads, or whole KV groups (every query head of one KV head)."""
-    projections = output_projections(getattr(model, "module", model))
+    projections = output_projections(module_of(model))
     if granularity == "head":
         return [[(p.layer, h)] for p in projections for h in range(p.n_heads)]
     if granularity == "kv":
@@ -134,7 +134,7 @@ class PruningResult:
                                                              "original": self.original, "final": self.final})
 
 
-def iterative_pruning(model: Any, batches: Sequence[EvalBatch], metric: TaskMetric, *, masking_amount: float = 0.1,
+def iterative_pruning(model: ModelLike, batches: Sequence[EvalBatch], metric: TaskMetric, *, masking_amount: float = 0.1,
                       threshold: float = 0.9, variant: str = "abs_per_example", normalize_layers: bool = True,
                       global_minmax: bool = False, reestimate: bool = True, granularity: str = "head",
                       importance_method: str = "gradient", max_steps: int | None = None,
@@ -145,7 +145,7 @@ def iterative_pruning(model: Any, batches: Sequence[EvalBatch], metric: TaskMetr
     if not 0 < masking_amount < 1 or not 0 < threshold <= 1:
         raise InputError("bad pruning options", expected="0 < masking_amount < 1, 0 < threshold <= 1",
                          got=(masking_amount, threshold))
-    projections = output_projections(getattr(model, "module", model))
+    projections = output_projections(module_of(model))
     width = max(p.n_heads for p in projections)
     units = _units(model, granularity)
     per_step = max(1, int(len(units) * masking_amount))
@@ -210,7 +210,7 @@ def _order(kind: str, units: list[list[tuple[int, int]]], importance: Tensor | N
     return [int(i) for i in np.random.default_rng(seed).permutation(len(units))]
 
 
-def pruning_curve(model: Any, batches: Sequence[EvalBatch], metric: TaskMetric, *,
+def pruning_curve(model: ModelLike, batches: Sequence[EvalBatch], metric: TaskMetric, *,
                   fractions: Sequence[float] = DEFAULT_FRACTIONS, orders: Sequence[str] = ("importance", "random"),
                   n_random: int = 3, seed: int = 0, importance: Tensor | None = None,
                   variant: str = "abs_per_example", granularity: str = "head",
@@ -220,7 +220,7 @@ def pruning_curve(model: Any, batches: Sequence[EvalBatch], metric: TaskMetric, 
     ablation damage (``ablation``, one batched sweep), or at random (``n_random`` seeds; their mean is added as
     order ``random_mean``)."""
     units = _units(model, granularity)
-    projections = output_projections(getattr(model, "module", model))
+    projections = output_projections(module_of(model))
     width = max(p.n_heads for p in projections)
     known = ("importance", "importance_reestimated", "ablation", "random")
     if any(o not in known for o in orders):
@@ -244,7 +244,7 @@ def pruning_curve(model: Any, batches: Sequence[EvalBatch], metric: TaskMetric, 
 
 
 def _curve(model, batches, metric, kind, units, importance, seed, fractions, width, variant, progress):
-    n_layers = len(output_projections(getattr(model, "module", model)))
+    n_layers = len(output_projections(module_of(model)))
     mask = torch.ones(n_layers, width)
     order = _order("random" if kind == "random" else "importance", units, importance, seed)
     done, rows = 0, []

@@ -42,24 +42,13 @@ def register_analysis(name: str, *, takes: str = "model", description: str = "")
     return decorate
 
 
-def _load_builtin() -> None:
-    import importlib
-    import pkgutil
-
-    from .. import circuits
-
-    for module in pkgutil.iter_modules(circuits.__path__):
-        if not module.name.startswith("_") and module.name != "registry":
-            importlib.import_module(f"{circuits.__name__}.{module.name}")
-
-
 def list_analyses() -> list[Analysis]:
-    _load_builtin()
+    """Every registered analysis by name (``attnscope.circuits`` registers the built-in ones on import: any
+    import of a circuits module runs the package's ``__init__`` first)."""
     return sorted(_ANALYSES.values(), key=lambda a: a.name)
 
 
 def get_analysis(name: str) -> Analysis:
-    _load_builtin()
     if name not in _ANALYSES:
         raise AnalysisError("unknown analysis", expected=sorted(_ANALYSES), got=name,
                             fix="see `attnscope score --help` for the list")

@@ -30,7 +30,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
@@ -38,6 +37,7 @@ from torch import Tensor, nn
 
 from ..datasets.suite import PromptItem, PromptSuite
 from ..errors import AnalysisError, InputError
+from ..probes.adapter import ModelLike, module_of, tokenizer_of
 
 IGNORE = -100
 
@@ -272,7 +272,7 @@ class EmbeddingCosine(TaskMetric):
 # ---- evaluation ---------------------------------------------------------------------------------------------------
 
 def forward(model: nn.Module, batch: EvalBatch) -> Any:
-    model = getattr(model, "module", model)
+    model = module_of(model)
     device = next(model.parameters()).device
     return model(**batch.to(device).inputs)
 
@@ -282,7 +282,7 @@ def metric_totals(model: nn.Module, batches: Sequence[EvalBatch], metric: TaskMe
     """Summed ``(sum, count)`` statistics of ``metric`` over the batches."""
     totals = torch.zeros(2, dtype=torch.float64)
     for batch in batches:
-        device = next(getattr(model, "module", model).parameters()).device
+        device = next(module_of(model).parameters()).device
         totals += metric.item_stats(forward(model, batch), batch.to(device)).sum(0).cpu()
     return totals
 
@@ -298,7 +298,7 @@ def sentence_embeddings(model: nn.Module, batches: Sequence[EvalBatch]) -> Tenso
     rows: dict[int, Tensor] = {}
     for batch in batches:
         emb = mean_pool(forward(model, batch), batch.attention_mask.to(next(
-            getattr(model, "module", model).parameters()).device))
+            module_of(model).parameters()).device))
         rows.update({int(i): e.cpu() for i, e in zip(batch.indices, emb)})
     return torch.stack([rows[i] for i in sorted(rows)])
 
@@ -330,89 +330,13 @@ def default_metric(model: nn.Module, batches: Sequence[EvalBatch], name: str | N
                         "classifier, or an encoder", got=type(output).__name__, fix="pass metric=...")
 
 
-# ---- suites by name -----------------------------------------------------------------------------------------------
-
-def builtin_sentences(n_items: int = 64, seed: int = 0) -> PromptSuite:
-    """Generated English sentences (the datasets package's word lists), for sentence-embedding metrics."""
-    from ..datasets._text import sentences
-
-    items = [PromptItem(text=s) for s in sentences(np.random.default_rng(seed), n_items)]
-    return PromptSuite("sentences", items, seed=seed, generator="sentences", params={"n_items": int(n_items)},
-                       metadata={"task": "sentence embeddings"})
-
-
-def _card(model_name: str | None) -> dict | None:
-    """The zoo card of ``zoo:NAME`` models (None for other models or when the card is missing)."""
-    if not model_name or not str(model_name).startswith("zoo:"):
-        return None
-    from .. import zoo
-    from ..errors import AttnscopeError
-
-    loader = getattr(zoo, "load_card", None)
-    if loader is None:
-        return None
-    try:
-        return loader(str(model_name)[4:])
-    except AttnscopeError:
-        return None
-
-
-_ALIASES = {"recall": "associative_recall", "mqar": "associative_recall", "needle_tokens": "needle_tokens"}
-
-
-def suite_from_name(name: str, *, model: Any = None, n_items: int = 64, seed: int | None = None,
-                    **params: Any) -> PromptSuite:
-    """A suite by name: a suite JSON path, ``sentences``, ``default`` (the zoo organism's own task), or a
-    generator of ``attnscope.datasets`` (``induction``, ``recall``, ``needle``, ``agreement``, ``ioi`` ...).
-
-    For a zoo organism (``model`` is its ``LoadedModel`` or name) the generator's parameters default to the card's
-    (vocabulary, lengths, special ids) and the seed to a held-out one, so the suite matches what it was trained on.
-    """
-    from pathlib import Path
-
-    from .. import datasets
-
-    if name.endswith(".json") or Path(name).is_file():
-        return PromptSuite.from_json(Path(name))
-    helper = getattr(datasets, "suite_from_name", None) or getattr(datasets, "get_suite", None)
-    card = _card(getattr(model, "name", model))
-    if name == "sentences":
-        return builtin_sentences(n_items, 0 if seed is None else seed)
-    generator = _ALIASES.get(name, name)
-    if name == "default":
-        if card is None:
-            raise InputError("no default suite for this model", expected="a zoo organism (zoo:NAME)",
-                             got=getattr(model, "name", model), fix="name a suite: sentences, induction, recall ...")
-        generator = card["data"]["generator"]
-    base = dict(card["data"]["params"]) if card and card["data"]["generator"] == generator else {}
-    base.pop("n_items", None)
-    base.update(params)
-    if seed is None:
-        seed = int(card["evaluation"].get("seed", 10_000)) if card else 0
-    fn = getattr(datasets, generator, None)
-    if fn is None and helper is not None:
-        return helper(name, n_items=n_items, seed=seed, **base)
-    if fn is None or not callable(fn) or generator.startswith("_") or generator in ("PromptSuite", "PromptItem"):
-        raise InputError("unknown suite", expected="a suite JSON file, sentences, default, or one of "
-                         "induction, recall, needle_tokens, needle_text, agreement, ioi", got=name)
-    kwargs = dict(base)
-    if generator in ("ioi", "needle_text") and model is not None and getattr(model, "tokenizer", None) is not None:
-        kwargs.setdefault("tokenizer", model.tokenizer)
-    try:
-        return fn(int(n_items), seed=int(seed), **kwargs)
-    except TypeError as exc:
-        raise InputError(f"bad parameters for suite {name!r}", expected="the generator's keyword arguments",
-                         got=sorted(kwargs), fix=str(exc)) from None
-
-
-def metric_for(model: Any, suite: PromptSuite, metric: str | None = None, batch_size: int = 16
+def metric_for(model: ModelLike, suite: PromptSuite, metric: str | None = None, batch_size: int = 16
                ) -> tuple[list[EvalBatch], TaskMetric]:
-    """Batches of ``suite`` for ``model`` (a ``LoadedModel`` or module) and its task metric."""
-    batches = eval_batches(suite, getattr(model, "tokenizer", None), batch_size)
+    """Batches of ``suite`` for ``model`` (a ``model handle (``attnscope.load``)`` or module) and its task metric."""
+    batches = eval_batches(suite, tokenizer_of(model), batch_size)
     return batches, default_metric(model, batches, metric)
 
 
 __all__ = ["AnswerLoss", "ClassificationAccuracy", "EmbeddingCosine", "EvalBatch", "NextTokenAccuracy",
-           "TaskMetric", "builtin_sentences", "default_metric", "eval_batches", "evaluate", "item_sequence",
-           "mean_pool", "metric_for", "metric_totals", "reference_ids", "sentence_embeddings",
-           "suite_from_name"]
+           "TaskMetric", "default_metric", "eval_batches", "evaluate", "item_sequence",
+           "mean_pool", "metric_for", "metric_totals", "reference_ids", "sentence_embeddings"]

@@ -29,7 +29,11 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from ..errors import InputError
+from ..probes import edit_attention
+from ..probes.adapter import ModelLike
+from ..probes.head_slices import output_projections
 from ..probes.heads import HeadSet
+from ..probes.statistics import attention_from_qk
 from ._vlm import decoder_layers, image_token, language_model, vlm_adapter
 
 
@@ -88,8 +92,6 @@ class VARSettings:
 
 
 def _editor(layer: int, settings: VARSettings, state: _State, record: dict | None):
-    from ..probes.statistics import attention_from_qk
-
     def edit(module, query, key, value, mask, *, scaling, is_causal, softcap, output):
         hidden, img = state.hidden.get(layer), state.image_mask
         if hidden is None or img is None:
@@ -121,7 +123,7 @@ def _editor(layer: int, settings: VARSettings, state: _State, record: dict | Non
 
 
 @contextlib.contextmanager
-def visual_attention_redistribution(model: Any, settings: VARSettings, *, image_mask: Tensor | None = None,
+def visual_attention_redistribution(model: ModelLike, settings: VARSettings, *, image_mask: Tensor | None = None,
                                     record: dict | None = None) -> Iterator[VARSettings]:
     """Apply VAR to every forward of ``model`` inside the block (all language-model layers but the last).
 
@@ -129,9 +131,6 @@ def visual_attention_redistribution(model: Any, settings: VARSettings, *, image_
     for ``inputs_embeds`` runs). ``record``: a dict filled with each edited layer's ``probs``, ``edited``,
     ``selected`` and ``sinks`` (for inspection and tests). Hooks and attention routing are restored in ``finally``.
     """
-    from ..probes.adapters.hf_route import edit_attention
-    from ..probes.head_slices import output_projections
-
     adapter = vlm_adapter(model)
     module, image_id = adapter.module, image_token(adapter)
     layers = decoder_layers(module)

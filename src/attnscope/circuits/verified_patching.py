@@ -34,9 +34,11 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
+from ..probes.adapter import ModelLike, module_of, tokenizer_of
+from ..probes.head_slices import output_projections
 from ..probes.heads import HeadSet
 from ..results import ResultTable
-from .attribution_patching import attribution_patching
+from .gradient_patching import attribution_patching
 from .patch_pairs import PatchPairs, induction_pairs, recall_pairs
 from .patching import activation_patching
 from .registry import register_analysis
@@ -51,7 +53,7 @@ def clopper_pearson_upper(x: int, m: int, confidence: float = 0.95) -> float:
     return 1.0 if x >= m else float(beta.ppf(confidence, x + 1, m - x))
 
 
-def verified_top_k(model: Any, pairs: PatchPairs, metric: Any = "logit_diff", *, k: int = 20, n_random: int = 10,
+def verified_top_k(model: ModelLike, pairs: PatchPairs, metric: Any = "logit_diff", *, k: int = 20, n_random: int = 10,
                    method: str = "atp*", direction: str = "noise", threshold: float | None = None,
                    confidence: float = 0.95, seed: int = 0, batch_size: int = 16, memory_mb: float | None = None,
                    progress: bool = False) -> ResultTable:
@@ -113,13 +115,13 @@ def verified_top_k(model: Any, pairs: PatchPairs, metric: Any = "logit_diff", *,
     return ResultTable.from_records(records, provenance=provenance)
 
 
-def pairs_for(model: Any, suite: Any) -> PatchPairs:
+def pairs_for(model: ModelLike, suite: Any) -> PatchPairs:
     """Clean/corrupted pairs of a suite: its own corrupted twins, fresh-token corruptions (induction) or rotated
     values (associative recall)."""
     if all(it.corrupt_ids is not None or it.corrupt_text is not None for it in suite):
-        return PatchPairs.from_suite(suite, getattr(model, "tokenizer", None))
+        return PatchPairs.from_suite(suite, tokenizer_of(model))
     if getattr(suite, "generator", None) == "induction":
-        vocab = getattr(getattr(getattr(model, "module", model), "config", None), "vocab_size", None)
+        vocab = getattr(getattr(module_of(model), "config", None), "vocab_size", None)
         return induction_pairs(suite, vocab_size=suite.params.get("vocab_size") or vocab, seed=int(suite.seed or 0))
     if getattr(suite, "generator", None) == "associative_recall":
         return recall_pairs(suite)
@@ -130,19 +132,17 @@ def pairs_for(model: Any, suite: Any) -> PatchPairs:
 
 @register_analysis("patching", takes="model",
                    description="activation patching (exact), AtP or AtP* of every head between clean/corrupted pairs")
-def patching_analysis(model: Any, suite: Any, *, method: str = "exact", direction: str = "noise",
+def patching_analysis(model: ModelLike, suite: Any, *, method: str = "exact", direction: str = "noise",
                       metric: Any = None, granularity: str = "head", normalize: bool = False, verify_top: int = 0,
                       n_random: int = 10, batch_size: int = 16, seed: int = 0, heads: Any = None,
                       progress: bool = False, pairs: PatchPairs | None = None, **_: Any) -> ResultTable:
-    """Analysis entry point: ``model`` a LoadedModel, ``suite`` a PromptSuite (or ``pairs``). ``metric`` defaults
+    """Analysis entry point: ``model`` a model handle (``attnscope.load``), ``suite`` a PromptSuite (or ``pairs``). ``metric`` defaults
     to ``logit_diff`` when every pair has a wrong token, else ``logit``; ``verify_top > 0`` runs
     ``verified_top_k`` with ``method`` as the estimator."""
     pairs = pairs if pairs is not None else pairs_for(model, suite)
     metric = metric or ("logit_diff" if pairs.wrong is not None else "logit")
     if isinstance(heads, str):
-        from ..probes.head_slices import output_projections
-
-        projections = output_projections(getattr(model, "module", model))
+        projections = output_projections(module_of(model))
         limit = max(p.n_kv_heads if granularity == "kv_head" else p.n_heads for p in projections)
         heads = HeadSet.parse(heads, n_layers=len(projections), n_heads=limit)
     if verify_top:

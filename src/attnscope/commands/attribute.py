@@ -1,74 +1,32 @@
-"""``attnscope attribute --model M --text ... --method rollout --out table.parquet`` (methods: ``METHODS``)."""
+"""``attnscope attribute --model M --text ... --method rollout --out table.parquet`` (methods: ``METHODS``).
+
+The flags become an ``AttributionRequest``; the work is ``attnscope.tasks.attribution_job``.
+"""
 
 import argparse
 
-import torch
+from ..tasks.references import ModelRef
+from .parsing import check_text
 
-from ..errors import InputError
-
-METHODS = ("rollout", "flow", "relevance", "attention")
+METHODS = ("rollout", "flow", "relevance", "attention")  # attnscope.tasks.attribution_job.METHODS (kept light here)
 
 
-def _token_values(args: argparse.Namespace, model) -> tuple:
-    """Per-layer attribution rows ``[layer, key]`` for one text, and its token strings."""
-    from ..circuits.attribution_table import attribution_table  # noqa: F401  (import check)
-    from ..probes.capture import capture
+def request_of(args: argparse.Namespace) -> "AttributionRequest":  # noqa: F821 (imported when the command runs)
+    """The ``AttributionRequest`` of the command line."""
+    from ..tasks.attribution_job import AttributionRequest
 
-    trace = capture(model, [args.text])
-    attn = trace.stack()[:, 0]  # [layer, head, query, key]
-    position = args.position if args.position is not None else (0 if model.info().family == "encoder" else -1)
-    n = attn.shape[-2]
-    if not -n <= position < n:
-        raise InputError("--position out of range", expected=f"-{n} <= position < {n}", got=position,
-                         fix=f"the text has {n} tokens: pick one of them (negative counts from the end)")
-    options = {"head_fusion": args.head_fusion, "residual_weight": args.residual_weight}
-    if args.method == "rollout":
-        from ..circuits.rollout import rollout
-
-        joint = rollout(attn, **options)
-    elif args.method == "flow":
-        from ..circuits.flow import attention_flow
-
-        joint = attention_flow(attn, **options)
-    else:  # raw attention, heads fused the same way
-        fuse = {"mean": attn.mean(1), "max": attn.amax(1), "min": attn.amin(1)}[args.head_fusion]
-        joint = fuse
-    joint = torch.as_tensor(joint)
-    return joint[:, position, :], trace.tokens.strings[0], position
+    text = check_text(args.text, "--text")
+    return AttributionRequest(ModelRef.parse(args.model), text, args.out, method=args.method, layer=args.layer,
+                              position=args.position, target=args.target, head_fusion=args.head_fusion,
+                              residual_weight=args.residual_weight)
 
 
 def _attribute(args: argparse.Namespace) -> int:
-    from ..circuits.attribution_table import attribution_table
-    from ..circuits.relevance import relevance_table
-    from ..probes.loading import load
+    from ..tasks.attribution_job import run_attribution_job
 
-    from .._atomic import check_output
-    from .parsing import check_text
-
-    if args.method not in METHODS:
-        raise InputError("unknown attribution method", expected=list(METHODS), got=args.method,
-                         fix="pass --method " + "|".join(METHODS))
-    out = check_output(args.out)
-    check_text(args.text, "--text")
-    model = load(args.model)
-    if args.method == "relevance":
-        table = relevance_table(model, [args.text], target=args.target, position=args.position)
-    else:
-        values, tokens, position = _token_values(args, model)
-        n_layers = values.shape[0]
-        if args.layer is not None and not -n_layers <= args.layer < n_layers:
-            raise InputError("layer out of range", expected=f"-{n_layers} <= layer < {n_layers}", got=args.layer)
-        layers = [args.layer % n_layers] if args.layer is not None else list(range(n_layers))
-        table = attribution_table(values[layers], tokens=tokens, method=args.method, layer_index=layers)
-        table.provenance.update({"model": model.name, "text": args.text, "position": position})
-    path = table.save(out)
-    last = table.df[table.df["layer"] == table.df["layer"].max()]
-    top = last.sort_values("value", ascending=False).head(8)
-    print(f"{args.method} attribution ({model.name}), top tokens"
-          + (f" at layer {int(last['layer'].iloc[0])}" if args.method != "relevance" else "") + ":")
-    for row in top.itertuples():
-        print(f"  {row.token_index:4d} {str(row.token):>15s} {row.value:.4f}")
-    print(f"wrote {path}")
+    request = request_of(args)
+    result = run_attribution_job(request)
+    print(result.summary())
     return 0
 
 

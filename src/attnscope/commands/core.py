@@ -2,12 +2,12 @@
 
 import argparse
 
-from .parsing import check_text, int_list, parse_spans, parse_stats
+from .parsing import capture_job_of
 
 
 def _models(args: argparse.Namespace) -> int:
     from .. import zoo
-    from ..probes.loading import BUILTIN_MODELS
+    from ..models.builtin import BUILTIN_MODELS
 
     for name, description in BUILTIN_MODELS.items():
         print(f"{name:22s} {description}")
@@ -18,9 +18,9 @@ def _models(args: argparse.Namespace) -> int:
 
 def _info(args: argparse.Namespace) -> int:
     from ..probes.coverage import summary_line
-    from ..probes.loading import load
+    from ..tasks import load_model
 
-    loaded = load(args.model)
+    loaded = load_model(args.model)
     info = loaded.info()
     print(f"model: {info.name}\nfamily: {info.family} (adapter {info.adapter})\n"
           f"attention implementation: {info.attn_implementation}\nmax positions: {info.max_positions}")
@@ -34,41 +34,19 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _capture(args: argparse.Namespace) -> int:
-    from .._atomic import check_output
-    from ..probes.capture import capture
-    from ..probes.loading import load
+    from ..tasks.capture_job import run_capture_job
 
-    out = check_output(args.out)  # before any work: a bad --out must not cost a capture
-    stats, spans = parse_stats(args.stats)
-    spans += parse_spans(args.mass_spans)
-    inputs = [check_text(t, "--text") for t in args.text] if args.text else token_id_batch(args.ids)
-    model = load(args.model)
-    trace = capture(model, inputs, heads=args.heads, rows=args.rows, stats=stats,
-                    mass_spans=spans or [(0, 1)], topk=args.topk, patterns=True if args.patterns else None,
-                    implementation="eager" if args.eager else "auto")
-    path = trace.save(out)
+    job = capture_job_of(args)
+    trace, path = run_capture_job(job)
     kept = "patterns" if any(r.probs is not None for r in trace.records.values()) else "statistics"
     print(f"captured {len(trace.sites)} sites ({kept}; attention path {trace.provenance['attention_path']}) "
           f"-> {path}")
     return 0
 
 
-def token_id_batch(rows: list[str]) -> "torch.Tensor":  # noqa: F821 (torch is imported lazily)
-    """``["5,17,3", "6,2,9"]`` -> a ``[batch, seq]`` id tensor (rows must be equally long)."""
-    import torch
-
-    from ..errors import InputError
-
-    ids = [int_list(row, "token ids") or [] for row in rows]
-    if any(len(r) != len(ids[0]) for r in ids) or not ids[0]:
-        raise InputError("token id rows must be non-empty and equally long", expected=f"{len(ids[0])} ids per row",
-                         got=[len(r) for r in ids], fix="pad the rows yourself, or capture them one at a time")
-    return torch.tensor(ids)
-
-
 def _demo(args: argparse.Namespace) -> int:
     from .._atomic import check_output
-    from ..demo import run_demo
+    from ..tasks.demo import run_demo
 
     run_demo(check_output(args.out, folder=True), model_name=args.model)
     return 0

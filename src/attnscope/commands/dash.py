@@ -15,7 +15,7 @@ def _dash(args: argparse.Namespace) -> int:
 
 EXAMPLES = """examples:
   attnscope demo --out results/demo               # something to browse
-  attnscope dash --results results/demo --model minilm
+  attnscope dash --results results/demo --model minilm   # Live tab: /?tab=live
   attnscope dash --results results/demo --port 8060
 Open the printed address in a browser; Ctrl-C stops the server.
 """
@@ -24,13 +24,14 @@ Open the printed address in a browser; Ctrl-C stops the server.
 def register(sub) -> None:
     from ..dashboards.app import DEFAULT_HOST, DEFAULT_PORT
 
-    p = sub.add_parser("dash", help="browse result files in a dashboard (head grid, patterns, ablation)",
+    p = sub.add_parser("dash", help="dashboard: browse result files; Live tab: type text and see its attention",
                        epilog=EXAMPLES, description="Serve a Dash app over a results folder: head grids, attention "
-                       "patterns, and (with --model) an ablation panel.")
+                       "patterns, (with --model) an ablation panel, and a Live tab that captures typed text and "
+                       "draws the model view, head view, pattern, QK embedding, attribution and long-sequence view.")
     p.add_argument("--results", required=True, help="results directory (e.g. results/demo); only its result "
                    "files (.parquet, .safetensors, .json) are read")
-    p.add_argument("--model", help="model for the ablation panel, e.g. minilm (default: no "
-                   "ablation panel)")
+    p.add_argument("--model", help="model of the Live tab (type, capture, see) and the ablation panel, e.g. minilm "
+                   "or a model folder (default: the Live tab offers minilm and the zoo; no ablation panel)")
     p.add_argument("--host", default=DEFAULT_HOST, help=f"interface to bind (default {DEFAULT_HOST}: this machine "
                    "only)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="port to serve on")

@@ -1,220 +1,70 @@
 """``attnscope ablate`` (one intervention, metric before/after) and ``attnscope prune`` (Michel et al. pruning).
 
-``prune`` writes into ``--out``: ``state.json`` (after every step; a rerun with the same options resumes from
-it), ``steps.parquet`` (the pruning steps), ``curve.parquet`` (with ``--curve``: metric vs fraction pruned,
-importance vs random order), ``model/`` (the masked model, mask baked into the weights; with ``--structural``
-the smaller model, reloadable with ``attnscope.circuits.structural.load_pruned``) and ``summary.json``.
+The flags become an ``AblationRequest`` / ``PruneRequest``; the work is ``attnscope.tasks.ablation_job`` and
+``attnscope.tasks.pruning_job``. ``prune`` writes into ``--out``: ``state.json`` (after every step; a rerun with the
+same options resumes from it), ``steps.parquet`` (the pruning steps), ``curve.parquet`` (with ``--curve``: metric vs
+fraction pruned, importance vs random order), ``model/`` (the masked model, mask baked into the weights; with
+``--structural`` the smaller model, reloadable with ``attnscope.circuits.structural.load_pruned``) and
+``summary.json``.
 """
 
 import argparse
-import copy
-import json
 import sys
-from pathlib import Path
-from typing import Any
 
-from ..errors import InputError
-
-_STATE_KEYS = ("model", "suite", "suite_args", "n", "seed", "metric", "keep_metric", "masking_amount", "variant",
-               "layer_norm", "global_minmax", "one_shot", "granularity", "importance")
+from ..tasks.references import ModelRef, SuiteRef
+from .parsing import parse_suite_args
 
 
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _suite_args(args: argparse.Namespace) -> dict[str, Any]:
-    """``--suite-args seq_len=32,vocab_size=64`` -> generator keyword arguments (ints, floats or strings)."""
-    out: dict[str, Any] = {}
-    for part in filter(None, (args.suite_args or "").split(",")):
-        if "=" not in part:
-            raise InputError("malformed suite argument", expected="KEY=VALUE[,KEY=VALUE]", got=part)
-        k, v = part.split("=", 1)
-        for cast in (int, float):
-            try:
-                out[k.strip()] = cast(v)
-                break
-            except ValueError:
-                continue
-        else:
-            out[k.strip()] = None if v.strip().lower() == "none" else v.strip()
-    return out
+def eval_spec_of(args: argparse.Namespace) -> "EvalSpec":  # noqa: F821 (imported when the command runs)
+    """The model, suite and metric flags both commands share, as an ``EvalSpec``."""
+    from ..tasks.task_eval import EvalSpec
+
+    suite_args = parse_suite_args(args.suite_args)
+    model, suite = ModelRef.parse(args.model), SuiteRef.parse(args.suite) if args.suite else None
+    return EvalSpec(model, suite, n_items=args.n, seed=args.seed, suite_args=suite_args, metric=args.metric,
+                    batch_size=args.batch_size)
 
 
-def _setup(args: argparse.Namespace) -> tuple[Any, Any, list, Any]:
-    from ..circuits.task_metrics import metric_for, suite_from_name
-    from ..probes.loading import load
+def ablation_request_of(args: argparse.Namespace) -> "AblationRequest":  # noqa: F821
+    """The ``AblationRequest`` of ``attnscope ablate``'s flags."""
+    from ..tasks.ablation_job import AblationRequest
 
-    model = load(args.model)
-    suite_name = args.suite or ("default" if str(args.model).startswith("zoo:") else "sentences")
-    suite = suite_from_name(suite_name, model=model, n_items=args.n, seed=args.seed, **_suite_args(args))
-    batches, metric = metric_for(model, suite, args.metric, args.batch_size)
-    return model, suite, batches, metric
+    return AblationRequest(eval_spec_of(args), args.heads, mode=args.mode, scale=args.scale, select=args.select,
+                           per_position=args.per_position, reference_seed=args.reference_seed, out=args.out,
+                           save_plan=args.save_plan)
 
 
-def _reference(args: argparse.Namespace, model: Any, suite: Any) -> list[list[int]]:
-    from ..circuits.task_metrics import eval_batches, reference_ids, suite_from_name
+def prune_request_of(args: argparse.Namespace) -> "PruneRequest":  # noqa: F821
+    """The ``PruneRequest`` of ``attnscope prune``'s flags."""
+    from ..tasks.pruning_job import PruneRequest
 
-    name = args.suite or ("default" if str(args.model).startswith("zoo:") else "sentences")
-    if name.endswith(".json"):
-        ref = suite
-    else:
-        seed = args.reference_seed if args.reference_seed is not None else (suite.seed or 0) + 1
-        ref = suite_from_name(name, model=model, n_items=args.n, seed=seed, **_suite_args(args))
-    return reference_ids(eval_batches(ref, getattr(model, "tokenizer", None), args.batch_size))
+    return PruneRequest(eval_spec_of(args), args.out, keep_metric=args.keep_metric,
+                        masking_amount=args.masking_amount, variant=args.variant, layer_norm=args.layer_norm,
+                        global_minmax=args.global_minmax, one_shot=args.one_shot, importance=args.importance,
+                        granularity=args.granularity, structural=args.structural, curve=args.curve,
+                        random_seeds=args.random_seeds, restart=args.restart)
 
 
 def _ablate(args: argparse.Namespace) -> int:
-    from ..circuits.task_metrics import evaluate
-    from ..probes.heads import HeadSet
-    from ..probes.interventions import InterventionPlan, apply_plan, mean_plan, resample_plan
+    from ..tasks.ablation_job import run_ablation_job
 
-    from .._atomic import check_output
-
-    out = check_output(args.out, suffixes=(".parquet",)) if args.out else None  # before any work
-    if args.save_plan:
-        check_output(args.save_plan)
-    model, suite, batches, metric = _setup(args)
-    tower = model.info().tower()
-    limit = tower.n_kv_heads if args.select == "kv" else tower.n_heads
-    heads = HeadSet.parse(args.heads, n_layers=tower.n_layers, n_heads=limit)
-    if args.mode == "mean":
-        plan = mean_plan(model, heads, _reference(args, model, suite), per_position=args.per_position,
-                         select=args.select)
-    elif args.mode == "resample":
-        plan = resample_plan(heads, _reference(args, model, suite), seed=args.seed or 0, select=args.select)
-    else:
-        plan = InterventionPlan(heads, args.mode, scale=args.scale, select=args.select)
-    before = evaluate(model, batches, metric)
-    with apply_plan(model, plan) as query:
-        after = evaluate(model, batches, metric)
-    if args.save_plan:
-        _write_json(Path(args.save_plan), plan.to_dict())
-    print(f"model {model.name}, suite {suite.name} ({len(suite)} items), metric {metric.name}")
-    print(f"heads {query} ({args.mode}{'' if args.scale is None else f' x{args.scale}'})")
-    print(f"before: {before:.4f}")
-    print(f"after:  {after:.4f}  (delta {after - before:+.4f})")
-    if out is not None:
-        path = _ablation_table(args, model, suite, metric, query, before, after).save(out)
-        print(f"wrote {path}")
+    request = ablation_request_of(args)
+    result = run_ablation_job(request)
+    print(result.summary())
     return 0
-
-
-def _ablation_table(args: argparse.Namespace, model: Any, suite: Any, metric: Any, heads: Any, before: float,
-                    after: float) -> Any:
-    """The metric before and after the intervention (and their difference) as a ResultTable: model-level rows
-    (``layer = head = -1``) with a ``setting`` column (before, after, delta)."""
-    from ..results import ResultTable
-
-    common = {"analysis": "ablate", "layer": -1, "head": -1, "metric": metric.name, "mode": args.mode,
-              "heads": str(heads)}
-    records = [{**common, "setting": setting, "value": float(value)}
-               for setting, value in (("before", before), ("after", after), ("delta", after - before))]
-    provenance = {"model": model.name, "suite": suite.name, "n_items": len(suite), "metric": metric.name,
-                  "heads": str(heads), "mode": args.mode, "scale": args.scale, "select": args.select,
-                  "per_position": args.per_position, "seed": args.seed, "main_metric": metric.name}
-    return ResultTable.from_records(records, provenance)
-
-
-def _write_json(path: Path, data: dict) -> None:
-    from .._atomic import atomic_write_text
-
-    atomic_write_text(path, json.dumps(data, indent=1))
-
-
-def _run_key(args: argparse.Namespace) -> dict[str, Any]:
-    return {k: getattr(args, k) for k in _STATE_KEYS}
-
-
-def _load_state(out: Path, key: dict[str, Any], restart: bool) -> dict[str, Any] | None:
-    from .._atomic import read_text
-    from ..errors import CorruptResultError
-
-    path = out / "state.json"
-    if restart or not path.is_file():
-        return None
-    fix = f"delete {path}, or pass --restart to start over"
-    try:
-        saved = json.loads(read_text(path, "pruning state", "state.json written by attnscope prune",
-                                     error=CorruptResultError))
-    except (json.JSONDecodeError, RecursionError) as exc:
-        raise CorruptResultError("pruning state is not valid JSON", expected="state.json written by attnscope prune",
-                                 got=f"{path} ({exc})"[:240], fix=fix) from None
-    pruning = saved.get("pruning") if isinstance(saved, dict) else None
-    if not isinstance(pruning, dict) or not isinstance(pruning.get("steps"), list) or \
-            (pruning["steps"] and not {"mask", "accepted_mask", "original"} <= set(pruning)) or \
-            not isinstance(pruning.get("original", 0.0), (int, float)):
-        raise CorruptResultError("malformed pruning state", expected="{'run': {...}, 'pruning': {'steps': [...]}}",
-                                 got=f"{path} ({type(saved).__name__})", fix=fix)
-    if saved.get("run") != key:
-        raise InputError("the output folder holds a pruning run with other options", expected=key,
-                         got=saved.get("run"), fix="use another --out, or --restart to start over")
-    return pruning if "mask" in pruning else None  # no step recorded yet: nothing to resume
 
 
 def _prune(args: argparse.Namespace) -> int:
-    from ..circuits.pruning import iterative_pruning, pruning_curve
+    from ..tasks.pruning_job import run_prune_job
 
-    from .._atomic import check_output
-
-    out = check_output(args.out, folder=True)
-    key = _run_key(args)
-    resume = _load_state(out, key, args.restart)
-    model, suite, batches, metric = _setup(args)
-    out.mkdir(parents=True, exist_ok=True)
-    if resume:
-        _log(f"resuming from {out / 'state.json'} ({len(resume['steps'])} steps done)")
-
-    def on_step(record: dict, state: dict) -> None:
-        _write_json(out / "state.json", {"run": key, "pruning": state})
-        _log(f"step {record['step']}: {record['fraction']:.0%} of heads masked -> {metric.name} "
-             f"{record['metric']:.4f} ({'kept' if record['accepted'] else 'below threshold, stop'})")
-
-    result = iterative_pruning(model, batches, metric, masking_amount=args.masking_amount,
-                               threshold=args.keep_metric, variant=args.variant, normalize_layers=args.layer_norm,
-                               global_minmax=args.global_minmax, reestimate=not args.one_shot,
-                               granularity=args.granularity, importance_method=args.importance, resume=resume,
-                               on_step=on_step)
-    _write_json(out / "state.json", {"run": key, "pruning": result.options["state"]})
-    result.table().save(out / "steps.parquet")
-    _log(f"{metric.name}: original {result.original:.4f}, pruned {result.final:.4f} with {len(result.pruned)} "
-         f"heads masked ({result.pruned})")
-    summary: dict[str, Any] = {"model": args.model, "suite": suite.name, "metric": metric.name,
-                               "original": result.original, "final": result.final, "pruned_heads": str(result.pruned),
-                               "n_pruned": len(result.pruned), "steps": len(result.steps)}
-    if args.curve and not (out / "curve.parquet").is_file():
-        _log("pruning curves (importance vs random order) ...")
-        orders = ("importance", "random") + (("ablation",) if args.importance == "ablation" else ())
-        curve = pruning_curve(model, batches, metric, n_random=args.random_seeds, variant=args.variant,
-                              granularity=args.granularity, orders=orders, progress=_log)
-        curve.save(out / "curve.parquet")
-    summary.update(_save_model(args, model, result, batches, out / "model"))
-    _write_json(out / "summary.json", summary)
-    print(f"pruned {len(result.pruned)} heads: {metric.name} {result.original:.4f} -> {result.final:.4f}; "
-          f"wrote {out}")
+    request = prune_request_of(args)
+    result = run_prune_job(request, log=_log)
+    print(result.summary())
     return 0
-
-
-def _save_model(args: argparse.Namespace, model: Any, result: Any, batches: list, target: Path) -> dict[str, Any]:
-    from ..circuits.structural import bake_mask, prune_heads_structurally, save_pruned, speed_comparison
-
-    if not len(result.pruned):
-        save_pruned(model, target)
-        return {"saved": str(target), "structural": False}
-    if not args.structural:
-        bake_mask(model, result.pruned)
-        save_pruned(model, target)
-        return {"saved": str(target), "structural": False, "note": "mask baked into the output projections"}
-    original = copy.deepcopy(model.module)
-    report = prune_heads_structurally(model, result.pruned)
-    save_pruned(model, target)
-    batch = batches[0]
-    speed = speed_comparison(original, model.module, batch.inputs)
-    for note in report.notes:
-        _log(note)
-    _log(f"structural: {report.params_before:,} -> {report.params_after:,} parameters, forward "
-         f"{speed['original_s'] * 1e3:.1f} ms -> {speed['pruned_s'] * 1e3:.1f} ms (x{speed['speedup']:.2f})")
-    return {"saved": str(target), "structural": True, "report": report.to_dict(), "speed": speed}
 
 
 SUITE_HELP = ("suite name (induction, recall, needle_tokens, agreement, ioi, sentences, default = the zoo "

@@ -6,84 +6,36 @@ generated image with each word's map over it: ``.png`` (Pillow), ``.html`` (plot
 as a ResultTable). ``--preset daam`` reproduces the reference code (castorini/daam: clamp after the step sum,
 64x64 or 96x96 maps, no mid block, its spatial-factor filter); the default ``attnscope`` preset keeps every site
 at the image size. Aggregation controls: ``--steps-kept``, ``--heads``, ``--upsample``, ``--size``,
-``--normalize``.
+``--normalize``. The flags become a ``HeatmapRequest``; the work is ``attnscope.tasks.heatmap_job``.
 """
 
 import argparse
-from pathlib import Path
-
-import numpy as np
 
 from ..errors import InputError
-from .parsing import int_list
-
-_FORMATS = (".png", ".html", ".parquet")
-
-
-def _image_of(output) -> np.ndarray | None:
-    images = getattr(output, "images", None)
-    if images is None:
-        return None
-    first = images[0]
-    array = np.asarray(first.detach().cpu().permute(1, 2, 0) if hasattr(first, "detach") else first)
-    return array if array.ndim == 3 and array.shape[-1] in (3, 4) else None
+from ..tasks.references import ModelRef
+from .parsing import check_text, int_list
 
 
-def _write(result, image: np.ndarray | None, words: list[str], out: Path) -> None:
-    maps = result.maps[0].numpy()
-    if out.suffix == ".parquet":
-        table = result.to_table()
-        table.save(out)
-    elif out.suffix == ".png":
-        from ..viz.png import overlay_image, panel_png
+def request_of(args: argparse.Namespace) -> "HeatmapRequest":  # noqa: F821 (imported when the command runs)
+    """The ``HeatmapRequest`` of the command line (``--word a,b`` may name several words)."""
+    from ..tasks.heatmap_job import HeatmapRequest
 
-        panels = ([overlay_image(np.zeros_like(maps[0]), image, alpha=0.0)] if image is not None else [])
-        panels += [overlay_image(m, image) for m in maps]
-        labels = (["image"] if image is not None else []) + words
-        panel_png(panels, labels, out)
-    else:
-        from ..viz.images import image_overlay
-
-        parts = [image_overlay(m, image=image, title=f"DAAM: {w!r}").to_html(
-            full_html=False, include_plotlyjs="cdn" if i else True) for i, (w, m) in enumerate(zip(words, maps))]
-        from .._atomic import atomic_write_text
-
-        atomic_write_text(out, "<html><body>" + "\n".join(parts) + "</body></html>")
-
-
-def _heatmap(args: argparse.Namespace) -> int:
-    from ..circuits.daam import daam_maps
-    from ..probes.loading import load
-
-    from .._atomic import check_output
-    from .parsing import check_text
-
-    out = check_output(args.out, suffixes=_FORMATS)
-    check_text(args.prompt, "--prompt")
+    prompt = check_text(args.prompt, "--prompt")
     words = [w for spec in args.word for w in spec.split(",") if w.strip()]
     if not words:
         raise InputError("no word given", expected="--word WORD (repeatable)", got=args.word)
-    model = load(args.model)
-    options = {k: v for k, v in (("upsample", args.upsample), ("normalize", args.normalize)) if v is not None}
-    if args.heads:
-        options["heads"] = int_list(args.heads, "heads")
-    if args.steps_kept:
-        options["steps"] = int_list(args.steps_kept, "steps")
-    size = args.size or ("daam" if args.preset == "daam" else "image")
-    result = daam_maps(model, [args.prompt], words, preset=args.preset, seed=args.seed, size=size,
-                       num_inference_steps=args.steps,
-                       guidance_scale=args.guidance, pipeline_kwargs={"output_type": "np"}, **options)
-    image = _image_of(getattr(result.trace, "output", None))
-    _write(result, image, words, out)
-    h, w = result.maps.shape[-2:]
-    print(f"DAAM heat maps of {args.prompt!r} ({model.name}, {args.steps} steps, seed {args.seed}), {h}x{w}:")
-    for word, heat in zip(words, result.maps[0]):
-        flat = heat.flatten()
-        peak = int(flat.argmax())
-        top = flat.sort(descending=True).values[: max(1, flat.numel() // 10)].sum() / flat.sum().clamp_min(1e-12)
-        print(f"  {word:>12s}: peak at (y={peak // w}, x={peak % w}), {float(top):.2f} of the heat in the top 10% "
-              "of pixels")
-    print(f"wrote {out}")
+    heads, steps_kept = int_list(args.heads, "heads"), int_list(args.steps_kept, "steps")
+    return HeatmapRequest(ModelRef.parse(args.model), prompt, words, args.out, steps=args.steps,
+                          guidance=args.guidance, seed=args.seed, steps_kept=steps_kept, heads=heads,
+                          preset=args.preset, upsample=args.upsample, size=args.size, normalize=args.normalize)
+
+
+def _heatmap(args: argparse.Namespace) -> int:
+    from ..tasks.heatmap_job import run_heatmap_job
+
+    request = request_of(args)
+    result = run_heatmap_job(request)
+    print(result.summary())
     return 0
 
 

@@ -1,19 +1,16 @@
 """``attnscope patch --model M --suite ioi [--method exact] [--verify-top K] --out t.parquet`` (methods: ``METHODS``).
 
 Activation patching of every head between clean and corrupted inputs (exact, batched), or its attribution-patching
-estimates (AtP, AtP*), optionally with the top ``K`` estimates re-checked exactly (``--verify-top``).
+estimates (AtP, AtP*), optionally with the top ``K`` estimates re-checked exactly (``--verify-top``). The flags
+become a ``PatchRequest``; the work is ``attnscope.tasks.patch_job``.
 """
 
 import argparse
-import json
-from pathlib import Path
-from typing import Any
 
-from .._atomic import check_output
-from ..errors import InputError
+from ..tasks.references import ModelRef, SuiteRef
+from .parsing import suite_params
 
-METHODS = ("exact", "atp", "atp*", "atp-qk")
-PAIR_SUITES = ("ioi", "induction", "recall")
+METHODS = ("exact", "atp", "atp*", "atp-qk")  # attnscope.tasks.patch_job.METHODS (kept light here)
 
 EXAMPLES = """what runs:
   exact   one patched forward per head and pair (batched: the pairs replicated once per head in a pass)
@@ -38,77 +35,25 @@ pairs.json: [{"clean": [ids], "corrupt": [ids, same length], "answers": [id], "w
 """
 
 
-def load_pairs(path: str) -> Any:
-    """``PatchPairs`` from a JSON list of ``{"clean", "corrupt", "answers", "wrong"?, "positions"?}`` objects."""
-    from ..circuits.patch_pairs import PatchPairs
+def request_of(args: argparse.Namespace) -> "PatchRequest":  # noqa: F821 (imported when the command runs)
+    """The ``PatchRequest`` of the command line."""
+    from ..tasks.patch_job import PatchRequest
 
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise InputError("cannot read the pairs file", expected="a JSON list of pair objects",
-                         got=f"{path} ({type(exc).__name__})") from None
-    if not isinstance(data, list) or not data or not all(isinstance(d, dict) for d in data):
-        raise InputError("malformed pairs file", expected='[{"clean": [...], "corrupt": [...], "answers": [...]}]',
-                         got=type(data).__name__)
-    missing = [i for i, d in enumerate(data) if not {"clean", "corrupt", "answers"} <= set(d)]
-    if missing:
-        raise InputError("pair without clean, corrupt or answers", expected="all three keys", got=f"pair {missing[0]}")
-    wrong = [d["wrong"] for d in data] if all("wrong" in d for d in data) else None
-    positions = [d.get("positions", [len(d["clean"]) - 1]) for d in data]
-    return PatchPairs.from_ids([d["clean"] for d in data], [d["corrupt"] for d in data],
-                               answers=[d["answers"] for d in data], wrong=wrong, positions=positions,
-                               name=Path(path).name)
-
-
-def _label(row: dict) -> str:
-    pos = int(row.get("position", -1))
-    kind = "KV" if row.get("unit") == "kv_head" else "H"
-    return f"L{int(row['layer'])}{kind}{int(row['head'])}" + (f"@{pos}" if pos >= 0 else "")
-
-
-def _print(table: Any, top: int) -> None:
-    df = table.df[table.df["head"] >= 0]
-    prov = table.provenance
-    print(f"{prov.get('analysis')}: {prov.get('metric')} ({prov.get('direction')}), model {prov.get('model')}, "
-          f"pairs {prov.get('suite')}")
-    if "role" in df:  # verified top-k: estimate and exact side by side, by rank of the estimate
-        rows = df[df["method"] != "exact"].sort_values("rank").head(top)
-        for row in rows.to_dict("records"):
-            exact = f"exact {row['exact']:+.4g}" if row["verified"] else "not verified"
-            print(f"  {_label(row):12s} {row['method']} estimate {row['value']:+.4g}   {exact}  ({row['role']})")
-        print(f"unverified heads above |effect| {prov['threshold']:.3g}: fraction <= "
-              f"{prov['false_negative_rate_upper']:.3f} ({prov['confidence']:.0%} Clopper-Pearson upper bound from "
-              f"{prov['n_random']} random controls)")
-        return
-    shown = df.assign(size=df["value"].abs()).sort_values("size", ascending=False).head(top)
-    for row in shown.to_dict("records"):
-        kind = "estimate" if row["is_estimate"] else "exact"
-        print(f"  {_label(row):12s} {row['value']:+.4g}  [{row['method']}, {kind}]")
+    params = suite_params(args) if args.suite else {}
+    suite = SuiteRef.parse(args.suite) if args.suite else None
+    return PatchRequest(ModelRef.parse(args.model), args.out, suite, pairs=args.pairs, method=args.method,
+                        direction=args.direction, metric=args.metric, granularity=args.granularity,
+                        normalize=args.normalize, verify_top=args.verify_top, random_controls=args.random_controls,
+                        heads=args.heads, n_items=args.n_items, seed=args.seed, suite_params=params,
+                        batch_size=args.batch_size, progress=not args.no_progress)
 
 
 def _patch(args: argparse.Namespace) -> int:
-    from ..circuits.verified_patching import patching_analysis
-    from ..probes.loading import load
-    from .score import build_suite
+    from ..tasks.patch_job import run_patch_job
 
-    out = check_output(args.out)
-    if not args.suite and not args.pairs:
-        raise InputError("patch needs pairs", expected="--suite ioi|induction|recall|FILE.json or --pairs FILE.json",
-                         got=None)
-    if args.suite and args.suite not in PAIR_SUITES and not args.suite.endswith(".json"):
-        raise InputError("no clean/corrupted pairs for this suite", expected=list(PAIR_SUITES) + ["FILE.json"],
-                         got=args.suite, fix="use --pairs FILE.json for your own pairs")
-    model = load(args.model)
-    pairs = load_pairs(args.pairs) if args.pairs else None
-    suite = build_suite(args.suite, model, args) if args.suite else None
-    table = patching_analysis(model, suite, method=args.method, direction=args.direction, metric=args.metric,
-                              granularity=args.granularity, normalize=args.normalize, verify_top=args.verify_top,
-                              n_random=args.random_controls, batch_size=args.batch_size, seed=args.seed,
-                              heads=args.heads, progress=not args.no_progress, pairs=pairs)
-    table.provenance["model"] = args.model
-    _print(table, args.top)
-    table.save(out)
-    print(f"wrote {out} ({len(table)} rows)")
+    request = request_of(args)
+    result = run_patch_job(request)
+    print(result.summary(args.top))
     return 0
 
 

@@ -1,9 +1,15 @@
 """``attnscope sweep SPEC.yaml`` (a grid of cells on Ray) and ``attnscope remote-capture`` (one capture or
-intervention plan in an nnsight trace on an NDIF-compatible backend)."""
+intervention plan in an nnsight trace on an NDIF-compatible backend).
+
+The work is ``attnscope.sweeps`` (``load_spec``, ``run_sweep``) and ``attnscope.tasks.remote_capture_job``.
+"""
 
 import argparse
+import sys
 
 from ..errors import InputError
+from ..tasks.references import ModelRef
+from .parsing import check_text, parse_spans, parse_stats
 
 
 def _remote_flag(args: argparse.Namespace) -> "bool | str | None":
@@ -13,21 +19,12 @@ def _remote_flag(args: argparse.Namespace) -> "bool | str | None":
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    import sys
-
     from ..sweeps.runner import run_sweep
-    from ..sweeps.spec import load_spec, parse_spec
+    from ..sweeps.spec import load_spec
 
-    from .._atomic import check_output
-
-    if args.out is not None:
-        check_output(args.out, folder=True)
-    spec = load_spec(args.spec)
-    if args.device_map or args.max_memory:
-        raw = dict(spec.raw)
-        raw["models"] = [_with_placement(m, args.device_map, args.max_memory) for m in raw["models"]]
-        spec = parse_spec(raw, base_dir=__import__("pathlib").Path(args.spec).expanduser().parent)
-    report = run_sweep(spec, args.out, address=args.address, workers=args.workers, remote=_remote_flag(args),
+    remote = _remote_flag(args)
+    spec = load_spec(args.spec, device_map=args.device_map, max_memory=args.max_memory)
+    report = run_sweep(spec, args.out, address=args.address, workers=args.workers, remote=remote,
                        progress=not args.quiet, verbose=args.verbose)
     print(report.summary())
     for cid, error in sorted(report.failed.items()):
@@ -35,38 +32,28 @@ def _sweep(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
-def _with_placement(entry, device_map, max_memory):
-    entry = {"model": entry} if isinstance(entry, str) else dict(entry)
-    if device_map and "device_map" not in entry:
-        entry["device_map"] = device_map
-    if max_memory and "max_memory" not in entry:
-        entry["max_memory"] = max_memory
-    return entry
+def remote_job_of(args: argparse.Namespace) -> "RemoteCaptureJob":  # noqa: F821 (imported when the command runs)
+    """The ``RemoteCaptureJob`` of ``attnscope remote-capture``'s flags."""
+    from ..probes.device_map import parse_device_map
+    from ..probes.remote import plan_from_json
+    from ..tasks.remote_capture_job import RemoteCaptureJob
 
-
-def _remote_capture(args: argparse.Namespace) -> int:
-    from ..probes.loading import load
-    from ..probes.remote import plan_from_json, remote_capture
-    from .parsing import parse_spans, parse_stats
-
-    from .._atomic import check_output
-    from .parsing import check_text
-
-    out = check_output(args.out)
     texts = [check_text(t, "--text") for t in args.text]
     stats, spans = parse_stats(args.stats)
     spans += parse_spans(args.mass_spans)
     plan = plan_from_json(args.plan) if args.plan else None
-    if args.local_sim:
-        from ..probes.device_map import parse_device_map
+    device_map = parse_device_map(args.device_map) if args.local_sim else None
+    options = {"heads": args.heads, "rows": args.rows, "stats": stats, "mass_spans": spans or [(0, 1)],
+               "topk": args.topk}
+    return RemoteCaptureJob(ModelRef.parse(args.model), texts, args.out, plan=plan, local_sim=args.local_sim,
+                            device_map=device_map, task=args.task, options=options)
 
-        model = load(args.model, device_map=parse_device_map(args.device_map))
-        remote: "bool | str" = "local"
-    else:
-        model, remote = args.model, True  # a hub id: only its config is read here, the weights stay remote
-    trace = remote_capture(model, texts, remote=remote, plan=plan, task=args.task, heads=args.heads,
-                           rows=args.rows, stats=stats, mass_spans=spans or [(0, 1)], topk=args.topk)
-    path = trace.save(out)
+
+def _remote_capture(args: argparse.Namespace) -> int:
+    from ..tasks.remote_capture_job import run_remote_capture_job
+
+    job = remote_job_of(args)
+    trace, path = run_remote_capture_job(job)
     where = trace.provenance.get("remote", {}).get("host", "local simulation")
     print(f"captured {len(trace.sites)} sites through nnsight ({where}) -> {path}")
     return 0

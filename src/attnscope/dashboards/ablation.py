@@ -61,26 +61,17 @@ def compact_heads(heads: HeadSet, module: nn.Module) -> str:
     return ",".join(parts)
 
 
-def _reference_ids(adapter: Any, text: str) -> list[list[int]]:
-    from ..demo import DEMO_SENTENCES
-
-    prepared = adapter.prepare(DEMO_SENTENCES + [text])
-    ids, mask = prepared.kwargs["input_ids"], prepared.kwargs.get("attention_mask")
-    mask = mask if mask is not None else torch.ones_like(ids)
-    return [row[m.bool()].tolist() for row, m in zip(ids, mask)]
-
-
 def _ablation_context(adapter: Any, heads: HeadSet, mode: str, text: str, scale: float | None):
-    """(context manager, path) applying the ablation."""
-    from ..probes import interventions as iv
+    """(context manager, path) applying the ablation; mean / resample references: the demo sentences and ``text``
+    (the plan comes from ``attnscope.tasks.build_plan``, as in sweeps)."""
+    from ..datasets import PromptItem, PromptSuite
+    from ..probes.interventions import apply_plan
+    from ..tasks.demo import DEMO_SENTENCES
+    from ..tasks.plans import build_plan
 
-    if mode == "mean":
-        plan = iv.mean_plan(adapter.module, heads, _reference_ids(adapter, text))
-    elif mode == "resample":
-        plan = iv.resample_plan(heads, _reference_ids(adapter, text))
-    else:
-        plan = iv.InterventionPlan(heads, mode, scale=scale if mode == "rescale" else None)
-    return iv.apply_plan(adapter.module, plan), "interventions.apply_plan"
+    reference = PromptSuite("ablation reference", [PromptItem(text=t) for t in DEMO_SENTENCES + [text]])
+    plan = build_plan(str(heads), mode, {"scale": scale} if mode == "rescale" else {}, adapter, reference)
+    return apply_plan(adapter.module, plan), "interventions.apply_plan"
 
 
 def _lm_measure(adapter: Any, output: Any, kwargs: dict, answer_ids: list[int] | None,
@@ -116,7 +107,7 @@ def run_ablation(model: Any, heads: "str | HeadSet | list[tuple[int, int]]", mod
     """Run ``text`` clean and with ``heads`` ablated (``mode``); returns a dict with ``metric_before``,
     ``metric_after``, ``output_before``, ``output_after``, ``metric`` (its name), ``heads``, ``mode``, ``path``
     (how the ablation was applied) and ``seconds``."""
-    from ..probes.capture import resolve_adapter
+    from ..probes.adapter import as_adapter
 
     if mode not in MODES:
         raise InputError("unknown ablation mode", expected=", ".join(MODES), got=mode)
@@ -124,7 +115,7 @@ def run_ablation(model: Any, heads: "str | HeadSet | list[tuple[int, int]]", mod
         raise InputError("no input text", expected="a non-empty text", got=repr(text))
     if mode == "rescale" and scale is None:
         raise InputError("rescale needs a scale", expected="a number (1 = unchanged, 0 = zero ablation)", got=None)
-    adapter = resolve_adapter(model)
+    adapter = as_adapter(model)
     headset = parse_heads(heads, adapter.module)
     if not len(list(headset)):
         raise InputError("no heads to ablate", expected="e.g. L2H7 or L3H*", got=str(heads))

@@ -17,6 +17,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
+from .._extras import require
 from ..errors import InputError
 from .files import PathRefused, ResultsRoot
 
@@ -39,19 +40,24 @@ def _download_route(server: Any, root: ResultsRoot) -> None:
 
 
 def create_app(results_dir: "str | Path", model: Any = None, model_name: str | None = None) -> Any:
-    """A Dash app showing the result files of ``results_dir``; with ``model`` the ablation panel runs it."""
-    import dash
+    """A Dash app showing the result files of ``results_dir`` (Results tab) and the live page (Live tab: type,
+    capture and see every view, with ``model`` or a model picked there); with ``model`` the ablation panel runs it."""
+    dash = require("dash", "dashboard")
 
     from .callbacks import register_callbacks
     from .layout import INDEX_STRING, build_layout
+    from .live_callbacks import register_live_callbacks
+    from .live_state import LiveSession
 
     root = ResultsRoot(results_dir)
     app = dash.Dash(__name__, title="attnscope", update_title=None, assets_folder=str(Path(__file__).parent /
                     "_no_assets"), serve_locally=True)
     app.index_string = INDEX_STRING
     name = model_name or (getattr(model, "name", None) if model is not None else None)
-    app.layout = lambda: build_layout(root, name if model is not None else None)
+    live = LiveSession(model, name)
+    app.layout = lambda: build_layout(root, name if model is not None else None, (live.choices(), live.default))
     register_callbacks(app, root, model)
+    register_live_callbacks(app, live, root)
     _download_route(app.server, root)
     return app
 
@@ -86,10 +92,11 @@ def serve(results_dir: "str | Path", model: Any = None, host: str = DEFAULT_HOST
     """
     ResultsRoot(results_dir)
     check_bind(host, port)
+    require("dash", "dashboard")  # a missing extra fails before the model loads
     if isinstance(model, str):
-        from ..probes.loading import load
+        from ..tasks import load_model
 
-        model = load(model)
+        model = load_model(model)
     app = create_app(results_dir, model)
     print(f"attnscope dash: serving {ResultsRoot(results_dir).root} on http://{host}:{port}/ (Ctrl+C stops)",
           flush=True)

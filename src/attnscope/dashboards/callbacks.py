@@ -21,9 +21,7 @@ from .data import load_site, load_table, read_json, trace_header
 from .files import PathRefused, ResultsRoot
 from .layout import MAP_MODE, PATTERN_MODES
 from .maps import fit_strings, is_map_table, map_choices, map_view, map_words, maps_view
-from .target import resolve_target, target_heads
-from .target import site_of as _site_of
-
+from .target import resolve_target, site_of as _site_of, site_value, target_heads
 
 MAP_TABLE_NOTE = ("this table holds heat maps (word × y × x), not per-head values:<br>"
                   "see the Maps card below the pattern view")
@@ -90,7 +88,8 @@ def _site_choice(root: ResultsRoot, trace: str | None) -> tuple[list[dict], str 
     except AttnscopeError:
         return [], None
     tower, kind = _site_of(None, header)
-    return [{"label": f"{t} · {k}", "value": f"{t}|{k}"} for t, k in header.towers_kinds()], f"{tower}|{kind}"
+    return ([{"label": f"{t} · {k}", "value": site_value(header, t, k)} for t, k in header.towers_kinds()],
+            site_value(header, tower, kind))
 
 
 def selection(root: ResultsRoot, trigger: str | None, search: str | None, run: str | None, table: str | None,

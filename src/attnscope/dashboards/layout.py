@@ -148,23 +148,37 @@ def _ablation_panel(model_name: str | None) -> Any:
     ], className="card", style={"marginTop": "14px"})
 
 
-def build_layout(root: ResultsRoot, model_name: str | None) -> Any:
-    """The whole page (called per page load, so new result files appear on reload)."""
+def build_layout(root: ResultsRoot, model_name: str | None,
+                 live: "tuple[list[str], str | None] | None" = None) -> Any:
+    """The whole page (called per page load, so new result files appear on reload).
+
+    ``live``: (model choices, default model) of the live page; with it the page has two tabs, Results and Live
+    (``?tab=live`` opens Live; so does an empty results folder).
+    """
     from dash import dcc, html
 
+    results = html.Div([
+        html.Div(id="alert"),
+        _pickers(root),
+        html.Div([_grid_panel(), _pattern_panel()], className="row", style={"marginTop": "14px"}),
+        _maps_panel(),
+        _ablation_panel(model_name),
+        html.Div([html.B("Files of this run "), html.Span("(download)", className="hint"),
+                  html.Ul(id="files", className="files")], className="card", style={"marginTop": "14px"}),
+    ], className="page")
+    body = results
+    if live is not None:
+        from .live_layout import live_page
+
+        body = dcc.Tabs(id="page-tab", value="results" if root.runs() else "live", children=[
+            dcc.Tab(label="Results", value="results", children=results),
+            dcc.Tab(label="Live: type, capture, see", value="live", children=live_page(*live)),
+        ])
     return html.Div([
         dcc.Location(id="url", refresh=False),
         dcc.Store(id="selected"),
         html.Div([html.H1("attnscope"), html.Span(str(root.root), className="dir")], className="topbar"),
-        html.Div([
-            html.Div(id="alert"),
-            _pickers(root),
-            html.Div([_grid_panel(), _pattern_panel()], className="row", style={"marginTop": "14px"}),
-            _maps_panel(),
-            _ablation_panel(model_name),
-            html.Div([html.B("Files of this run "), html.Span("(download)", className="hint"),
-                      html.Ul(id="files", className="files")], className="card", style={"marginTop": "14px"}),
-        ], className="page"),
+        body,
     ])
 
 

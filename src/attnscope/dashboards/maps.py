@@ -31,6 +31,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from jaxtyping import Float
 
+from .._extras import require
 from ..errors import AttnscopeError, CorruptResultError, InputError
 from ..probes.site import Site
 from ..probes.tokens import TokenInfo
@@ -127,6 +128,7 @@ def find_image(root: ResultsRoot, relative: str, item: int = 0, n_items: int = 1
 
 def read_image(path: Path, max_side: int = MAX_SIDE) -> np.ndarray:
     """``[height, width, 3]`` uint8 pixels of an image file, shrunk to at most ``max_side`` (checked first)."""
+    require("PIL", "dashboard")
     from PIL import Image, UnidentifiedImageError
 
     if path.stat().st_size > MAX_IMAGE_BYTES:
@@ -146,6 +148,7 @@ def read_image(path: Path, max_side: int = MAX_SIDE) -> np.ndarray:
 
 
 def _png_uri(pixels: np.ndarray) -> str:
+    require("PIL", "dashboard")
     from PIL import Image
 
     buffer = io.BytesIO()

@@ -1,6 +1,7 @@
 """Which site, layer and heads a pattern or map request names (shared by the pattern and the map views).
 
-A request comes from the browser as: a trace path, a ``tower|kind`` site value, a batch item, a heads spec
+A request comes from the browser as: a trace path, a site value (a ``Site`` as ``str`` prints it, e.g.
+``text.L0.self``: its tower and kind pick the stack), a batch item, a heads spec
 (``L2H7``, ``L2H*``) and/or a clicked grid cell. ``resolve_target`` checks all of it (the path through
 ``ResultsRoot.resolve``) and returns a ``Target``; nothing else is read.
 
@@ -18,17 +19,15 @@ Example:
     (('text', 'self', 1, 'L1H1'), [1])
 """
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
 from ..probes.heads import HeadSet
+from ..probes.site import Site
 from .data import TraceHeader, trace_header
 from .files import ResultsRoot
-
-_LAYER = re.compile(r"^\s*L(\d+)H", re.IGNORECASE)
 
 
 @dataclass
@@ -46,11 +45,17 @@ class Target:
     spec: str | None
 
 
+def site_value(header: Any, tower: str, kind: str) -> str:
+    """The browser's value for a stack: its first site, spelled as ``str(Site)`` (``Site.parse`` reads it back)."""
+    return str(Site(tower, header.layers(tower, kind)[0], kind))
+
+
 def site_of(value: str | None, header: Any) -> tuple[str, str]:
-    """(tower, kind) of a ``tower|kind`` value when the trace has it, else the default site of the trace."""
+    """(tower, kind) of a site value when the trace has that stack, else the default stack of the trace."""
     options = header.towers_kinds()
-    if value and "|" in value and tuple(value.split("|", 1)) in options:
-        return tuple(value.split("|", 1))  # type: ignore[return-value]
+    site = Site.parse(value) if value else None
+    if site is not None and (site.tower, site.kind) in options:
+        return site.tower, site.kind
     if not options:
         raise InputError("trace has no sites", expected="a trace with patterns", got=str(header.path.name))
     return ("text", "self") if ("text", "self") in options else options[0]
@@ -80,11 +85,11 @@ def resolve_target(root: ResultsRoot, trace: str, site_value: str | None, item: 
     if click is not None:
         layer, heads = int(click[0]), [int(click[1])]
     elif spec and spec.strip():
-        match = _LAYER.match(spec)
-        if match is None:
+        named = HeadSet.spec_layers(spec)
+        if len(named) != 1:
             raise InputError("heads of one layer expected", expected="e.g. L2H7, L2H1,L2H5 or L2H*", got=spec,
                              fix="name one layer; the grid shows every layer")
-        layer = int(match.group(1))
+        layer = named[0]
     else:
         layer, spec = layers[0], None
     if layer not in layers:
@@ -100,4 +105,4 @@ def target_heads(target: Target, held: list[int]) -> list[int]:
     return heads_of(target.spec, target.layer, max(held) + 1) if target.spec else held[:1]
 
 
-__all__ = ["Target", "heads_of", "resolve_target", "site_of", "target_heads"]
+__all__ = ["Target", "heads_of", "resolve_target", "site_of", "site_value", "target_heads"]

@@ -10,20 +10,25 @@ Example:
     True
 """
 
-from .agreement import agreement
+from .agreement_suite import agreement
 from .backcopy import bigram_backcopy, bigram_transitions
-from .induction import induction
-from .ioi import ioi
-from .needle import needle, needle_grid, needle_text, needle_tokens
+from .induction_suite import induction
+from .ioi_suite import ioi
+from .needle_suites import needle, needle_grid, needle_text, needle_tokens
 from .recall import associative_recall
-from .shapes import ShapesScene, shapes_scenes, shapes_vqa
+from .sentence_suite import sentences
+from .shapes import ShapesScene, scene_of, shapes_scenes, shapes_vqa
+from .shapes_vlm_suite import ShapesVLMSuite, shapes_vlm_examples
 from .suite import PromptBatch, PromptItem, PromptSuite, pad_ids
+from .vlm_example_batches import VLMExample, vlm_examples
 
 __all__ = [
     "PromptBatch",
     "PromptItem",
     "PromptSuite",
     "ShapesScene",
+    "ShapesVLMSuite",
+    "VLMExample",
     "agreement",
     "associative_recall",
     "bigram_backcopy",
@@ -35,6 +40,10 @@ __all__ = [
     "needle_text",
     "needle_tokens",
     "pad_ids",
+    "scene_of",
+    "sentences",
     "shapes_scenes",
+    "shapes_vlm_examples",
     "shapes_vqa",
+    "vlm_examples",
 ]

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._atomic import atomic_write_text, read_text
 from ..errors import CorruptResultError, InputError
 
 SUITE_FORMAT = "attnscope.prompt_suite/1"
@@ -177,16 +178,12 @@ class PromptSuite:
         """Serialise to a JSON string; also write it to ``path`` when given."""
         text = json.dumps(self.to_dict(), indent=indent, allow_nan=False)
         if path is not None:
-            from .._atomic import atomic_write_text
-
             atomic_write_text(path, text)
         return text
 
     @classmethod
     def from_json(cls, source: str | Path) -> "PromptSuite":
         """Load from a JSON string or a path to a ``.json`` file written by ``to_json``."""
-        from .._atomic import read_text
-
         text = source
         fix = "write the file with PromptSuite.to_json"
         if isinstance(source, bytes):
@@ -236,7 +233,7 @@ class PromptSuite:
         pad = self._pad_id(pad_id, tokenizer)
         for start in range(0, len(self.items), int(batch_size)):
             chunk = self.items[start:start + int(batch_size)]
-            seqs = [self._item_ids(item, tokenizer, use) for item in chunk]
+            seqs = [self.item_ids(item, tokenizer, use) for item in chunk]
             ids, mask = pad_ids(seqs, pad, padding_side)
             yield PromptBatch(ids, mask, chunk, list(range(start, start + len(chunk))), [len(s) for s in seqs])
 
@@ -248,7 +245,8 @@ class PromptSuite:
         return int(self.params.get("pad_id", self.metadata.get("pad_id", 0)))
 
     @staticmethod
-    def _item_ids(item: PromptItem, tokenizer: Any, use: str) -> list[int]:
+    def item_ids(item: PromptItem, tokenizer: Any, use: str = "clean") -> list[int]:
+        """The token ids of ``item`` (``use``: ``clean`` or ``corrupt``), tokenizing its text when it has no ids."""
         ids, text = (item.ids, item.text) if use == "clean" else (item.corrupt_ids, item.corrupt_text)
         if ids is not None:
             return ids

@@ -60,7 +60,7 @@ def _cpu_signature() -> str:
     first = {}
     for line in lines:
         first.setdefault(line.split(":")[0].strip(), line)
-    return first.get("model name", platform.processor()) + first.get("flags", platform.machine())
+    return (first.get("model name") or platform.processor()) + (first.get("flags") or platform.machine())
 
 
 def _cache_dir() -> Path:

@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from torch import nn
 
 from .heads import HeadSet
+from .interventions import InterventionPlan, apply_plan
 
 
 def _as_headset(heads: "Mapping[int, Iterable[int]] | HeadSet | Iterable[tuple[int, int]]") -> HeadSet:
@@ -42,7 +43,5 @@ def zero_ablate_heads(model: nn.Module,
     the model does not have. Gradients still flow through the other heads. A thin wrapper over
     ``attnscope.probes.interventions.apply_plan`` with an ``InterventionPlan(heads, "zero")``.
     """
-    from .interventions import InterventionPlan, apply_plan
-
     with apply_plan(model, InterventionPlan(_as_headset(heads), "zero")) as headset:
         yield headset

@@ -6,51 +6,16 @@ sites, and how to route their attention into a ``Recorder`` (and restore everyth
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ..errors import UnsupportedModelError
+from .model_info import ModelInfo
 from .recorder import Recorder
 from .site import Site
 from .tokens import TokenInfo
-
-
-@dataclass
-class TowerInfo:
-    """One attention stack: its layers, heads, KV heads and head size."""
-
-    name: str
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    d_head: int
-    kinds: list[str] = field(default_factory=lambda: ["self"])
-
-
-@dataclass
-class ModelInfo:
-    """What ``attnscope info`` prints: family, adapter, towers, attention implementation, context length."""
-
-    family: str
-    adapter: str
-    towers: list[TowerInfo]
-    sites: list[Site]
-    attn_implementation: str
-    max_positions: int | None = None
-    name: str = ""
-
-    def tower(self, name: str = "text") -> TowerInfo:
-        for t in self.towers:
-            if t.name == name:
-                return t
-        return self.towers[0]
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["sites"] = [str(s) for s in self.sites]
-        return d
 
 
 @dataclass
@@ -67,6 +32,7 @@ class ModelAdapter:
     family = "base"
     priority = 0  # higher is tried first
     runs_on_text_alone = True  # a forward on token ids alone works (reference runs of mean / resample edits)
+    card: "dict | None" = None  # a zoo organism's card (set when it is loaded as zoo:NAME): its task and data
 
     def __init__(self, module: torch.nn.Module, tokenizer: Any = None, name: str = ""):
         self.module, self.tokenizer, self.name = module, tokenizer, name
@@ -126,8 +92,8 @@ def register_adapter(cls: type[ModelAdapter]) -> type[ModelAdapter]:
 
 
 def registered_adapters() -> list[type[ModelAdapter]]:
-    from . import adapters  # noqa: F401  (registers the built-in adapters)
-
+    """Every registered adapter, most specific first (``attnscope.probes`` registers the built-in ones on import:
+    any import of a probes module runs the package's ``__init__`` first)."""
     return list(_REGISTRY)
 
 
@@ -141,6 +107,38 @@ def adapter_for(module: Any, tokenizer: Any = None, name: str = "") -> ModelAdap
         fix="pass a supported HF/diffusers/TransformerLens/nnsight model, or register your own adapter: subclass "
             "attnscope.probes.adapter.ModelAdapter (matches, info, prepare, instrument) and decorate it with "
             "@register_adapter")
+
+
+# What every public function that takes a model accepts: the handle ``attnscope.load`` returns (a ``ModelAdapter``)
+# or a model object one of the registered adapters knows (HF, diffusers, TransformerBridge, nnsight).
+ModelLike = Any
+
+
+def as_adapter(model: ModelLike, tokenizer: Any = None, name: str = "") -> ModelAdapter:
+    """The model handle: ``model`` itself when it is an adapter, else the registered adapter that matches it.
+
+    Example:
+        >>> import attnscope
+        >>> from attnscope.probes.adapter import as_adapter
+        >>> handle = attnscope.load("minilm")
+        >>> as_adapter(handle) is handle, as_adapter(handle.module).family
+        (True, 'hf-text')
+    """
+    if isinstance(model, ModelAdapter):
+        return model
+    return adapter_for(model, tokenizer=tokenizer, name=name)
+
+
+def module_of(model: ModelLike) -> Any:
+    """The ``torch.nn.Module`` (or pipeline) behind a handle; a model object is returned as it is."""
+    return model.module if isinstance(model, ModelAdapter) else model
+
+
+def tokenizer_of(model: ModelLike) -> Any:
+    """The tokenizer or processor of a handle (or of a pipeline that carries one); None when there is none."""
+    if isinstance(model, ModelAdapter):
+        return model.tokenizer
+    return getattr(model, "tokenizer", None)
 
 
 def _why_unmatched(module: Any) -> str:

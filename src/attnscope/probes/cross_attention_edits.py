@@ -33,9 +33,13 @@ from jaxtyping import Bool, Float
 from torch import Tensor, nn
 
 from ..errors import InputError, SiteError
-from .adapters.diffusers_common import DenoiserState, JointReferenceProcessor, emit_probs
+from .adapter import ModelLike, as_adapter
+from .adapters.diffusers_common import DenoiserState, DiffusersAdapter, JointReferenceProcessor, emit_probs
+from .adapters.diffusers_pipeline import PipelineAdapter, _inner_adapter, denoiser_of
+from .capturing import capture
 from .cross_attention_plan import CrossAttentionEdit, CrossAttentionPlan
 from .site import Site
+from .text_columns import column_index, text_attention
 from .trace import AttentionTrace
 
 
@@ -86,8 +90,6 @@ def _region(shape: torch.Size, edit: CrossAttentionEdit, batch: Tensor | None, r
 
 def _replacement(probs: Tensor, edit: CrossAttentionEdit, ctx: EditContext, site: Site, batch: Tensor | None,
                  rows: slice, text: tuple[int, int]) -> Tensor:
-    from ..circuits._diffusion import column_index, text_attention
-
     step = ctx.state.step if ctx.state.step is not None else 0
     rec = ctx.source(edit.source).get(site, step)
     source = text_attention(rec).to(probs.device, probs.dtype)
@@ -187,22 +189,16 @@ class JointEditProcessor:
         return reference(attn, hidden_states, encoder_hidden_states, attention_mask)
 
 
-def record_source(model: Any, inputs: Any, steps: Sequence[int] | None = None) -> AttentionTrace:
+def record_source(model: ModelLike, inputs: Any, steps: Sequence[int] | None = None) -> AttentionTrace:
     """Record a run's text attention (every cross/joint site, full probabilities) as a ``replace`` source."""
-    from .capture import capture
-
     return capture(model, inputs, sites=lambda s: s.kind in ("cross", "joint"), patterns=True, steps=steps)
 
 
-def _resolve(model: Any) -> tuple[Any, nn.Module, Any]:
-    """(pipeline or None, denoiser, its DiffusersAdapter) of a pipeline, adapter, LoadedModel or denoiser."""
-    from .adapters.diffusers_common import DiffusersAdapter
-    from .adapters.diffusers_pipeline import PipelineAdapter, _inner_adapter, denoiser_of
-    from .capture import resolve_adapter
-
+def _resolve(model: ModelLike) -> tuple[Any, nn.Module, Any]:
+    """(pipeline or None, denoiser, its DiffusersAdapter) of a pipeline, adapter, model handle (``attnscope.load``) or denoiser."""
     if denoiser_of(model) is not None:
         return model, denoiser_of(model), _inner_adapter(model)
-    adapter = resolve_adapter(model)
+    adapter = as_adapter(model)
     if isinstance(adapter, PipelineAdapter):
         return adapter.module, adapter.inner.module, adapter.inner
     if isinstance(adapter, DiffusersAdapter):
@@ -222,7 +218,7 @@ def _guidance(pipe: Any, guidance: bool | None) -> Callable[[], bool]:
 
 
 @contextlib.contextmanager
-def apply_cross_attention_edits(model: Any, plan: CrossAttentionPlan,
+def apply_cross_attention_edits(model: ModelLike, plan: CrossAttentionPlan,
                                 sources: Mapping[str, AttentionTrace] | None = None,
                                 guidance: bool | None = None) -> Iterator[EditContext]:
     """Swap in editing processors for the sites ``plan`` touches; restore them in ``finally``.

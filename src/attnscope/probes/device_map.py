@@ -23,7 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._extras import require
 from ..errors import InputError
+from .adapter import ModelLike, module_of
 
 STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 
@@ -92,7 +94,7 @@ def split_layers(model: nn.Module, devices: list[Any], *, rest: Any = None) -> d
     """
     if not devices:
         raise InputError("no devices to split over", expected="a non-empty list", got=devices)
-    model = getattr(model, "module", model)
+    model = module_of(model)
     prefix, blocks = layer_container(model)
     rest = devices[0] if rest is None else rest
     mapping: dict[str, Any] = {}
@@ -118,7 +120,7 @@ def dispatch(model: nn.Module, device_map: dict[str, Any], *, offload_folder: "s
     Weights mapped to ``"disk"`` are written to ``offload_folder`` and the model holds them on the meta device;
     accelerate's hooks load them for each forward. Returns the model (modified in place).
     """
-    from accelerate import dispatch_model
+    dispatch_model = require("accelerate", "devices").dispatch_model
 
     main = next((d for d in device_map.values() if d not in ("disk", "meta")), "cpu")
     if "disk" in device_map.values() and offload_folder is None:
@@ -132,7 +134,7 @@ def dispatch(model: nn.Module, device_map: dict[str, Any], *, offload_folder: "s
 
 def input_device(model: nn.Module) -> torch.device:
     """Where inputs should be put: the input embedding's device, skipping meta (offloaded) placements."""
-    model = getattr(model, "module", model)
+    model = module_of(model)
     try:
         weight = model.get_input_embeddings().weight
         if weight.device.type != "meta":
@@ -145,9 +147,9 @@ def input_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def placement(model: Any) -> dict[str, int]:
+def placement(model: ModelLike) -> dict[str, int]:
     """Parameters per placement (``cpu``, ``cuda:0``, ``disk`` ...), from ``hf_device_map`` when there is one."""
-    model = getattr(model, "module", model)
+    model = module_of(model)
     device_map = getattr(model, "hf_device_map", None)
     counts: Counter = Counter()
     for name, p in model.named_parameters():

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import HeadSpecError, UnsupportedModelError
+from .adapter import ModelLike, module_of
 from .adapters.diffusers_edits import attention_layers, edit_denoiser, head_layout
 from .adapters.hf_route import attention_modules, edit_attention
 from .adapters.hf_text import encoder_decoder_tower, is_cross_attention, is_encoder_decoder
@@ -146,7 +147,7 @@ def _diffusers_projections(denoiser: nn.Module) -> list[OutputProjection]:
     return out
 
 
-def _denoiser(model: Any) -> Any:
+def _denoiser(model: ModelLike) -> Any:
     """A diffusers pipeline's denoiser (``unet`` / ``transformer``); any other object unchanged."""
     if isinstance(model, nn.Module):
         return model
@@ -162,9 +163,9 @@ def output_projections(model: nn.Module) -> list[OutputProjection]:
     GPT-2, Llama and BERT classes: their output projections; any other model whose attention dispatches through
     ``AttentionInterface``: the routed attention modules (``module`` None); diffusers denoisers (or pipelines):
     every attention module (self, cross and joint) in registration order (``family="diffusers"``). Accepts a
-    ``LoadedModel`` too. Raises UnsupportedModelError when none is found.
+    ``model handle (``attnscope.load``)`` too. Raises UnsupportedModelError when none is found.
     """
-    model = _denoiser(getattr(model, "module", model))
+    model = _denoiser(module_of(model))
     found: list[OutputProjection] = []
     for name, module in model.named_modules():
         if "crossattention" in name:
@@ -259,7 +260,7 @@ def _route_editor(proj: OutputProjection, editor: HeadEditor):
 
 
 @contextmanager
-def edit_attention_layers(model: Any, editors: Mapping[int, Callable[..., Tensor]],
+def edit_attention_layers(model: ModelLike, editors: Mapping[int, Callable[..., Tensor]],
                           projections: list[OutputProjection]) -> Iterator[None]:
     """Route editors (``editor(module, q, k, v, mask, *, scaling, is_causal, softcap, output)``, see
     ``hf_route.edit_attention``) by layer: transformers attention through ``hf_route``, diffusers attention through
@@ -270,9 +271,9 @@ def edit_attention_layers(model: Any, editors: Mapping[int, Callable[..., Tensor
         side[id(projections[layer].attention)] = editor
     with ExitStack() as stack:
         if transformers_side:
-            stack.enter_context(edit_attention(getattr(model, "module", model), transformers_side))
+            stack.enter_context(edit_attention(module_of(model), transformers_side))
         if diffusers:
-            stack.enter_context(edit_denoiser(_denoiser(getattr(model, "module", model)), diffusers))
+            stack.enter_context(edit_denoiser(_denoiser(module_of(model)), diffusers))
         yield
 
 

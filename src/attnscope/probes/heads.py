@@ -1,10 +1,14 @@
-"""``HeadSet``: a typed set of (layer, head) pairs, with the ``L3H5,L7H*`` parser the CLI uses.
+"""``Head`` (one attention head: layer, head) and ``HeadSet`` (a typed set of them), with the ``L3H5,L7H*`` parser
+the CLI uses. Strings appear only at the edges (CLI, JSON, tables' labels); inside, heads are these types.
 
 Example:
+    >>> from attnscope.probes.heads import Head, HeadSet
+    >>> Head.parse("L3H5"), str(Head(3, 5)), Head(3, 5) == (3, 5)
+    (Head(layer=3, head=5), 'L3H5', True)
     >>> from attnscope.probes.heads import HeadSet
     >>> hs = HeadSet.parse("L0H1,L1H*", n_layers=2, n_heads=3)
-    >>> sorted(hs)
-    [(0, 1), (1, 0), (1, 1), (1, 2)]
+    >>> sorted(hs) == [(0, 1), (1, 0), (1, 1), (1, 2)], sorted(hs)[0]
+    (True, Head(layer=0, head=1))
     >>> str(hs)
     'L0H1,L1H0,L1H1,L1H2'
     >>> hs.heads_in_layer(1)
@@ -13,10 +17,29 @@ Example:
 
 import re
 from collections.abc import Iterable, Iterator
+from typing import NamedTuple
 
 from ..errors import HeadSpecError
 
 _TOKEN = re.compile(r"^L(\d+|\*)H(\d+|\*)$", re.IGNORECASE)
+
+
+class Head(NamedTuple):
+    """One attention head: ``(layer, head)``, printed ``L3H5``. A tuple, so ``(3, 5)`` works wherever it is taken."""
+
+    layer: int
+    head: int
+
+    @classmethod
+    def parse(cls, text: str) -> "Head":
+        """``L3H5`` -> ``Head(3, 5)`` (no wildcards: that is ``HeadSet.parse``)."""
+        match = _TOKEN.match(str(text).strip())
+        if not match or "*" in match.group(0):
+            raise HeadSpecError("malformed head", expected="L<layer>H<head>, e.g. L3H5", got=repr(text))
+        return cls(int(match.group(1)), int(match.group(2)))
+
+    def __str__(self) -> str:
+        return f"L{self.layer}H{self.head}"
 
 
 class HeadSet:
@@ -36,9 +59,36 @@ class HeadSet:
 
         Raises HeadSpecError for a malformed token or an index outside ``n_layers`` x ``n_heads``.
         """
+        pairs: list[tuple[int, int]] = []
+        for token, match in cls._tokens(spec):
+            layers = cls._expand(match.group(1), n_layers, "layer", token)
+            heads = cls._expand(match.group(2), n_heads, "head", token)
+            pairs.extend((layer, head) for layer in layers for head in heads)
+        return cls(pairs)
+
+    @classmethod
+    def check_spec(cls, spec: str) -> str:
+        """``spec`` unchanged when it is well formed (wildcards allowed: no model size needed), else
+        HeadSpecError; for specs read before the model is known (a sweep spec)."""
+        cls._tokens(spec)
+        return spec
+
+    @classmethod
+    def spec_layers(cls, spec: str) -> list[int]:
+        """The layers ``spec`` names, sorted (``L2H*,L2H5`` -> ``[2]``); a wildcard layer is refused here."""
+        layers = set()
+        for token, match in cls._tokens(spec):
+            if match.group(1) == "*":
+                raise HeadSpecError("a wildcard layer names no layer", expected="L<layer>H...", got=token,
+                                    fix="name the layer, e.g. L2H*")
+            layers.add(int(match.group(1)))
+        return sorted(layers)
+
+    @staticmethod
+    def _tokens(spec: str) -> "list[tuple[str, re.Match[str]]]":
         if not isinstance(spec, str) or not spec.strip():
             raise HeadSpecError("empty head spec", expected="e.g. 'L3H5,L7H*'", got=repr(spec))
-        pairs: list[tuple[int, int]] = []
+        out = []
         for raw in spec.split(","):
             token = raw.strip()
             match = _TOKEN.match(token)
@@ -47,10 +97,8 @@ class HeadSet:
                     "malformed head spec", expected="L<layer>H<head> with '*' as wildcard, comma separated",
                     got=repr(token), fix="write e.g. 'L3H5,L7H*'",
                 )
-            layers = cls._expand(match.group(1), n_layers, "layer", token)
-            heads = cls._expand(match.group(2), n_heads, "head", token)
-            pairs.extend((layer, head) for layer in layers for head in heads)
-        return cls(pairs)
+            out.append((token, match))
+        return out
 
     @staticmethod
     def _expand(part: str, limit: int | None, name: str, token: str) -> list[int]:
@@ -84,8 +132,8 @@ class HeadSet:
                                     got=f"L{layer}H{head}", fix="check `attnscope info --model M`")
         return self
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        return iter(sorted(self._pairs))
+    def __iter__(self) -> Iterator[Head]:
+        return iter(Head(layer, head) for layer, head in sorted(self._pairs))
 
     def __len__(self) -> int:
         return len(self._pairs)

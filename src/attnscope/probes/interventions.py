@@ -39,7 +39,7 @@ Example:
     True
 """
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,17 +49,25 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import InputError, UnsupportedModelError
+from .adapter import ModelLike, adapter_for, module_of
 from .head_slices import (OutputProjection, check_heads, edit_attention_layers, edit_head_outputs, expand_kv_selection,
-                          output_projections, record_head_outputs, zeros_mask)
-from .adapter import adapter_for
-from .heads import HeadSet
+                          kv_head_of, output_projections, record_head_outputs, zeros_mask)
+from .heads import Head, HeadSet
+from .statistics import attention_from_qk
 
 MODES = ("zero", "mean", "resample", "uniform", "rescale", "steer")
 PLAN_FORMAT = "attnscope.intervention/1"
 
 
-def _key(layer: int, head: int) -> str:
-    return f"L{layer}H{head}"
+def _by_head(values: "Mapping[Any, Any] | None") -> "dict[Head, Any] | None":
+    """Per-head values keyed by ``Head`` (JSON gives ``"L1H0"`` strings: parsed here, the plan's edge)."""
+    if values is None:
+        return None
+    return {Head.parse(k) if isinstance(k, str) else Head(*k): v for k, v in values.items()}
+
+
+def _json_keys(values: "dict[Head, Any] | None") -> "dict[str, Any] | None":
+    return None if values is None else {str(head): v for head, v in values.items()}
 
 
 @dataclass
@@ -71,27 +79,29 @@ class InterventionPlan:
         mode: one of ``zero, mean, resample, uniform, rescale``.
         scale: the factor of ``rescale``.
         select: ``"query"`` (default) or ``"kv"`` (expand each KV head to all its query heads).
-        mean_values: ``"L1H0" -> [d_head]`` (or ``[position][d_head]`` with ``per_position``) for ``mean``.
+        mean_values: ``Head(1, 0) -> [d_head]`` (or ``[position][d_head]`` with ``per_position``) for ``mean``
+            (``"L1H0"`` keys are accepted and parsed; ``to_dict`` writes them as strings).
         reference_ids: token-id lists of the reference inputs (``resample``; ``mean`` when no ``mean_values``).
         per_position: ``mean`` over tokens (False) or per position (True).
         seed: the draw of reference inputs for ``resample``.
-        vectors: ``"L1H0" -> [d_head]`` added to the head's output by ``steer`` (times ``scale``, default 1).
+        vectors: ``Head(1, 0) -> [d_head]`` added to the head's output by ``steer`` (times ``scale``, default 1).
     """
 
     heads: HeadSet
     mode: str = "zero"
     scale: float | None = None
     select: str = "query"
-    mean_values: dict[str, Any] | None = None
+    mean_values: "dict[Head, Any] | None" = None
     reference_ids: list[list[int]] | None = None
     per_position: bool = False
     seed: int = 0
     metadata: dict[str, Any] = field(default_factory=dict)
-    vectors: dict[str, Any] | None = None
+    vectors: "dict[Head, Any] | None" = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.heads, HeadSet):
             self.heads = HeadSet(self.heads)
+        self.mean_values, self.vectors = _by_head(self.mean_values), _by_head(self.vectors)
         if self.mode not in MODES:
             raise InputError("unknown intervention mode", expected=", ".join(MODES), got=self.mode)
         if self.select not in ("query", "kv"):
@@ -103,12 +113,12 @@ class InterventionPlan:
             raise InputError("resample needs reference inputs", expected="reference_ids=[[...], ...]", got=None,
                              fix="build the plan with resample_plan(heads, reference_ids)")
         if self.mode == "steer":
-            missing = [_key(layer, head) for layer, head in self.heads if _key(layer, head) not in (self.vectors or {})]
+            missing = [str(head) for head in self.heads if head not in (self.vectors or {})]
             if missing:
                 raise InputError("steer needs a vector for every head", expected="vectors={'L1H0': [d_head], ...}",
                                  got=f"no vector for {', '.join(missing[:4])}", fix="pass vectors=... (see mode steer)")
-            self.vectors = {k: [float(v) for v in torch.as_tensor(vec).flatten().tolist()]
-                            for k, vec in self.vectors.items()}
+            self.vectors = {head: [float(v) for v in torch.as_tensor(vec).flatten().tolist()]
+                            for head, vec in self.vectors.items()}
         if self.mode == "mean" and self.mean_values is None and not self.reference_ids:
             raise InputError("mean ablation needs means or reference inputs",
                              expected="mean_values or reference_ids", got=None,
@@ -116,9 +126,9 @@ class InterventionPlan:
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": PLAN_FORMAT, "heads": str(self.heads), "mode": self.mode, "scale": self.scale,
-                "select": self.select, "mean_values": self.mean_values, "reference_ids": self.reference_ids,
-                "per_position": self.per_position, "seed": self.seed, "metadata": dict(self.metadata),
-                "vectors": self.vectors}
+                "select": self.select, "mean_values": _json_keys(self.mean_values),
+                "reference_ids": self.reference_ids, "per_position": self.per_position, "seed": self.seed,
+                "metadata": dict(self.metadata), "vectors": _json_keys(self.vectors)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "InterventionPlan":
@@ -160,7 +170,7 @@ def reference_head_outputs(model: nn.Module, reference_ids: Sequence[Sequence[in
 
     Inputs are right-padded; padded positions hold the model's values there (mask them with the returned mask).
     """
-    model = getattr(model, "module", model)
+    model = module_of(model)
     if not reference_ids:
         raise InputError("no reference inputs", expected="at least one token-id list", got=0)
     if getattr(model, "main_input_name", "input_ids") != "input_ids":
@@ -196,21 +206,21 @@ def reference_head_outputs(model: nn.Module, reference_ids: Sequence[Sequence[in
 
 
 def mean_head_outputs(model: nn.Module, heads: HeadSet, reference_ids: Sequence[Sequence[int]], *,
-                      per_position: bool = False, batch_size: int = 16) -> dict[str, Any]:
+                      per_position: bool = False, batch_size: int = 16) -> "dict[Head, Any]":
     """Mean output of each head over the reference inputs' non-padding tokens (or per position).
 
-    Returns ``"L1H0" -> [d_head]`` (``per_position``: ``[position][d_head]``), JSON-ready for ``mean_values``.
+    Returns ``Head(1, 0) -> [d_head]`` (``per_position``: ``[position][d_head]``) for ``mean_values``.
     """
     outs, mask = reference_head_outputs(model, reference_ids, heads.layers, batch_size)
     weights = mask.to(torch.float64)  # [ref, pos]
-    values: dict[str, Any] = {}
+    values: dict[Head, Any] = {}
     for layer, head in heads:
         x = outs[layer][:, :, head, :].to(torch.float64)  # [ref, pos, d]
         if per_position:
             mean = (x * weights[..., None].to(x.device)).sum(0) / weights.sum(0).clamp_min(1)[:, None].to(x.device)
         else:
             mean = (x * weights[..., None].to(x.device)).sum((0, 1)) / weights.sum().clamp_min(1).to(x.device)
-        values[_key(layer, head)] = mean.float().cpu().tolist()
+        values[Head(layer, head)] = mean.float().cpu().tolist()
     return values
 
 
@@ -249,10 +259,11 @@ def _mean_table(plan: InterventionPlan, layer: int, heads: list[int], d_head: in
     """``[position or 1, len(heads), d_head]`` mean values of the heads of one layer."""
     rows = []
     for head in heads:
-        value = plan.mean_values.get(_key(layer, head)) if plan.mean_values else None
+        value = plan.mean_values.get(Head(layer, head)) if plan.mean_values else None
         if value is None:
-            raise InputError("mean value missing for a head", expected=f"mean_values[{_key(layer, head)!r}]",
-                             got=sorted(plan.mean_values or {})[:6], fix="build the plan with mean_plan(...)")
+            raise InputError("mean value missing for a head", expected=f"mean_values[{str(Head(layer, head))!r}]",
+                             got=[str(h) for h in sorted(plan.mean_values or {})[:6]],
+                             fix="build the plan with mean_plan(...)")
         t = torch.as_tensor(value, dtype=torch.float32)
         rows.append(t[None] if t.ndim == 1 else t)
     width = max(r.shape[0] for r in rows)
@@ -274,12 +285,10 @@ def _replace_editor(heads: list[int], values_of):
 
 def _steer_editor(plan: InterventionPlan, layer: int, heads: list[int], proj: OutputProjection):
     """Editor adding ``scale * vector`` to each head's output (KV selections: the group's vector)."""
-    from .head_slices import kv_head_of
-
     added = torch.zeros(proj.n_heads, proj.d_head, dtype=torch.float64)
     for head in heads:
         owner = kv_head_of(head, proj.n_heads, proj.n_kv_heads) if plan.select == "kv" else head
-        vector = torch.as_tensor(plan.vectors[_key(layer, owner)], dtype=torch.float64)
+        vector = torch.as_tensor(plan.vectors[Head(layer, owner)], dtype=torch.float64)
         if vector.shape != (proj.d_head,):
             raise InputError("steering vector of the wrong size", expected=f"[{proj.d_head}] (d_head)",
                              got=list(vector.shape), fix=f"give L{layer}H{owner} a vector of d_head numbers")
@@ -358,8 +367,6 @@ def _input_hook(resampler: _Resampler):
 
 
 def _uniform_editor(heads: list[int]):
-    from .statistics import attention_from_qk
-
     index = torch.tensor(heads, dtype=torch.long)
 
     def edit(module, query, key, value, mask, *, scaling, is_causal, softcap, output):
@@ -379,12 +386,12 @@ def _uniform_editor(heads: list[int]):
 # ---- apply --------------------------------------------------------------------------------------------------------
 
 @contextmanager
-def apply_plan(model: Any, plan: InterventionPlan) -> Iterator[HeadSet]:
-    """Apply ``plan`` to ``model`` (an HF module or ``LoadedModel``) inside the block; yields the query heads.
+def apply_plan(model: ModelLike, plan: InterventionPlan) -> Iterator[HeadSet]:
+    """Apply ``plan`` to ``model`` (an HF module or ``model handle (``attnscope.load``)``) inside the block; yields the query heads.
 
     Every hook (and the attention route for ``uniform``) is removed in ``finally``, also after an error.
     """
-    module = getattr(model, "module", model)
+    module = module_of(model)
     projections = output_projections(module)
     query = plan.query_heads(projections)
     token_free = any(p.family == "diffusers" for p in projections)

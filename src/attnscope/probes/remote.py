@@ -40,11 +40,17 @@ from urllib.parse import urlparse
 
 import torch
 
+from .._atomic import read_text
+from .._extras import require
 from ..errors import AttnscopeError, InputError, RemoteError
-from .adapter import Prepared
-from .adapters.nnsight_model import NNsightAdapter, qk_payload, weights_payload
+from .adapter import ModelLike, Prepared, module_of, tokenizer_of
 from .adapters.hf_route import attention_modules
+from .adapters.hf_text import HFTextAdapter, max_positions_of, token_info, tokenize
+from .adapters.nnsight_model import NNsightAdapter, qk_payload, weights_payload
+from .capturing import capture
 from .head_slices import output_projections
+from .interventions import InterventionPlan, _editors
+from .tokenizer_loading import load_tokenizer
 
 HOST_ENV, KEY_ENV, TIMEOUT_ENV = "ATTNSCOPE_NNSIGHT_HOST", "NDIF_API_KEY", "ATTNSCOPE_NNSIGHT_TIMEOUT"
 REMOTE_MODES = ("zero", "rescale", "mean")
@@ -63,7 +69,7 @@ class RemoteSettings:
 
     @classmethod
     def from_env(cls) -> "RemoteSettings":
-        import nnsight
+        nnsight = require("nnsight", "nnsight")
 
         host = os.environ.get(HOST_ENV) or nnsight.CONFIG.API.HOST
         key = os.environ.get(KEY_ENV) or nnsight.CONFIG.API.APIKEY
@@ -123,7 +129,7 @@ def _handshake_timeout(seconds: float) -> Iterator[None]:
 def _register_by_value() -> None:
     import importlib
 
-    import nnsight
+    nnsight = require("nnsight", "nnsight")
 
     for name in _BY_VALUE:
         nnsight.register(importlib.import_module(name))
@@ -131,18 +137,16 @@ def _register_by_value() -> None:
 
 # ---- the model -----------------------------------------------------------------------------------------------------
 
-def remote_model(model: Any, tokenizer: Any = None, *, task: str | None = None) -> Any:
-    """An nnsight ``TransformersModel`` for ``model``: already one, a ``LoadedModel``/HF module (wrapped with a copy
+def remote_model(model: ModelLike, tokenizer: Any = None, *, task: str | None = None) -> Any:
+    """An nnsight ``TransformersModel`` for ``model``: already one, a ``model handle (``attnscope.load``)``/HF module (wrapped with a copy
     of its tokenizer), or a hub repo id (built on the meta device from its config: weights stay on the server)."""
-    import nnsight
+    nnsight = require("nnsight", "nnsight")
 
     if isinstance(model, nnsight.TransformersModel):
         return model
     if isinstance(model, str):
         if tokenizer is None:
-            from .loading import _load_tokenizer
-
-            tokenizer = _load_tokenizer(model)  # the pipeline cannot always find it on its own
+            tokenizer = load_tokenizer(model)  # the pipeline cannot always find it on its own
         try:
             try:
                 return nnsight.TransformersModel(model, tokenizer=tokenizer, **({"task": task} if task else {}))
@@ -155,8 +159,8 @@ def remote_model(model: Any, tokenizer: Any = None, *, task: str | None = None) 
             raise RemoteError("cannot build the remote model's skeleton", expected="a hub id (or a local folder) "
                               "with a config and a tokenizer", got=f"{type(exc).__name__}: {exc}"[:240],
                               fix="pass task='text-generation' and tokenizer=..., or load the model locally") from None
-    module = getattr(model, "module", model)
-    tok = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+    module = module_of(model)
+    tok = tokenizer if tokenizer is not None else tokenizer_of(model)
     if tok is None:
         raise InputError("an nnsight TransformersModel needs a tokenizer", expected="tokenizer=...", got=None,
                          fix="pass the model's tokenizer (attnscope.load(...) keeps it)")
@@ -190,8 +194,6 @@ def model_key(envoy: Any) -> str:
 
 def plan_editors(module: Any, plan: Any) -> dict[int, tuple[Any, Any]]:
     """``layer -> (OutputProjection, editor)`` for a plan that can run in a trace (zero / rescale / mean)."""
-    from .interventions import _editors
-
     if plan.mode not in REMOTE_MODES:
         raise InputError("intervention mode cannot run in a remote trace", expected=", ".join(REMOTE_MODES),
                          got=plan.mode, fix="run it locally (apply_plan), or use zero / rescale / mean")
@@ -225,7 +227,7 @@ def edit_heads(x: torch.Tensor, n_heads: int, d_head: int, editor: Any) -> torch
 
 def trace_block(envoy: Any, kwargs: dict[str, Any], operations: list[tuple], backend: Any) -> tuple[Any, list]:
     """The traced block: per operation, in execution order, read attention (``qk``/``weights``) or edit heads."""
-    import nnsight
+    nnsight = require("nnsight", "nnsight")
 
     with envoy.trace(**kwargs, backend=backend):
         collected = nnsight.save([])
@@ -264,8 +266,6 @@ class RemoteNNsightAdapter(NNsightAdapter):
         return prov
 
     def prepare(self, inputs: Any) -> Prepared:
-        from .adapters.hf_text import HFTextAdapter, max_positions_of, token_info, tokenize
-
         on_meta = next(self.module.parameters()).device.type == "meta"
         if not (on_meta and isinstance(self.inner, HFTextAdapter)):
             return super().prepare(inputs)
@@ -337,7 +337,7 @@ def _as_remote_error(exc: Exception, settings: RemoteSettings) -> RemoteError:
 
 # ---- entry points ---------------------------------------------------------------------------------------------------
 
-def remote_adapter(model: Any, *, remote: "bool | str" = True, plan: Any = None,
+def remote_adapter(model: ModelLike, *, remote: "bool | str" = True, plan: Any = None,
                    settings: RemoteSettings | None = None, tokenizer: Any = None,
                    task: str | None = None) -> RemoteNNsightAdapter:
     """The adapter that runs ``model`` through a (remote) nnsight trace; usable wherever ``capture`` takes a model."""
@@ -347,20 +347,18 @@ def remote_adapter(model: Any, *, remote: "bool | str" = True, plan: Any = None,
                                 settings=settings)
 
 
-def remote_capture(model: Any, inputs: Any, *, remote: "bool | str" = True, plan: Any = None,
+def remote_capture(model: ModelLike, inputs: Any, *, remote: "bool | str" = True, plan: Any = None,
                    settings: RemoteSettings | None = None, task: str | None = None, **capture_options: Any):
     """``capture(...)`` through an nnsight trace on the backend, with ``plan`` applied in the trace.
 
     ``capture_options`` are those of ``attnscope.capture`` (``stats``, ``heads``, ``rows`` ...). Returns an
     ``AttentionTrace`` whose provenance records the backend (host, never the key) and the plan.
     """
-    from .capture import capture
-
     adapter = remote_adapter(model, remote=remote, plan=plan, settings=settings, task=task)
     return capture(adapter, inputs, **capture_options)
 
 
-def remote_run(model: Any, inputs: Any, *, remote: "bool | str" = True, plan: Any = None,
+def remote_run(model: ModelLike, inputs: Any, *, remote: "bool | str" = True, plan: Any = None,
                settings: RemoteSettings | None = None) -> Any:
     """Run ``model`` on ``inputs`` in a (remote) trace with ``plan`` applied; returns the model output."""
     adapter = remote_adapter(model, remote=remote, plan=plan, settings=settings)
@@ -369,9 +367,6 @@ def remote_run(model: Any, inputs: Any, *, remote: "bool | str" = True, plan: An
 
 def plan_from_json(text_or_path: str) -> Any:
     """An ``InterventionPlan`` from a JSON string or file (``InterventionPlan.to_dict`` format)."""
-    from .interventions import InterventionPlan
-
-    from .._atomic import read_text
 
     text = text_or_path
     fix = "write the plan with InterventionPlan.to_dict() (json.dumps)"

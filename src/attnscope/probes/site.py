@@ -7,13 +7,17 @@ Example:
     'text.L3.self'
     >>> Site.from_dict(s.to_dict()) == s
     True
+    >>> Site.parse("unet.up.1.L0.cross") == Site("unet.up.1", 0, "cross")   # the inverse of str()
+    True
 """
 
+import re
 from dataclasses import asdict, dataclass
 
 from ..errors import SiteError
 
 SITE_KINDS = ("self", "cross", "joint")
+_SITE = re.compile(r"^(?P<tower>.+)\.L(?P<layer>\d+)\.(?P<kind>[a-z]+)$")
 
 
 @dataclass(frozen=True, order=True)
@@ -40,6 +44,15 @@ class Site:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def parse(cls, text: str) -> "Site":
+        """The site ``str(site)`` printed: ``TOWER.L<layer>.KIND`` (towers may contain dots)."""
+        match = _SITE.match(str(text).strip())
+        if not match:
+            raise SiteError("malformed site", expected="TOWER.L<layer>.KIND, e.g. text.L3.self or unet.up.1.L0.cross",
+                            got=repr(text), fix="copy a site from `attnscope info --model M`")
+        return cls(match["tower"], int(match["layer"]), match["kind"])
 
     @classmethod
     def from_dict(cls, data: dict) -> "Site":

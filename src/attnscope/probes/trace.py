@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .._atomic import atomic_write, check_output
+from .._display import render
 from ..errors import CorruptResultError, InputError, SiteError
 from .site import Site
 from .tokens import TokenInfo
@@ -181,7 +183,6 @@ class AttentionTrace:
                             "n_key": rec.n_key, "meta": rec.meta})
         header = {"format": FORMAT, "records": entries, "tokens": self.tokens.to_dict(),
                   "provenance": self.provenance}
-        from .._atomic import atomic_write, check_output
 
         path = check_output(path)
         try:
@@ -224,10 +225,9 @@ class AttentionTrace:
                                      fix="re-run the capture that wrote it") from None
 
     def show(self, view: str | None = None, **options):
-        """A plotly figure of this trace: pattern, heads or image (see ``attnscope.viz.show_trace``)."""
-        from ..viz.notebook import show_trace
-
-        return show_trace(self, view, **options)
+        """A plotly figure of this trace: pattern, heads or image (the plotting backend's ``show_trace``, by default
+        ``attnscope.viz.notebook.show_trace``; see ``attnscope._display``)."""
+        return render("trace", self, view, **options)
 
     def __repr__(self) -> str:
         kinds = "probs" if any(r.probs is not None for r in self.records.values()) else "stats"

@@ -15,11 +15,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..circuits.registry import get_analysis
 from ..errors import AttnscopeError, InputError
+from ..probes.device_map import parse_device_map, parse_max_memory
+from ..probes.heads import HeadSet
+from ..probes.interventions import MODES
+from ..tasks.generated_suites import GENERATORS, generator
+from ..tasks.references import SuiteRef
+from ..tasks.suites import check_suite_params
 
-SUITE_GENERATORS = ("agreement", "associative_recall", "induction", "ioi", "needle", "needle_grid", "needle_text",
-                    "needle_tokens")
-_ALIASES = {"recall": "associative_recall"}
 _MODEL_KEYS = {"model", "label", "attn_implementation", "device_map", "max_memory", "offload_folder", "dtype",
                "resources"}
 _SUITE_KEYS = {"generator", "path", "label", "params", "seed"}
@@ -103,10 +107,19 @@ class ModelEntry:
     def identity(self) -> dict[str, Any]:
         return {"source": self.source, **{k: self.load[k] for k in sorted(self.load)}}
 
+    def load_options(self) -> dict[str, Any]:
+        """``load`` as ``from_pretrained`` takes it (the spec keeps JSON: device keys and dtype as strings)."""
+        import torch  # the spec is parsed without torch (`attnscope sweep --help` stays quick)
+
+        options = dict(self.load)
+        if "max_memory" in options:
+            options["max_memory"] = parse_max_memory(options["max_memory"])
+        if "dtype" in options:
+            options["dtype"] = getattr(torch, options["dtype"].removeprefix("torch."))
+        return options
+
     @classmethod
     def parse(cls, data: Any, where: str, base_dir: Path, resources: Resources) -> "ModelEntry":
-        from ..probes.device_map import parse_device_map, parse_max_memory
-
         if isinstance(data, str):
             data = {"model": data}
         if not isinstance(data, dict) or not isinstance(data.get("model"), str):
@@ -139,12 +152,6 @@ class ModelEntry:
                        "offload_folder: DIR", None)
         label = _label(data.get("label"), data["model"], where)
         return cls(label, source, load, Resources.parse(data.get("resources"), f"{where}.resources", resources))
-
-
-def _generator(name: str):
-    from .. import datasets
-
-    return getattr(datasets, _ALIASES.get(name, name))
 
 
 @dataclass(frozen=True)
@@ -182,32 +189,24 @@ class SuiteEntry:
                            sorted(params))
             return cls(_label(data.get("label"), path.stem, where), path=str(path.resolve()))
         name = data.get("generator")
-        if _ALIASES.get(name, name) not in SUITE_GENERATORS:
-            raise _err(f"{where}.generator", "unknown suite generator", ", ".join(SUITE_GENERATORS), repr(name),
-                       fix="or give path: SUITE.json")
-        signature = inspect.signature(_generator(name))
-        if "seed" in signature.parameters:
-            params.setdefault("seed", seed)
+        if not isinstance(name, str):
+            raise _err(f"{where}.generator", "a suite entry needs generator or path", ", ".join(GENERATORS),
+                       repr(name), fix="or give path: SUITE.json")
         try:
-            signature.bind_partial(**params)
-        except TypeError as exc:
-            raise _err(where, f"bad parameters for {name}", str(signature), sorted(params), fix=str(exc)) from None
-        required = [p.name for p in signature.parameters.values() if p.default is p.empty
-                    and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in params]
-        if required:
-            raise _err(where, f"missing parameters for {name}", required, sorted(params))
-        return cls(_label(data.get("label"), name, where), generator=_ALIASES.get(name, name), params=params)
+            resolved, fn = generator(name)
+            if "seed" in inspect.signature(fn).parameters:
+                params.setdefault("seed", seed)
+            check_suite_params(SuiteRef(name, params=params))
+        except InputError as exc:
+            what = "unknown suite generator" if exc.got == name else exc.what
+            raise _err(where if exc.got != name else f"{where}.generator", what, exc.expected, exc.got,
+                       exc.fix) from None
+        return cls(_label(data.get("label"), name, where), generator=resolved, params=params)
 
-    def build(self, tokenizer: Any = None):
-        from ..datasets.suite import PromptSuite
-
-        if self.path:
-            return PromptSuite.from_json(Path(self.path))
-        fn = _generator(self.generator)
-        params = dict(self.params)
-        if tokenizer is not None and "tokenizer" in inspect.signature(fn).parameters:
-            params.setdefault("tokenizer", tokenizer)
-        return fn(**params)
+    @property
+    def ref(self) -> SuiteRef:
+        """What ``attnscope.tasks.build_suite`` builds for this entry."""
+        return SuiteRef(self.path, path=self.path) if self.path else SuiteRef(self.generator, params=self.params)
 
 
 @dataclass(frozen=True)
@@ -221,8 +220,6 @@ class AnalysisEntry:
 
     @classmethod
     def parse(cls, data: Any, where: str) -> "AnalysisEntry":
-        from ..circuits.registry import get_analysis
-
         if isinstance(data, str):
             data = {"name": data}
         if not isinstance(data, dict) or not isinstance(data.get("name"), str):
@@ -259,9 +256,6 @@ class InterventionEntry:
 
     @classmethod
     def parse(cls, data: Any, where: str) -> "InterventionEntry":
-        from ..probes.heads import HeadSet
-        from ..probes.interventions import MODES
-
         if data is None or data == "none" or (isinstance(data, dict) and data.get("mode") == "none"):
             return cls(_label(data.get("label") if isinstance(data, dict) else None, "none", where))
         if not isinstance(data, dict):
@@ -274,7 +268,7 @@ class InterventionEntry:
         if not isinstance(heads, str):
             raise _err(f"{where}.heads", "an intervention needs heads", "e.g. 'L0H1,L1H*'", repr(heads))
         try:
-            HeadSet.parse(heads.replace("*", "0"))
+            HeadSet.check_spec(heads)
         except AttnscopeError as exc:
             raise _err(f"{where}.heads", "malformed head spec", exc.expected, heads, exc.fix) from None
         if mode == "rescale" and not isinstance(data.get("scale"), (int, float)):

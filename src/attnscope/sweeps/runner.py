@@ -22,9 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError
+from .._atomic import check_output
+from .._extras import require
+from .._version import library_versions
+from ..errors import InputError, OutputError
 from . import store
-from .cells import versions
 from .spec import Cell, SweepSpec, load_spec, parse_spec
 
 _TASK = None
@@ -80,7 +82,7 @@ def _coerce(spec: Any) -> SweepSpec:
 def start_ray(address: str | None, workers: int | None, verbose: bool = False,
               runtime_env: dict | None = None) -> bool:
     """Join ``address`` or start a local instance with ``workers`` CPUs; True when this call started Ray."""
-    import ray
+    ray = require("ray", "sweeps")
 
     if ray.is_initialized():
         return False
@@ -220,7 +222,9 @@ def run_sweep(spec: Any, out: "str | Path | None" = None, *, address: str | None
     runtime_env: passed to ``ray.init`` (e.g. ``{"py_modules": [...]}`` to ship plugin code to a cluster).
     Returns a ``SweepReport``; read the results with ``load_sweep(out)``.
     """
-    import ray
+    if out is not None:
+        out = check_output(out, folder=True)  # before any work
+    ray = require("ray", "sweeps")
     from tqdm.auto import tqdm
 
     spec = _coerce(spec)
@@ -239,7 +243,7 @@ def run_sweep(spec: Any, out: "str | Path | None" = None, *, address: str | None
             report.skipped.append(cell.id)
         else:
             waiting.append(cell)
-    sweep_info = {"name": spec.name, "spec": spec.raw, "driver_versions": versions(), "remote": spec.remote}
+    sweep_info = {"name": spec.name, "spec": spec.raw, "driver_versions": library_versions(), "remote": spec.remote}
     if not waiting:
         report.seconds = time.perf_counter() - started
         return report
@@ -293,8 +297,6 @@ def _make_folder(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        from ..errors import OutputError
-
         raise OutputError("cannot create the results folder", expected="a writable folder path",
                           got=f"{out} ({type(exc).__name__}: {exc.strerror or exc})",
                           fix="pass --out a folder you can write to") from None

@@ -22,8 +22,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from .._atomic import read_text
+from .._extras import require
+from ..circuits.registry import get_analysis
 from ..errors import InputError
-
 from .entries import (AnalysisEntry, InterventionEntry, ModelEntry, Resources, SuiteEntry, _check_keys, _err,
                       parse_memory)
 
@@ -115,8 +117,6 @@ def _entries(data: dict, key: str, default: list | None = None) -> list:
 
 
 def _check_remote(analyses: list[AnalysisEntry], remote: "bool | str") -> None:
-    from ..circuits.registry import get_analysis
-
     if remote not in (False, True, "local"):
         raise _err("remote", "bad remote mode", "false, true or local", repr(remote))
     if remote:
@@ -170,8 +170,6 @@ def _name(value: Any) -> str:
 
 def parse_spec(data: Any, base_dir: "str | Path | None" = None) -> SweepSpec:
     """Validate a spec mapping (YAML already parsed). Relative paths are relative to ``base_dir`` (default cwd)."""
-    from . import analyses as _builtin  # noqa: F401  (registers head-stats)
-
     base = Path(base_dir or ".").resolve()
     if not isinstance(data, dict):
         raise _err("top level", "a sweep spec is a mapping", "models:, suites:, analyses:", type(data).__name__)
@@ -206,11 +204,27 @@ def parse_spec(data: Any, base_dir: "str | Path | None" = None) -> SweepSpec:
                      dict(data))
 
 
-def load_spec(path: "str | Path") -> SweepSpec:
-    """Read and validate a YAML (or JSON) spec file."""
-    import yaml
+def with_placement(data: Any, device_map: "str | None" = None, max_memory: "str | None" = None) -> Any:
+    """``data`` (a spec mapping) with ``device_map`` / ``max_memory`` added to every model entry that names none
+    (``attnscope sweep --device-map``); anything ``parse_spec`` would refuse is left for it to refuse."""
+    if not (device_map or max_memory) or not isinstance(data, dict) or not isinstance(data.get("models"), list):
+        return data
+    models = []
+    for entry in data["models"]:
+        if isinstance(entry, (str, dict)):
+            entry = {"model": entry} if isinstance(entry, str) else dict(entry)
+            if device_map and "device_map" not in entry:
+                entry["device_map"] = device_map
+            if max_memory and "max_memory" not in entry:
+                entry["max_memory"] = max_memory
+        models.append(entry)
+    return {**data, "models": models}
 
-    from .._atomic import read_text
+
+def load_spec(path: "str | Path", *, device_map: "str | None" = None, max_memory: "str | None" = None) -> SweepSpec:
+    """Read and validate a YAML (or JSON) spec file; ``device_map`` / ``max_memory``: the placement of every model
+    that names none (``with_placement``)."""
+    yaml = require("yaml", "sweeps")
 
     path = Path(path).expanduser()
     text = read_text(path, "sweep spec", "a YAML file (UTF-8)")
@@ -219,8 +233,8 @@ def load_spec(path: "str | Path") -> SweepSpec:
     except (yaml.YAMLError, RecursionError) as exc:
         raise InputError("sweep spec is not valid YAML", expected="a YAML mapping",
                          got=str(exc).replace("\n", " ")[:240]) from None
-    return parse_spec(data, base_dir=path.parent)
+    return parse_spec(with_placement(data, device_map, max_memory), base_dir=path.parent)
 
 
 __all__ = ["AnalysisEntry", "Cell", "InterventionEntry", "ModelEntry", "Resources", "SPEC_FORMAT", "SuiteEntry",
-           "SweepSpec", "cell_id", "load_imports", "load_spec", "parse_memory", "parse_spec"]
+           "SweepSpec", "cell_id", "load_imports", "load_spec", "parse_memory", "parse_spec", "with_placement"]

@@ -30,7 +30,7 @@ from typing import Any
 
 import pandas as pd
 
-from .._atomic import atomic_write
+from .._atomic import atomic_write, read_text
 from ..errors import CorruptResultError
 from ..results import ResultTable
 from .spec import Cell
@@ -129,8 +129,6 @@ def write_manifest(out: "str | Path", spec_raw: dict, cells: list[Cell], name: s
 
 
 def read_manifest(out: "str | Path") -> dict | None:
-    from .._atomic import read_text
-
     path = Path(out) / MANIFEST
     if not path.is_file():
         return None

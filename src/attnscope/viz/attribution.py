@@ -1,7 +1,7 @@
 """Token attribution view: rollout / flow / relevance values as coloured text, wrapped into lines.
 
 Input is a ResultTable (or DataFrame) with ``token``, ``token_index`` and ``value`` columns, one row per token (as
-``attnscope.circuits.relevance.relevance_table`` writes), or plain values with their tokens.
+``attnscope.circuits.relevance_propagation.relevance_table`` writes), or plain values with their tokens.
 
 Example:
     >>> from attnscope.results import ResultTable

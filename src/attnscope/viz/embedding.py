@@ -32,7 +32,11 @@ import numpy as np
 import plotly.graph_objects as go
 import torch
 
+from .._extras import require
 from ..errors import InputError
+from ..probes import edit_attention
+from ..probes.adapter import ModelLike, as_adapter
+from ..probes.head_slices import kv_head_of, output_projections
 from ._common import base_layout, new_figure, short_label
 
 METHODS = ("umap", "pca")
@@ -51,16 +55,12 @@ class QueryKeySample:
     head: int
 
 
-def collect_queries_keys(model: Any, texts: "str | Sequence[str]", layer: int, head: int) -> QueryKeySample:
+def collect_queries_keys(model: ModelLike, texts: "str | Sequence[str]", layer: int, head: int) -> QueryKeySample:
     """Queries and keys of ``(layer, head)`` on ``texts`` (padding dropped), as the model's attention sees them.
 
-    ``model``: a ``LoadedModel`` (``attnscope.load(...)``) or a model the adapters know, with its tokenizer.
+    ``model``: a ``model handle (``attnscope.load``)`` (``attnscope.load(...)``) or a model the adapters know, with its tokenizer.
     """
-    from ..probes.adapters.hf_route import edit_attention
-    from ..probes.capture import resolve_adapter
-    from ..probes.head_slices import kv_head_of, output_projections
-
-    adapter = resolve_adapter(model)
+    adapter = as_adapter(model)
     projections = output_projections(adapter.module)
     if not 0 <= layer < len(projections) or not 0 <= head < projections[layer].n_heads:
         raise InputError("head out of range", expected=f"layer < {len(projections)}, head < "
@@ -115,11 +115,11 @@ def joint_embedding(queries: np.ndarray, keys: np.ndarray, method: str = "pca", 
     q, k = normalize_queries_keys(queries, keys)
     both = np.concatenate([q, k]).astype(np.float32)
     if method == "pca":
-        from sklearn.decomposition import PCA
+        PCA = require("sklearn.decomposition", "embedding").PCA
 
         coords = PCA(n_components=dims, random_state=seed).fit_transform(both)
     else:
-        import umap
+        umap = require("umap", "embedding")
 
         settings = dict(n_components=dims, random_state=seed, n_neighbors=min(15, len(both) - 1), init="random")
         coords = umap.UMAP(**(settings | options)).fit_transform(both)

@@ -25,11 +25,13 @@ from ..probes.trace import AttentionTrace
 from ..results import ResultTable
 from .attribution import token_attribution
 from .curves import PROFILE_X, PRUNING_X, context_profile, pruning_curves
+from .head_lines import head_view
+from .head_thumbnails import model_view
 from .heads import head_grid
 from .images import image_overlay
 from .pattern import attention_pattern
 
-TRACE_VIEWS = ("pattern", "heads", "image")
+TRACE_VIEWS = ("pattern", "heads", "image", "model_view", "head_view")
 TABLE_VIEWS = ("heads", "attribution", "pruning", "profile")
 
 
@@ -69,7 +71,8 @@ def _default_trace_view(trace: AttentionTrace) -> str:
 
 def show_trace(trace: AttentionTrace, view: str | None = None, layer: int = 0, heads: Any = None,
                **options: Any) -> go.Figure:
-    """A figure of ``trace``: ``pattern`` (``attention_pattern``), ``heads`` (entropy or sink grid) or ``image``.
+    """A figure of ``trace``: ``pattern`` (``attention_pattern``), ``heads`` (entropy or sink grid), ``image``,
+    ``model_view`` (every layer x head as thumbnails) or ``head_view`` (token-to-token lines of ``layer``'s heads).
 
     ``view`` defaults to ``image`` for latent/cross-attention traces, ``heads`` for statistics-only traces, else
     ``pattern``. ``options`` go to the figure function (``batch``, ``tower``, ``kind``, ``mode``, ``metric`` ...).
@@ -77,6 +80,10 @@ def show_trace(trace: AttentionTrace, view: str | None = None, layer: int = 0, h
     view = view or _default_trace_view(trace)
     if view not in TRACE_VIEWS:
         raise InputError("unknown trace view", expected=TRACE_VIEWS, got=view)
+    if view == "model_view":
+        return model_view(trace, **options)
+    if view == "head_view":
+        return head_view(trace, layer, heads, **options)
     if view == "heads":
         metric = options.pop("metric", "entropy")
         table = trace_head_table(trace, metric, options.pop("tower", "text"), options.pop("kind", "self"))

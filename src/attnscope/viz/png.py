@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 from jaxtyping import Float
 
+from .._atomic import atomic_write, check_output
+from .._extras import require
 from ..errors import InputError
 
 
@@ -50,6 +52,7 @@ def overlay_image(values: Float[np.ndarray, "height width"], image: "np.ndarray 
                   alpha: float = 0.6, scale: str = "Inferno"):
     """A PIL image ``size`` pixels high: ``image`` (nearest-upsampled) with ``values`` (min-max scaled, bilinear)
     in colour over it (``alpha`` = heat opacity; without an image the heat map alone)."""
+    require("PIL", "viz")
     from PIL import Image
 
     values = np.asarray(values, dtype=np.float64)
@@ -70,6 +73,7 @@ def overlay_image(values: Float[np.ndarray, "height width"], image: "np.ndarray 
 
 def panel_png(panels: Sequence, labels: Sequence[str], path: "str | Path", gap: int = 6) -> Path:
     """Save PIL images side by side with a label under each; returns the path."""
+    require("PIL", "viz")
     from PIL import Image, ImageDraw, ImageFont
 
     if len(panels) != len(labels) or not panels:
@@ -84,7 +88,6 @@ def panel_png(panels: Sequence, labels: Sequence[str], path: "str | Path", gap: 
         sheet.paste(panel, (x, 0))
         draw.text((x + 4, height + 4), label, fill="black", font=font)
         x += panel.size[0] + gap
-    from .._atomic import atomic_write, check_output
 
     path = check_output(path)
     fmt = Image.registered_extensions().get(path.suffix.lower(), "PNG")

@@ -20,9 +20,12 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from .._extras import require
 from ..errors import ModelNotFoundError
 from ._card import read_card
-from ._common import CHECKPOINTS
+
+# the shipped checkpoints (zoo._common.CHECKPOINTS, without importing torch: `attnscope models` lists them)
+CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"
 
 _MODULES = {
     "induction-2l": "induction_2l",
@@ -33,9 +36,20 @@ _MODULES = {
     "shapes-vlm": "shapes_vlm",
     "shapes-diffusion": "shapes_diffusion",
 }
+# organisms that need an optional package: name -> (module, extra)
+_NEEDS = {"shapes-diffusion": ("diffusers", "diffusion")}
 
-__all__ = ["checkpoint_path", "has_own_loader", "list_organisms", "load_card", "load_model", "organism_names",
-           "train", "train_all"]
+# the shapes organisms' behavioural checks, imported on first use (they need torch; `attnscope models` does not)
+_CHECKS = ("concept_scorer", "teacher_forced_daam", "two_object_scenes")
+
+__all__ = ["card_or_none", "checkpoint_path", "concept_scorer", "has_own_loader", "list_organisms", "load_card", "load_model",
+           "model_source", "organism_names", "teacher_forced_daam", "train", "train_all", "two_object_scenes"]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _CHECKS:
+        raise AttributeError(f"module 'attnscope.zoo' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.shapes_checks"), name)
 
 
 def organism_names() -> list[str]:
@@ -43,10 +57,17 @@ def organism_names() -> list[str]:
     return list(_MODULES)
 
 
-def _module(name: str) -> ModuleType:
+def _check_name(name: str) -> None:
     if name not in _MODULES:
         raise ModelNotFoundError(f"unknown zoo organism {name!r}", expected=" | ".join(_MODULES), got=repr(name),
                                  fix="run `attnscope zoo list` to see the organisms")
+
+
+def _module(name: str) -> ModuleType:
+    """The organism's training module (imports torch, transformers and, for shapes-diffusion, diffusers)."""
+    _check_name(name)
+    if name in _NEEDS:
+        require(*_NEEDS[name])
     return importlib.import_module(f".{_MODULES[name]}", __name__)
 
 
@@ -58,7 +79,7 @@ def has_own_loader(name: str) -> bool:
 def checkpoint_path(name: str) -> Path:
     """Directory of the shipped checkpoint of ``name`` (config.json + model.safetensors, or a diffusers pipeline's
     model_index.json, + card.json)."""
-    _module(name)
+    _check_name(name)
     path = CHECKPOINTS / name
     weights = (path / "config.json").is_file() and (path / "model.safetensors").is_file()
     if not weights and not (path / "model_index.json").is_file():
@@ -90,18 +111,41 @@ def load_model(name: str, **kwargs: Any) -> Any:
     return cls.from_pretrained(checkpoint_path(name), **kwargs).eval()
 
 
+def model_source(name: str) -> Any:
+    """What ``attnscope.models.load`` takes for ``name``: the checkpoint folder of a transformers organism, or the
+    organism built by its own ``load(path)`` (a diffusers pipeline, a plain torch module)."""
+    from ..models.loading import quiet_progress_bars  # torch: not at import (`attnscope models` stays quick)
+
+    if not has_own_loader(name):
+        return str(checkpoint_path(name))
+    with quiet_progress_bars(diffusers=True):
+        return _module(name).load(checkpoint_path(name))
+
+
+def card_or_none(name: str) -> dict[str, Any] | None:
+    """``load_card(name)``, or None when the organism has no card yet (not trained)."""
+    try:
+        return load_card(name)
+    except ModelNotFoundError:
+        return None
+
+
 def list_organisms() -> list[dict[str, Any]]:
-    """One dict per organism: name, task, architecture, and (when trained) a summary of its card."""
+    """One dict per organism: name, task, architecture, and (when trained) a summary of its card.
+
+    Reads the shipped cards only; an organism's training module (torch, transformers ...) is imported only when
+    its card is missing."""
     out = []
     for name in _MODULES:
-        spec = dict(_module(name).SPEC)
-        entry: dict[str, Any] = {"name": name, "task": spec["task"], "architecture": spec["architecture"],
-                                 "auto_class": spec["auto_class"], "trained": False}
         try:
             card = load_card(name)
         except ModelNotFoundError:
-            out.append(entry)
+            spec = _module(name).SPEC
+            out.append({"name": name, "task": spec["task"], "architecture": spec["architecture"],
+                        "auto_class": spec["auto_class"], "trained": False})
             continue
+        entry: dict[str, Any] = {"name": name, "task": card["task"], "architecture": card["architecture"]["class"],
+                                 "auto_class": card["auto_class"]}
         entry.update({"trained": True, "path": str(checkpoint_path(name)), "parameters":
                       card["architecture"]["parameters"], "metric": card["evaluation"]["metric"],
                       "accuracy": card["evaluation"]["value"], "ground_truth_heads": card["ground_truth_heads"],

@@ -13,6 +13,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..probes.head_slices import output_projections
+
 CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"
 
 
@@ -123,8 +125,6 @@ def scores_table(scores: torch.Tensor) -> dict[str, float]:
 
 def head_output_norms(model: nn.Module) -> list[torch.Tensor]:
     """Per layer, the Frobenius norm of each head's slice of the attention output projection ``[head]``."""
-    from ..probes.head_slices import output_projections
-
     norms = []
     for proj in output_projections(model):
         weight = proj.module.weight
@@ -166,8 +166,6 @@ def head_group_lasso(model: nn.Module, qk_weight: float = 0.1) -> torch.Tensor:
     norms of its query/key weights. It switches unneeded heads off (their attention patterns fade to uniform too),
     so an organism's circuit uses few heads and its ground truth is crisp; the small query/key weight keeps the
     patterns of the heads in use sharp."""
-    from ..probes.head_slices import output_projections
-
     total = torch.zeros(())
     for proj in output_projections(model):
         ov, qk = _head_groups(proj)
@@ -188,8 +186,6 @@ def prune_dead_heads(model: nn.Module, rel_threshold: float = 0.05) -> list[tupl
 
     Under GQA a KV head's key/value weights are zeroed only when all its query heads are pruned.
     """
-    from ..probes.head_slices import output_projections
-
     projections = output_projections(model)
     norms = head_output_norms(model)
     top = max(float(n.max()) for n in norms)

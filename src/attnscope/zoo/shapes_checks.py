@@ -21,8 +21,13 @@ import torch
 from jaxtyping import Bool
 from torch import Tensor
 
+from ..circuits.daam import daam_from_trace
 from ..datasets.shapes import make_scene
+from ..probes.adapter import module_of
+from ..probes.capturing import capture
+from . import load_model
 from ._shapes import images_of
+from .shapes_classifier import COLOR_CLASSES, SHAPE_CLASSES
 
 NOISE_LEVELS = (100, 300, 500, 700, 900)
 
@@ -41,16 +46,13 @@ def two_object_scenes(n: int, seed: int, image_size: int = 16) -> list[Any]:
 def teacher_forced_daam(pipe: Any, scenes: Sequence[Any], noise_levels: Sequence[int] = NOISE_LEVELS,
                         **daam_options: Any) -> tuple[Any, Bool[Tensor, "batch object height width"]]:
     """DAAM result (words ``object0``, ``object1``; steps = noise levels) and the objects' masks."""
-    import attnscope
-    from ..circuits.daam import daam_from_trace
-
-    pipe = getattr(pipe, "module", pipe)
+    pipe = module_of(pipe)
     x0 = images_of(list(scenes))
     ids = pipe.tokenize([s.caption for s in scenes])
     tokens = [pipe.tokenizer.convert_ids_to_tokens(row) for row in ids.tolist()]
     with torch.no_grad():
         context = pipe.text_encoder(input_ids=ids).last_hidden_state
-    with attnscope.capture(pipe.unet, sites=lambda s: s.kind == "cross") as cap:
+    with capture(pipe.unet, sites=lambda s: s.kind == "cross") as cap:
         for t in noise_levels:
             noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(int(t)))
             noisy = pipe.scheduler.add_noise(x0, noise, torch.full((len(scenes),), int(t)))
@@ -66,9 +68,6 @@ def teacher_forced_daam(pipe: Any, scenes: Sequence[Any], noise_levels: Sequence
 
 def concept_scorer(word: str, classifier: Any = None) -> Callable[[Tensor], float]:
     """``images [n, 3, H, W]`` in [0, 1] -> mean over images of max over halves of P(class ``word``)."""
-    from . import load_model
-    from .shapes_classifier import COLOR_CLASSES, SHAPE_CLASSES
-
     model = classifier if classifier is not None else load_model("shapes-classifier")
     kind = 0 if word in COLOR_CLASSES else 1
     index = (COLOR_CLASSES, SHAPE_CLASSES)[kind].index(word)

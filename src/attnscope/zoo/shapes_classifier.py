@@ -23,15 +23,18 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float, Int
-from safetensors.torch import load_file, save_file
-from torch import Tensor, nn
+from safetensors.torch import save_file
+from torch import nn
 
-from ..datasets.shapes import COLORS, POSITIONS, SHAPES, ShapesScene, make_scene
+from ..datasets.shapes import POSITIONS, make_scene
+from ..errors import ModelNotFoundError
+from . import checkpoint_path, shapes_diffusion as sd
 from ._card import write_card
 from ._common import seed_everything, step_seed, torch_threads, train_loop
 from ._meta import base_card, describe
 from ._shapes import images_of, scene_batch
+from .shapes_judge import predict  # (re-exported: the organism's model, loader and scoring)
+from .shapes_judge import COLOR_CLASSES, SHAPE_CLASSES, ShapesClassifier, agreement, load, targets  # noqa: F401
 
 SPEC = {"name": "shapes-classifier", "task": "per image half: colour and shape of the object there (or none)",
         "architecture": "ShapesClassifier", "auto_class": "attnscope.zoo.shapes_classifier.ShapesClassifier"}
@@ -41,58 +44,6 @@ STEPS = 800
 HELDOUT_SEED = 1_000_031
 HP: dict[str, Any] = {"image_size": 16, "channels": [32, 64], "hidden": 128, "batch_size": 64, "lr": 2e-3,
                       "warmup": 50, "noise_std": 0.15}
-COLOR_CLASSES = ("none",) + tuple(COLORS)
-SHAPE_CLASSES = ("none",) + SHAPES
-
-
-class ShapesClassifier(nn.Module):
-    """Two conv stages and an MLP; logits ``[batch, position, class]`` for colour and shape."""
-
-    def __init__(self, image_size: int = 16, channels: tuple[int, int] = (32, 64), hidden: int = 128):
-        super().__init__()
-        c1, c2 = channels
-        self.features = nn.Sequential(nn.Conv2d(3, c1, 3, padding=1), nn.ReLU(), nn.Conv2d(c1, c1, 3, padding=1),
-                                      nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU())
-        n_out = len(POSITIONS) * (len(COLOR_CLASSES) + len(SHAPE_CLASSES))
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(c2 * (image_size // 2) ** 2, hidden), nn.ReLU(),
-                                  nn.Linear(hidden, n_out))
-
-    def forward(self, images: Float[Tensor, "batch 3 height width"]) -> tuple[Tensor, Tensor]:
-        out = self.head(self.features(images)).reshape(images.shape[0], len(POSITIONS), -1)
-        return out[..., :len(COLOR_CLASSES)], out[..., len(COLOR_CLASSES):]
-
-
-def targets(scenes: list[ShapesScene]) -> Int[Tensor, "batch position 2"]:
-    """Per scene and half: ``[colour class, shape class]`` (0 = nothing there)."""
-    out = torch.zeros(len(scenes), len(POSITIONS), 2, dtype=torch.long)
-    for b, scene in enumerate(scenes):
-        for o in scene.objects:
-            p = POSITIONS.index(o.position)
-            out[b, p] = torch.tensor([COLOR_CLASSES.index(o.color), SHAPE_CLASSES.index(o.shape)])
-    return out
-
-
-@torch.no_grad()
-def predict(model: nn.Module, images: Float[Tensor, "batch 3 height width"]) -> Int[Tensor, "batch position 2"]:
-    """Predicted ``[colour class, shape class]`` per half of images in [-1, 1]."""
-    model.eval()
-    color, shape = model(images)
-    return torch.stack([color.argmax(-1), shape.argmax(-1)], dim=-1)
-
-
-def agreement(model: nn.Module, images: Float[Tensor, "batch 3 height width"],
-              target: Int[Tensor, "batch position 2"]) -> dict[str, float]:
-    """``half_accuracy`` (colour and shape both right), ``color_accuracy``, ``shape_accuracy`` (per half) and
-    ``scene_accuracy`` (every half right)."""
-    pred = predict(model, images)
-    hit = pred == target
-    both = hit.all(-1)
-    return {"half_accuracy": round(float(both.float().mean()), 4),
-            "color_accuracy": round(float(hit[..., 0].float().mean()), 4),
-            "shape_accuracy": round(float(hit[..., 1].float().mean()), 4),
-            "scene_accuracy": round(float(both.all(-1).float().mean()), 4)}
-
-
 def build_model(seed: int = SEED) -> ShapesClassifier:
     seed_everything(seed)
     return ShapesClassifier(HP["image_size"], tuple(HP["channels"]), HP["hidden"])
@@ -118,14 +69,6 @@ def fit(seed: int = SEED, steps: int = STEPS) -> tuple[ShapesClassifier, dict[st
         log = train_loop(model, loss_fn, steps=steps, lr=HP["lr"], warmup=HP["warmup"], desc="shapes-classifier",
                          log_every=50)
     return model, log
-
-
-def load(path: str | Path) -> ShapesClassifier:
-    """The classifier saved in ``path`` (config.json + model.safetensors)."""
-    cfg = json.loads((Path(path) / "config.json").read_text())
-    model = ShapesClassifier(cfg["image_size"], tuple(cfg["channels"]), cfg["hidden"])
-    model.load_state_dict(load_file(str(Path(path) / "model.safetensors")))
-    return model.eval()
 
 
 def save(model: ShapesClassifier, out_dir: str | Path) -> Path:
@@ -154,10 +97,6 @@ def train(out_dir: str | Path, seed: int = SEED, steps: int = STEPS) -> Path:
 
 def _diffusion_agreement(model: nn.Module) -> dict[str, Any] | None:
     """Agreement of the shipped diffusion organism's held-out samples with their prompts (None if not trained)."""
-    from ..errors import ModelNotFoundError
-    from . import checkpoint_path
-    from . import shapes_diffusion as sd
-
     try:
         pipe = sd.load(checkpoint_path("shapes-diffusion"))
     except ModelNotFoundError:

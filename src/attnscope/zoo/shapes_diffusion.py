@@ -25,10 +25,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..datasets.shapes import make_scene, patch_masks
+from ..probes.capturing import capture
+from . import load_model
 from ._card import write_card
 from ._common import seed_everything, step_seed, torch_threads, train_loop
 from ._meta import base_card, describe
 from ._shapes import images_of, scene_batch
+from .shapes_judge import agreement, targets
 from .shapes_pipeline import ShapesDiffusionPipeline, build_components
 
 SPEC = {"name": "shapes-diffusion", "task": "text-to-image generation of 16x16 shapes scenes from captions",
@@ -110,8 +113,6 @@ def sample(pipe: ShapesDiffusionPipeline, prompts: list[str], seed: int, batch: 
 def sample_accuracy(pipe: ShapesDiffusionPipeline, classifier: nn.Module, n: int = 256,
                     seed: int = HELDOUT_SEED) -> dict[str, float]:
     """Classifier-judged agreement of samples with their prompts (captions of held-out scenes)."""
-    from .shapes_classifier import agreement, targets
-
     scenes = [make_scene(seed, i, HP["image_size"]) for i in range(n)]
     images = sample(pipe, [s.caption for s in scenes], seed)
     return agreement(classifier, images * 2 - 1, targets(scenes))
@@ -124,8 +125,6 @@ def head_localisation(pipe: ShapesDiffusionPipeline, n: int = 48, seed: int = HE
     from every pixel of its grid to the word, normalised over pixels. Returns ``{"scores": {head: score},
     "area": mean mask area fraction (the score of a head that ignores the image)}``.
     """
-    import attnscope
-
     scenes = [make_scene(seed, i, HP["image_size"]) for i in range(n)]
     x0 = images_of(scenes)
     ids = pipe.tokenize([s.caption for s in scenes])
@@ -137,7 +136,7 @@ def head_localisation(pipe: ShapesDiffusionPipeline, n: int = 48, seed: int = HE
     for t in NOISE_STEPS:
         gen = torch.Generator().manual_seed(seed + t)
         noisy = pipe.scheduler.add_noise(x0, torch.randn(x0.shape, generator=gen), torch.full((n,), t))
-        trace = attnscope.capture(pipe.unet, {"sample": pipe.unet_input(noisy), "timestep": torch.tensor(t),
+        trace = capture(pipe.unet, {"sample": pipe.unet_input(noisy), "timestep": torch.tensor(t),
                                               "encoder_hidden_states": emb}, sites=lambda s: s.kind == "cross")
         for site in trace.sites:
             probs = trace.get(site).probs  # [batch, head, query, key]
@@ -174,8 +173,6 @@ def train(out_dir: str | Path, seed: int = SEED, steps: int = STEPS) -> Path:
 
 def finish(out_dir: str | Path) -> Path:
     """Measure the saved pipeline (needs the shipped ``shapes-classifier``) and write its card."""
-    from . import load_model
-
     out = Path(out_dir)
     log = json.loads((out / "training_log.json").read_text())
     pipe = load(out)

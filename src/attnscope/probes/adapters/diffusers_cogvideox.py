@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..._extras import require
 from ...errors import UnsupportedAttentionError
 from ..adapter import register_adapter
 from .diffusers_sequence import Layout, ReferenceProcessor, SequenceAdapter, merge_heads, rope_table, rotate_pairs
@@ -38,6 +39,7 @@ _PROCESSORS = ("CogVideoXAttnProcessor2_0",)
 def tiny_cogvideox(seed: int = 0, rotary: bool = False) -> nn.Module:
     """A random-init 2-block CogVideoXTransformer3DModel (2 heads of 16; ``rotary``: 5B-style 3D RoPE instead of
     sin-cos position embeddings)."""
+    require("diffusers", "diffusion")
     from diffusers import CogVideoXTransformer3DModel
 
     torch.manual_seed(seed)

@@ -30,8 +30,10 @@ import torch
 from torch import Tensor, nn
 
 from ...errors import InputError, UnsupportedAttentionError
-from ..adapter import ModelAdapter, ModelInfo, Prepared, TowerInfo
+from ..adapter import ModelAdapter, Prepared
+from ..model_info import ModelInfo, TowerInfo
 from ..recorder import Recorder
+from ..request import CaptureRequest
 from ..site import Site
 from ..tokens import Span, TokenInfo
 from .source_check import method_mentions
@@ -458,8 +460,6 @@ class DiffusersAdapter(ModelAdapter):
 
 def reference_by_step(adapter: ModelAdapter, prepared: Prepared) -> dict[Site, list[Tensor]]:
     """Probabilities per site, indexed by step, from the eager (materialising) path of ``adapter``."""
-    from ..request import CaptureRequest
-
     recorder = Recorder(CaptureRequest(patterns=True))
     with adapter.instrument(recorder, implementation="eager"):
         adapter.run(prepared)

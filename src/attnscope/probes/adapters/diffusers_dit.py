@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..._extras import require
 from ..adapter import register_adapter
 from .diffusers_common import DiffusersAdapter
 
@@ -32,6 +33,7 @@ def block_index(name: str) -> int | None:
 
 def tiny_pixart(seed: int = 0) -> nn.Module:
     """A random-init 2-block PixArtTransformer2DModel on an 8x8 latent (patch 2 -> 4x4 grid)."""
+    require("diffusers", "diffusion")
     from diffusers import PixArtTransformer2DModel
 
     torch.manual_seed(seed)
@@ -42,6 +44,7 @@ def tiny_pixart(seed: int = 0) -> nn.Module:
 
 def tiny_dit(seed: int = 0) -> nn.Module:
     """A random-init 2-block class-conditional DiTTransformer2DModel on an 8x8 latent."""
+    require("diffusers", "diffusion")
     from diffusers import DiTTransformer2DModel
 
     torch.manual_seed(seed)

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from ...errors import UnsupportedAttentionError, UnsupportedModelError
+from ..adapter import adapter_for
 from . import diffusers_common as dc
 
 # editor(module, query, key, value, mask, *, scaling, is_causal, softcap, output) -> output [batch, query, head, d]
@@ -100,8 +101,6 @@ def _check(edit: _Edit) -> Callable:
 
 def _skip_rule(denoiser: nn.Module) -> Callable[[nn.Module], int]:
     """How many SDPA calls of a module come before the one capture reads and edits (the adapter's ``skip_calls``)."""
-    from ..adapter import adapter_for
-
     try:
         adapter = adapter_for(denoiser)
     except UnsupportedModelError:

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..._extras import require
 from ...errors import UnsupportedAttentionError
 from ..adapter import register_adapter
 from .diffusers_sequence import Layout, ReferenceProcessor, SequenceAdapter, merge_heads, rope_table, rotate_pairs
@@ -39,6 +40,7 @@ _PROCESSORS = ("FluxAttnProcessor", "FluxAttnProcessor2_0")
 
 def tiny_flux(seed: int = 0, layers: int = 1, single_layers: int = 1) -> nn.Module:
     """A random-init FluxTransformer2DModel: 2 heads of 8, rotary axes (2, 2, 4), guidance-free (schnell class)."""
+    require("diffusers", "diffusion")
     from diffusers import FluxTransformer2DModel
 
     torch.manual_seed(seed)

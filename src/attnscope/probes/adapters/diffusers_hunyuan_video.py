@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..._extras import require
 from ...errors import UnsupportedAttentionError
 from ..adapter import register_adapter
 from .diffusers_sequence import (Layout, ReferenceProcessor, SequenceAdapter, merge_heads, rope_table, rotate_pairs,
@@ -49,6 +50,7 @@ _SELF_PROCESSORS = ("AttnProcessor2_0",)
 
 def tiny_hunyuan_video(seed: int = 0) -> nn.Module:
     """A random-init HunyuanVideoTransformer3DModel: 1 refiner, 1 double and 1 single block, 2 heads of 8."""
+    require("diffusers", "diffusion")
     from diffusers import HunyuanVideoTransformer3DModel
 
     torch.manual_seed(seed)

@@ -27,12 +27,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..._extras import require
 from ...errors import InputError
-from ..adapter import ModelAdapter, ModelInfo, Prepared, register_adapter, registered_adapters
+from ..adapter import ModelAdapter, Prepared, register_adapter, registered_adapters
+from ..model_info import ModelInfo
 from ..recorder import Recorder
 from ..site import Site
 from ..tokens import Span, TokenInfo
 from .diffusers_common import DenoiserState, DiffusersAdapter, reference_by_step
+from .diffusers_unet import tiny_unet
 from .hf_text import token_info
 
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -220,10 +223,10 @@ def tiny_clip_tokenizer(max_length: int = 16) -> Any:
 
 def tiny_sd_pipeline(seed: int = 0) -> Any:
     """A random-init StableDiffusionPipeline: tiny CLIP text encoder, UNet and VAE, DDIM scheduler (~0.1 s)."""
+    require("diffusers", "diffusion")
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from .diffusers_unet import tiny_unet
 
     torch.manual_seed(seed)
     text = CLIPTextModel(CLIPTextConfig(vocab_size=56, hidden_size=12, intermediate_size=24, num_hidden_layers=1,

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..._extras import require
 from ..adapter import register_adapter
 from .diffusers_common import DiffusersAdapter, is_joint
 from .diffusers_dit import block_index
@@ -33,6 +34,7 @@ from .diffusers_dit import block_index
 
 def tiny_sd3(seed: int = 0, qk_norm: str | None = "rms_norm") -> nn.Module:
     """A random-init 3-block SD3Transformer2DModel (block 0 with SD3.5 dual attention, last block context-pre-only)."""
+    require("diffusers", "diffusion")
     from diffusers import SD3Transformer2DModel
 
     torch.manual_seed(seed)

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..._extras import require
 from ..adapter import register_adapter
 from .diffusers_common import DiffusersAdapter
 
@@ -31,6 +32,7 @@ _BLOCK = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.|^(mid_block)\.")
 
 def tiny_unet(seed: int = 0, cross_attention_dim: int = 12) -> nn.Module:
     """A random-init 2-level UNet2DConditionModel (8 attention sites, ~0.02 s to build)."""
+    require("diffusers", "diffusion")
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..._extras import require
 from ...errors import UnsupportedAttentionError
 from ..adapter import register_adapter
 from .diffusers_sequence import (Layout, ReferenceProcessor, SequenceAdapter, merge_heads, rope_table, rotate_pairs,
@@ -40,6 +41,7 @@ TEXT_CONTEXT = 512  # WanAttnProcessor: the last 512 context tokens are text, an
 
 def tiny_wan(seed: int = 0, image_dim: int | None = None) -> nn.Module:
     """A random-init 2-block WanTransformer3DModel (2 heads of 12; ``image_dim`` makes it image-to-video)."""
+    require("diffusers", "diffusion")
     from diffusers import WanTransformer3DModel
 
     torch.manual_seed(seed)

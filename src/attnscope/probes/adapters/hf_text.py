@@ -22,7 +22,9 @@ import torch
 from torch import nn
 
 from ...errors import InputError, InputTooLongError
-from ..adapter import ModelAdapter, ModelInfo, Prepared, TowerInfo, register_adapter
+from ..adapter import ModelAdapter, Prepared, register_adapter
+from ..device_map import input_device
+from ..model_info import ModelInfo, TowerInfo
 from ..recorder import Recorder
 from ..site import Site
 from ..tokens import Span, TokenInfo
@@ -182,8 +184,6 @@ class HFTextAdapter(ModelAdapter):
                          name=self.name or getattr(cfg, "_name_or_path", ""))
 
     def prepare(self, inputs: Any) -> Prepared:
-        from ..device_map import input_device
-
         device = input_device(self.module)
         kwargs = tokenize(inputs, self.tokenizer, device, max_positions_of(self.module.config))
         if is_encoder_decoder(self.module) and "decoder_input_ids" not in kwargs and "labels" not in kwargs:

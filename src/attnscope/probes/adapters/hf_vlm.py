@@ -32,8 +32,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...errors import InputError
-from ..adapter import ModelAdapter, ModelInfo, Prepared, TowerInfo, register_adapter
+from ...errors import InputError, InputTooLongError
+from ..adapter import ModelAdapter, Prepared, register_adapter
+from ..model_info import ModelInfo, TowerInfo
 from ..recorder import Recorder
 from ..site import Site
 from ..tokens import Span, TokenInfo
@@ -188,8 +189,6 @@ class HFVisionLanguageAdapter(ModelAdapter):
         self._check_image_tokens(kwargs)
         limit = max_positions_of(self.module.config.text_config)
         if limit and kwargs["input_ids"].shape[-1] > limit:
-            from ...errors import InputTooLongError
-
             raise InputTooLongError("input longer than the model's context", expected=f"<= {limit} tokens",
                                     got=f"{kwargs['input_ids'].shape[-1]} tokens", fix="shorten the text")
         device, dtype = self._device(), self._dtype()

@@ -29,7 +29,8 @@ from typing import Any
 import torch
 
 from ...errors import CaptureError
-from ..adapter import ModelAdapter, ModelInfo, Prepared, adapter_for, register_adapter
+from ..adapter import ModelAdapter, Prepared, adapter_for, register_adapter
+from ..model_info import ModelInfo
 from ..recorder import Recorder
 from ..site import Site
 from ..statistics import attention_from_qk

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from ..._extras import require
 from .diffusers_dit import tiny_pixart
 from .diffusers_pipeline import tiny_clip_tokenizer
 from .diffusers_sd3 import tiny_sd3
@@ -46,6 +47,7 @@ def tiny_t5_tokenizer(max_length: int = 16, words: tuple[str, ...] = TINY_WORDS)
 
 
 def _tiny_vae() -> Any:
+    require("diffusers", "diffusion")
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
@@ -62,6 +64,7 @@ def _tiny_t5(vocab_size: int, d_model: int = 12) -> Any:
 
 def tiny_pixart_pipeline(seed: int = 0) -> Any:
     """A random-init PixArtAlphaPipeline: tiny T5 encoder (d 12), ``tiny_pixart`` transformer, VAE, DDIM."""
+    require("diffusers", "diffusion")
     from diffusers import DDIMScheduler, PixArtAlphaPipeline
 
     torch.manual_seed(seed)
@@ -87,6 +90,7 @@ def tiny_sd3_pipeline(seed: int = 0) -> Any:
 
     Text keys of the joint attention are ``[CLIP tokens (16); T5 tokens (max_sequence_length)]``.
     """
+    require("diffusers", "diffusion")
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
     torch.manual_seed(seed)

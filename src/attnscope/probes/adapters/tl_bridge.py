@@ -18,8 +18,9 @@ The reference ``validate`` compares against is independent of the bridge: for HF
 the wrapped HF model (same weights, the bridge's wrappers stripped) run with HF's own eager attention; for native
 bridges, a plain-torch recomputation from ``hook_q`` / ``hook_k``.
 
-Multimodal bridges are refused (see ``attnscope.probes.tl_guard``: booting one offline makes TransformerLens run
-``pip install torchvision``). Importing this module installs that guard.
+Multimodal bridges are refused (see ``attnscope.probes.adapters.tl_guard``: booting one offline makes TransformerLens
+run ``pip install torchvision``). Importing this module changes nothing: the guard is installed when the adapter is
+first used (it matches a bridge, or ``boot_bridge`` boots one) and ``tl_guard.uninstall()`` removes it.
 
 Example (offline; ``boot_bridge`` stores the tokenizer in a temporary folder so TransformerLens never needs the hub):
     >>> import transformers
@@ -43,21 +44,22 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..._extras import require
 from ...errors import CaptureError, InputError, UnsupportedModelError
-from .. import tl_guard
-from ..adapter import ModelAdapter, ModelInfo, Prepared, TowerInfo, register_adapter
+from ..adapter import ModelAdapter, Prepared, register_adapter
+from ..model_info import ModelInfo, TowerInfo
 from ..recorder import Recorder
 from ..site import Site
+from . import tl_guard
 from .hf_route import attention_modules, route_attention
 from .hf_text import token_info, tokenize
-
-tl_guard.install()
 
 _PATTERN_HOOK = re.compile(r"^blocks\.(\d+)\.attn\.hook_pattern$")
 _WRAPPER = "._original_component"
 
 
 def _is_bridge(obj: Any) -> bool:
+    """True for a TransformerLens ``TransformerBridge`` (by class name: never imports TransformerLens)."""
     return any(c.__name__ == "TransformerBridge" and c.__module__.startswith("transformer_lens")
                for c in type(obj).__mro__)
 
@@ -115,6 +117,7 @@ def boot_bridge(hf_model: nn.Module, tokenizer: Any, name: str | None = None, de
     Refuses multimodal models before TransformerLens sees them. TransformerLens re-loads the tokenizer from its
     ``name_or_path``; a tokenizer built in memory is saved to a temporary folder first so that works offline.
     """
+    require("transformer_lens", "tl")
     tl_guard.install()
     tl_guard.refuse_multimodal(hf_model.config)
     refuse_unfaithful_config(hf_model.config)
@@ -175,7 +178,10 @@ class TLBridgeAdapter(ModelAdapter):
 
     @classmethod
     def matches(cls, module: Any) -> bool:
-        return _is_bridge(module)
+        if not _is_bridge(module):
+            return False
+        tl_guard.install()  # first use of the adapter: from now on TransformerLens never pip-installs torchvision
+        return True
 
     # -- structure --------------------------------------------------------------------------------------------------
 

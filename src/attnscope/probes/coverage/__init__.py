@@ -7,7 +7,7 @@ attnscope.probes.coverage --write`` regenerates ``attnscope/probes/coverage.json
 ``row_for_model(model)`` finds a model's row (by class name, then ``config.model_type``).
 
 Columns: ``capture`` (every site recorded), ``patterns`` (probabilities equal the model's own eager weights, else
-the adapter's reference, atol 1e-5), ``validate`` (``attnscope.probes.validate`` is ok), ``statistics``
+the adapter's reference, atol 1e-5), ``validate`` (``attnscope.probes.fidelity`` is ok), ``statistics``
 (streaming entropy / mass / top-k equal ``statistics_from_probs`` of the reference), ``outputs`` (bit-identical
 with and without capture, attention implementation unchanged), and ``zero``, ``rescale``, ``mean``,
 ``resample``, ``uniform`` (``apply_plan`` equals an independent reference edit, see ``reference_edits``).
@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from ..adapter import ModelLike, module_of
 from .catalogue import ARCHITECTURES, KINDS, Architecture, inputs_for
 from .checks import CAPTURE_CHECKS, Subject
 from .intervention_checks import INTERVENTION_MODES, check_mode
@@ -47,7 +48,7 @@ def _one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def _class_name(model: Any) -> str:
+def _class_name(model: ModelLike) -> str:
     return f"{type(model).__module__.split('.')[0]}.{type(model).__name__}"
 
 
@@ -76,10 +77,10 @@ def load_matrix() -> dict[str, Any]:
     return json.loads(text)
 
 
-def row_for_model(model: Any) -> tuple[str, dict[str, Any]] | None:
+def row_for_model(model: ModelLike) -> tuple[str, dict[str, Any]] | None:
     """``(name, row)`` of the model's architecture in the shipped matrix, by class name, then by
     ``config.model_type``; a diffusers pipeline is looked up by its denoiser. None when it is not there."""
-    model = getattr(model, "module", model)
+    model = module_of(model)
     model = getattr(model, "transformer", None) or getattr(model, "unet", None) or model \
         if hasattr(model, "components") else model
     rows = load_matrix()["architectures"]
@@ -94,7 +95,7 @@ def row_for_model(model: Any) -> tuple[str, dict[str, Any]] | None:
     return None
 
 
-def summary_line(model: Any) -> str:
+def summary_line(model: ModelLike) -> str:
     """One line for ``attnscope info``: the coverage cells of the model's architecture."""
     found = row_for_model(model)
     if found is None:

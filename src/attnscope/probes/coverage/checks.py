@@ -11,6 +11,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..adapter import as_adapter
+from ..capturing import capture
+from ..fidelity import validate
 from ..site import Site
 from ..statistics import statistics_from_probs
 from .outcome import Verdict, fail, magnitude, max_diff, tensors
@@ -88,9 +91,7 @@ class Subject:
 
     @property
     def adapter(self) -> Any:
-        from ..loading import load
-
-        return self.memo("adapter", lambda: load(self.model).adapter)
+        return self.memo("adapter", lambda: as_adapter(self.model))
 
     @property
     def prepared(self) -> Any:
@@ -102,8 +103,6 @@ class Subject:
 
     @property
     def trace(self) -> Any:
-        from ..capture import capture
-
         self.base_output  # noqa: B018 - the uncaptured run comes first
         return self.memo("trace", lambda: capture(self.adapter, self.inputs))
 
@@ -224,8 +223,6 @@ def check_patterns(subject: Subject) -> None:
 
 
 def check_validate(subject: Subject) -> None:
-    from ..validate import validate
-
     report = validate(subject.adapter)
     if not report.ok:
         raise fail("; ".join(report.failures))
@@ -233,8 +230,6 @@ def check_validate(subject: Subject) -> None:
 
 def check_statistics(subject: Subject) -> None:
     """Streaming entropy, span mass and top-k equal ``statistics_from_probs`` of the reference weights."""
-    from ..capture import capture
-
     trace = capture(subject.adapter, subject.inputs, stats=STATS, topk=TOPK, mass_spans=SPANS)
     if set(trace.records) != set(subject.trace.records):
         raise fail(f"statistics recorded {len(trace.records)} (site, call) pairs, patterns "

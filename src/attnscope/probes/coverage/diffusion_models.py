@@ -10,10 +10,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..._extras import require
+
 
 def _diffusers(model: str, **kwargs: Any) -> Callable[[], nn.Module]:
     def build() -> nn.Module:
-        import diffusers
+        diffusers = require("diffusers", "diffusion")
 
         torch.manual_seed(0)
         return getattr(diffusers, model)(**kwargs).eval()

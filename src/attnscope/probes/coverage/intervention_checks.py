@@ -5,7 +5,10 @@ from typing import Any
 
 import torch
 
-from .catalogue import token_batch
+from ..head_slices import output_projections
+from ..heads import Head, HeadSet
+from ..interventions import InterventionPlan, apply_plan, resample_plan
+from .catalogue import inputs_for, token_batch
 from .checks import Subject
 from .outcome import fail, magnitude, max_diff, tensors
 from .reference_edits import (ATOL, RTOL, SCALE, VISIBLE, Edit, add_edit, record_edit, replace_edit, run_reference,
@@ -16,8 +19,6 @@ class Targets:
     """The heads every intervention column edits and the attention modules that compute them."""
 
     def __init__(self, subject: Subject):
-        from ..head_slices import output_projections
-
         self.projections = output_projections(subject.model)
         last = len(self.projections) - 1
         pairs = {(0, 0), (last, self.projections[last].n_heads - 1)}
@@ -30,8 +31,6 @@ class Targets:
             self.layer_of[id(module)] = layer
 
     def heads(self) -> Any:
-        from ..heads import HeadSet
-
         return HeadSet(self.pairs)
 
     def edits(self, make) -> dict[int, Edit]:
@@ -61,8 +60,6 @@ def _recorded(subject: Subject, inputs: dict[str, Any], key: str) -> dict[int, d
 
 
 def _mean_inputs(subject: Subject) -> dict[str, Any]:
-    from .catalogue import inputs_for
-
     return inputs_for(subject.name, subject.model, seed=1)
 
 
@@ -87,8 +84,6 @@ def _source(subject: Subject) -> dict[str, torch.Tensor]:
 def _plan_and_reference(subject: Subject, mode: str) -> tuple[Any, Callable[[], dict[int, Edit]]]:
     """The plan of ``mode`` and a thunk making its reference edits (run after ``apply_plan``, so that a refusal
     by attnscope is reported before any reference failure)."""
-    from ..interventions import InterventionPlan, resample_plan
-
     targets = _targets(subject)
     heads = targets.heads()
     if mode == "zero":
@@ -102,7 +97,7 @@ def _plan_and_reference(subject: Subject, mode: str) -> tuple[Any, Callable[[], 
         gen = torch.Generator().manual_seed(3)
         vectors = {mid: {h: torch.randn(targets.projections[targets.layer_of[mid]].d_head, generator=gen)
                          for h in hs} for mid, hs in targets.modules.items()}
-        values = {f"L{targets.layer_of[mid]}H{h}": v.tolist() for mid, hv in vectors.items() for h, v in hv.items()}
+        values = {Head(targets.layer_of[mid], h): v.tolist() for mid, hv in vectors.items() for h, v in hv.items()}
         return InterventionPlan(heads, "steer", vectors=values), \
             lambda: targets.edits(lambda mid, hs: add_edit(vectors[mid]))
     if mode == "mean":
@@ -112,7 +107,7 @@ def _plan_and_reference(subject: Subject, mode: str) -> tuple[Any, Callable[[], 
             raise fail(f"reference could not record the mean ({type(error).__name__}: {error})") from error
         means = {mid: {h: out.double().mean((0, 1)).float() for h, out in heads_out.items()}
                  for mid, heads_out in recorded.items()}
-        values = {f"L{targets.layer_of[mid]}H{h}": v.tolist() for mid, hv in means.items() for h, v in hv.items()}
+        values = {Head(targets.layer_of[mid], h): v.tolist() for mid, hv in means.items() for h, v in hv.items()}
         plan = InterventionPlan(heads, "mean", mean_values=values)
         return plan, lambda: targets.edits(lambda mid, hs: replace_edit(means[mid]))
     plan = resample_plan(heads, [_resample_ids(subject)], seed=0)
@@ -162,8 +157,6 @@ def _probe(subject: Subject) -> None:
 def check_mode(subject: Subject, mode: str) -> None:
     """``apply_plan`` of ``mode`` (on the model's own attention kernel) gives the outputs of the reference edit
     (on the eager reference function), compared wherever the two kernels agree without edits."""
-    from ..interventions import apply_plan
-
     _targets(subject)
     _probe(subject)
     plan, reference_edits = _plan_and_reference(subject, mode)

@@ -7,6 +7,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..._extras import require
+
 RESULTS_PATH = Path(__file__).resolve().parents[1] / "coverage.json"
 REPO_ROOT = Path(__file__).resolve().parents[4]
 DOCS_PATH = REPO_ROOT / "docs" / "architectures.md"
@@ -44,9 +46,11 @@ def dumps(matrix: dict[str, Any]) -> str:
 
 def build_matrix(names: list[str], check_row: Callable[[str], dict], columns: tuple[str, ...],
                  progress: Callable[[str], None] = lambda line: None) -> dict[str, Any]:
-    import diffusers
     import torch
     import transformers
+
+
+    diffusers = require("diffusers", "diffusion")
 
     rows = {}
     for name in names:
