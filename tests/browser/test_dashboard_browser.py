@@ -216,3 +216,26 @@ def test_download_of_a_listed_file_works(browser, server):
     response = conn.getresponse()
     assert response.status == 200 and response.read()[:4] == b"PAR1"
     conn.close()
+
+
+def test_attribution_table_shows_tokens_not_an_error(browser, server, results_dir, snap):
+    """Issue #21: a token attribution table (as ``attnscope attribute`` writes) is drawn as coloured tokens with a
+    layer picker, not the clipped "no per-head rows" error. Its run sorts last, so the other tests' first run stays
+    demo/."""
+    import numpy as np
+
+    from attnscope.circuits.token_attribution import attribution_table
+
+    values = np.linspace(0.1, 0.9, 3 * 5).reshape(3, 5)
+    attribution_table(values, tokens=["[CLS]", "the", "cat", "sat", "[SEP]"], method="rollout").save(
+        results_dir / "zz_attr" / "attr.parquet")
+    browser.get(server + "/?table=zz_attr/attr.parquet")
+    title = _wait(browser, "const t = document.querySelector('#head-grid .gtitle'); "
+                           "return t && t.textContent.includes('rollout') && t.textContent;", 30)
+    assert "layer 2" in title
+    assert browser.find_element("css selector", "#grid-msg").text == ""
+    shown = browser.execute_script("""
+        const gd = document.querySelector('#head-grid .js-plotly-plot');
+        return [Array.from(gd.calcdata[0][0].z[0]), document.querySelector('#attr-layer-box').style.display];""")
+    assert np.allclose(shown[0][:5], values[2], atol=1e-6) and shown[1] != "none"  # the last layer's values drawn
+    snap("09_attribution_table")

@@ -106,3 +106,38 @@ def test_concurrent_reader_never_sees_a_partial_file(tmp_path):
         writer.join(30)
     assert writer.exitcode == 0 and reads > 5 and len(versions) > 1, (reads, versions)
     assert not list(part.parent.glob(".*.tmp"))
+
+
+def test_every_column_of_every_cell_is_read(tmp_path):
+    """Issue #21: cells with different columns; ``pd.read_parquet`` takes one file's schema unless given
+    ``sweep_schema``, ``load_sweep`` keeps them all."""
+    a, b = _cells()
+    store.write_manifest(tmp_path, SPEC, [a, b], "t")
+    store.write_cell(tmp_path, a, _result(3), {})
+    wide = _result(2)
+    wide["df"] = wide["df"].assign(extra=1.5, note="x", n=2)
+    store.write_cell(tmp_path, b, wide, {})
+    expected = set(store.LABEL_COLUMNS) | {"analysis", "layer", "head", "metric", "value", "extra", "note", "n"}
+    assert len(expected) == 14
+    table = store.load_sweep(tmp_path)
+    assert set(table.df.columns) == expected and len(table) == 5
+    assert table.df.set_index("cell").loc[b.id, "note"].tolist() == ["x", "x"]
+    schema = store.sweep_schema(tmp_path)
+    assert set(schema.names) == expected and not schema.metadata
+    read = pd.read_parquet(tmp_path, schema=schema)
+    assert set(read.columns) == expected and len(read) == 5
+    assert sorted(read.loc[read.cell == b.id, "extra"].tolist()) == [1.5, 1.5]
+    assert read.loc[read.cell == a.id, "extra"].isna().all()
+
+
+def test_sweep_schema_of_incompatible_cells_is_a_corrupt_result(tmp_path):
+    from attnscope.errors import CorruptResultError
+
+    a, b = _cells()
+    store.write_cell(tmp_path, a, _result(2), {})
+    bad = _result(2)
+    bad["df"] = bad["df"].assign(value=["high", "low"])
+    store.write_cell(tmp_path, b, bad, {})
+    with pytest.raises(CorruptResultError):
+        store.sweep_schema(tmp_path)
+    assert len(store.load_sweep(tmp_path, all_cells=True)) == 4

@@ -12,9 +12,10 @@ from urllib.parse import parse_qs, quote
 
 import plotly.graph_objects as go
 
-from ..errors import AttnscopeError
+from ..errors import AttnscopeError, InputError
 from ..probes.site import Site
 from ..viz._common import base_layout, new_figure
+from ..viz.attribution import attribution_by_layer, token_attribution
 from ..viz.heads import head_grid, head_grid_diff
 from ..viz.pattern import attention_pattern, top_attended, trace_pattern
 from .data import load_site, load_table, read_json, trace_header
@@ -25,6 +26,7 @@ from .target import resolve_target, site_of as _site_of, site_value, target_head
 
 MAP_TABLE_NOTE = ("this table holds heat maps (word × y × x), not per-head values:<br>"
                   "see the Maps card below the pattern view")
+ALL_LAYERS = "all"  # the attribution layer picker's value for the layers x tokens heat map
 
 
 def message_figure(text: str, height: int = 300, color: str = "#8a1c12") -> go.Figure:
@@ -68,6 +70,43 @@ def clicked_head(click: Any) -> tuple[int, int] | None:
         return None
 
 
+def is_attribution_table(df: Any) -> bool:
+    """True for a token attribution table (``token`` and ``token_index`` columns, as ``attnscope attribute``
+    writes); the same rule as ``viz.notebook.show_table``."""
+    return {"token", "token_index"} <= set(df.columns)
+
+
+def attribution_layers(df: Any) -> list[int]:
+    """The sorted layers of an attribution table (one per row group; ``[-1]`` for a single, layer-less one)."""
+    return sorted(int(v) for v in df["layer"].unique())
+
+
+def layer_choice(root: ResultsRoot, table: str | None) -> tuple[list[dict], Any, bool]:
+    """(options, value, shown) of the attribution layer picker: each layer plus "all layers", the last layer
+    picked; hidden (no options) for other tables and for attribution tables with one layer."""
+    if not table:
+        return [], None, False
+    try:
+        df = load_table(root.resolve(table, ("table",))).df
+    except AttnscopeError:
+        return [], None, False
+    if not is_attribution_table(df) or df["layer"].nunique() < 2:
+        return [], None, False
+    layers = attribution_layers(df)
+    options = [{"label": f"layer {layer}", "value": layer} for layer in layers]
+    return options + [{"label": "all layers", "value": ALL_LAYERS}], layers[-1], True
+
+
+def grid_click(click: Any) -> tuple[int, int] | None:
+    """``clicked_head`` of a click on the grid card; None for a click on a token of an attribution table (its
+    ``customdata`` is the token position, a number, where head-grid cells carry ``[layer, head]``)."""
+    try:
+        data = click["points"][0].get("customdata")
+    except (KeyError, IndexError, TypeError, AttributeError):
+        return None
+    return None if isinstance(data, (int, float)) else clicked_head(click)
+
+
 def _metric_choice(root: ResultsRoot, table: str | None) -> tuple[list[str], str | None]:
     if not table:
         return [], None
@@ -75,7 +114,7 @@ def _metric_choice(root: ResultsRoot, table: str | None) -> tuple[list[str], str
         df = load_table(root.resolve(table, ("table",))).df
     except AttnscopeError:
         return [], None
-    per_head = df[(df["layer"] >= 0) & (df["head"] >= 0)]
+    per_head = df if is_attribution_table(df) else df[(df["layer"] >= 0) & (df["head"] >= 0)]
     metrics = list(dict.fromkeys(per_head["metric"].astype(str)))
     return metrics, metrics[0] if metrics else None
 
@@ -129,21 +168,61 @@ def selection(root: ResultsRoot, trigger: str | None, search: str | None, run: s
     return out
 
 
-def grid_view(root: ResultsRoot, table: str, metric: str | None, selected: Any = None) -> go.Figure:
-    """The head grid of a table; heat-map tables (layer = head = -1) get a note pointing to the Maps card."""
+def grid_view(root: ResultsRoot, table: str, metric: str | None, selected: Any = None,
+              layer: Any = None) -> go.Figure:
+    """The head grid of a table; heat-map tables (layer = head = -1) get a note pointing to the Maps card, and
+    token attribution tables (``attnscope attribute``) their token view (``attribution_view``)."""
     path = root.resolve(table, ("table",))
     loaded = load_table(path)
     if is_map_table(loaded.df):
         return message_figure(MAP_TABLE_NOTE, color="#555")
+    if is_attribution_table(loaded.df):
+        return attribution_view(loaded, table, metric, layer)
     sel = tuple(int(v) for v in selected) if selected else None
     return head_grid(loaded, metric, title=f"{metric} · {table}", selected=sel)
+
+
+def _picked_layer(layer: Any, layers: list[int]) -> int | None:
+    """The layer asked for (``None``: the last); a value from the browser that is not a layer of the table is an
+    InputError (component values can be forged)."""
+    if layer is None or len(layers) < 2:
+        return None
+    try:
+        picked: int | None = int(str(layer).strip())
+    except ValueError:
+        picked = None
+    if picked not in layers:
+        raise InputError("layer not in table", expected=layers, got=str(layer)[:40], fix="pick a listed layer")
+    return picked
+
+
+def attribution_view(loaded: Any, table: str, metric: str | None, layer: Any = None) -> go.Figure:
+    """A token attribution table as coloured text, one layer (``layer``; default the last) or, for
+    ``layer == "all"``, the layers x tokens heat map (``viz.attribution``)."""
+    metrics = list(dict.fromkeys(loaded.df["metric"].astype(str)))
+    metric = metric if metric in metrics else (metrics[0] if metrics else None)
+    layers = attribution_layers(loaded.df[loaded.df["metric"].astype(str) == metric] if metric else loaded.df)
+    if layer == ALL_LAYERS and len(layers) > 1:
+        return attribution_by_layer(loaded, metric, title=f"{metric} by layer · {table}")
+    picked = _picked_layer(layer, layers)
+    shown = picked if picked is not None else layers[-1]
+    where = f" · layer {shown}" if shown >= 0 else ""
+    return token_attribution(loaded, metric=metric, layer=picked, title=f"{metric}{where} · {table}")
 
 
 def diff_view(root: ResultsRoot, table: str, other: str, metric: str | None) -> go.Figure:
     a = load_table(root.resolve(table, ("table",)))
     b = load_table(root.resolve(other, ("table",)))
-    label_a, label_b = _short(table, other), _short(other, table)
+    label_a, label_b = _table_name(root, table, other), _table_name(root, other, table)
     return head_grid_diff(a, b, metric, labels=(label_a, label_b), title=f"{metric}: {label_b} − {label_a}")
+
+
+def _table_name(root: ResultsRoot, path: str, other: str) -> str:
+    """A sweep cell's labels (``minilm · sentences · sinks · zero:L1H*``) for a sweep result, else ``_short``."""
+    from .data import sweep_cell
+
+    cell = sweep_cell(root.resolve(path, ("table",)))
+    return cell.label if cell is not None and cell.label else _short(path, other)
 
 
 def _short(path: str, other: str) -> str:
@@ -195,6 +274,22 @@ def _provenance(root: ResultsRoot, table: str | None) -> str:
     except AttnscopeError:
         return ""
     return json.dumps(provenance, indent=1, default=str)[:20_000]
+
+
+def check_same_model(root: ResultsRoot, trace: str | None, model: Any) -> None:
+    """InputError when the trace on screen was captured from another model than the one the ablation panel runs
+    (the panel would otherwise report another model's heads under this run)."""
+    if not trace:
+        return
+    try:
+        captured = trace_header(root.resolve(trace, ("trace",))).provenance.get("model")
+    except AttnscopeError:
+        return  # the trace view already shows why it cannot be read
+    running = getattr(model, "name", None)
+    if captured and running and str(captured) != str(running):
+        raise InputError("the run on screen came from another model", expected=f"a run of {running}",
+                         got=f"{trace} captured from {captured}",
+                         fix=f"restart the dashboard with --model {captured}, or pick a run of {running}")
 
 
 def _ablation_text(result: dict) -> str:
@@ -273,6 +368,13 @@ def register_callbacks(app: Any, root: ResultsRoot, model: Any = None) -> None:
                                                         "trace_options", "trace", "site_options", "site")]
         return *values, files if state.get("run_changed") else no_update, alert
 
+    @app.callback(Output("attr-layer", "options"), Output("attr-layer", "value"), Output("attr-layer-box", "style"),
+                  Input("table", "value"), Input("metric", "value"))
+    def _attr_layer(table, _metric):
+        # a new table or metric: back to the last layer, the layer _grid draws
+        options, value, shown = layer_choice(root, table)
+        return options, value, {"display": "flex" if shown else "none"}
+
     @app.callback(Output("head-grid", "figure"), Output("grid-msg", "children"), Input("table", "value"),
                   Input("metric", "value"), Input("selected", "data"))
     def _grid(table, metric, selected):
@@ -283,6 +385,18 @@ def register_callbacks(app: Any, root: ResultsRoot, model: Any = None) -> None:
         except AttnscopeError as exc:
             return message_figure(str(exc)[:160]), str(exc)
 
+    @app.callback(Output("head-grid", "figure", allow_duplicate=True),
+                  Output("grid-msg", "children", allow_duplicate=True), Input("attr-layer", "value"),
+                  State("table", "value"), State("metric", "value"), prevent_initial_call=True)
+    def _grid_layer(layer, table, metric):
+        # the attribution layer picker redraws the grid card (a separate callback: _grid's inputs are unchanged)
+        if not table or layer is None:
+            return no_update, no_update
+        try:
+            return grid_view(root, table, metric, None, layer), ""
+        except AttnscopeError as exc:
+            return message_figure(str(exc)[:160]), str(exc)
+
     @app.callback(Output("provenance", "children"), Input("table", "value"))
     def _table_provenance(table):
         return _provenance(root, table)
@@ -290,7 +404,7 @@ def register_callbacks(app: Any, root: ResultsRoot, model: Any = None) -> None:
     @app.callback(Output("selected", "data"), Output("heads", "value"), Output("abl-heads", "value"),
                   Input("head-grid", "clickData"), prevent_initial_call=True)
     def _click(click):
-        data = clicked_head(click)
+        data = grid_click(click)
         if data is None:
             return no_update, no_update, no_update
         label = f"L{int(data[0])}H{int(data[1])}"
@@ -303,7 +417,9 @@ def register_callbacks(app: Any, root: ResultsRoot, model: Any = None) -> None:
     def _pattern(click, _submit, trace, site, item, mode, token, step, spec):
         if not trace:
             return message_figure("no trace (.safetensors) in this run: patterns need one"), None, ""
-        point = clicked_head(click)
+        point = grid_click(click)
+        if ctx.triggered_id == "head-grid" and point is None and clicked_head(click) is not None:
+            return no_update, no_update, no_update  # a token of an attribution table, not a head
         use_click = point if ctx.triggered_id == "head-grid" or not spec else None
         try:
             if mode == "map":
@@ -325,18 +441,20 @@ def register_callbacks(app: Any, root: ResultsRoot, model: Any = None) -> None:
 
     @app.callback(Output("abl-result", "children"), Input("abl-run", "n_clicks"), State("abl-heads", "value"),
                   State("abl-mode", "value"), State("abl-scale", "value"), State("abl-text", "value"),
-                  State("abl-answer", "value"), prevent_initial_call=True)
-    def _ablate(_n, heads, mode, scale, text, answer):
+                  State("abl-answer", "value"), State("trace", "value"), prevent_initial_call=True)
+    def _ablate(_n, heads, mode, scale, text, answer, trace):
         if model is None:
             return "no model loaded: start the dashboard with --model NAME"
         from .ablation import run_ablation
 
         try:
+            check_same_model(root, trace, model)
             result = run_ablation(model, heads or "", mode, text or "", scale=scale, answer=answer or None)
         except AttnscopeError as exc:
             return f"error: {exc}"
         return html.Span(_ablation_text(result), id="abl-done")
 
 
-__all__ = ["MAP_TABLE_NOTE", "clicked_head", "deep_link", "diff_view", "grid_view", "message_figure", "pattern_view",
-           "register_callbacks", "register_map_callbacks", "selection"]
+__all__ = ["ALL_LAYERS", "MAP_TABLE_NOTE", "attribution_view", "clicked_head", "deep_link", "diff_view", "grid_click",
+           "grid_view", "is_attribution_table", "layer_choice", "message_figure", "pattern_view", "register_callbacks",
+           "register_map_callbacks", "selection"]

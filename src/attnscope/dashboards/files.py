@@ -21,8 +21,10 @@ Example:
 """
 
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from ..errors import InputError
 
@@ -50,10 +52,23 @@ class Run:
     tables: list[str] = field(default_factory=list)
     traces: list[str] = field(default_factory=list)
     json: list[str] = field(default_factory=list)
+    cell: Any = None  # a sweep cell folder (``cell=<id>``): its ``data.SweepCell`` (spec labels), else None
+    display: str = ""  # the readable name ``ResultsRoot.runs`` gives a sweep cell
 
     @property
     def label(self) -> str:
+        """What the run picker shows: a sweep cell's labels (``minilm · sentences · sinks · zero:L1H*``, after
+        its sweep folder), else the folder."""
+        return self.display or self.path or "(results directory)"
+
+    @property
+    def tooltip(self) -> str:
+        """The folder (for a sweep cell, with its ``cell=<id>`` hash)."""
         return self.path or "(results directory)"
+
+    def option(self) -> dict[str, str]:
+        """A run picker option: ``label``, ``value`` (the folder) and ``title`` (the hover text)."""
+        return {"label": self.label, "value": self.path, "title": self.tooltip}
 
     def files(self) -> list[str]:
         return sorted(self.tables + self.traces + self.json)
@@ -138,7 +153,7 @@ class ResultsRoot:
                 runs.append(run)
             if seen >= MAX_FILES:
                 break
-        return runs
+        return _label_cells(self.root, runs)
 
     def run(self, path: str) -> Run:
         """The run of one folder (``""`` = the root); PathRefused for an unknown folder."""
@@ -146,6 +161,29 @@ class ResultsRoot:
             if run.path == path:
                 return run
         raise self._refuse("a folder of the results directory that holds result files", path)
+
+
+def _label_cells(root: Path, runs: list[Run]) -> list[Run]:
+    """Name each sweep cell folder (``cell=<id>`` holding ``part.parquet``) by the labels stored in its result:
+    ``SWEEP › model · suite · analysis · intervention`` (``SWEEP`` only when the sweep is not the results
+    directory itself). Cells whose names collide (e.g. an earlier spec's cells left in the folder) get their short
+    id appended; a cell without readable labels keeps its folder name."""
+    from .data import SWEEP_PART, sweep_cell
+
+    for run in runs:
+        folder = PurePosixPath(run.path)
+        part = (folder / SWEEP_PART).as_posix()
+        if not folder.name.startswith("cell=") or part not in run.tables:
+            continue
+        run.cell = sweep_cell(root / part)
+        if run.cell is not None and run.cell.label:
+            sweep = folder.parent.as_posix()
+            run.display = run.cell.label if sweep == "." else f"{sweep} › {run.cell.label}"
+    counts = Counter(run.display for run in runs if run.display)
+    for run in runs:
+        if run.display and counts[run.display] > 1:
+            run.display += f" ({run.cell.id[:8]})"
+    return runs
 
 
 __all__ = ["IMAGE_TYPES", "MAX_FILES", "PathRefused", "RESULT_TYPES", "ResultsRoot", "Run"]

@@ -79,6 +79,8 @@ def _grid_panel() -> Any:
 
     return html.Div([
         html.Div("Head grid — click a head to see its pattern", className="hint"),
+        html.Div(_control("attribution layer", dcc.Dropdown(id="attr-layer", clearable=False), "small"),
+                 id="attr-layer-box", className="row", style={"display": "none"}),
         dcc.Graph(id="head-grid", config=GRAPH_CONFIG),
         html.Div(id="grid-msg", className="msg"),
         html.Details([html.Summary("provenance of this table", className="hint"),

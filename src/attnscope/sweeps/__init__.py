@@ -11,6 +11,6 @@ Example (not run here: it starts Ray):
 
 from .runner import SweepReport, run_sweep
 from .spec import Cell, SweepSpec, load_spec, parse_spec
-from .store import load_sweep
+from .store import load_sweep, sweep_schema
 
-__all__ = ["Cell", "SweepReport", "SweepSpec", "load_spec", "load_sweep", "parse_spec", "run_sweep"]
+__all__ = ["Cell", "SweepReport", "SweepSpec", "load_spec", "load_sweep", "parse_spec", "run_sweep", "sweep_schema"]

@@ -17,6 +17,15 @@ half-written one; a crash leaves at most a ``.part.parquet.*.tmp`` that nothing 
 Names starting with ``.`` or ``_`` are also skipped by ``pyarrow.dataset`` discovery, so
 ``pyarrow.dataset.dataset(OUT, partitioning="hive")`` reads the same cells.
 
+Columns differ between cells (each analysis writes its own; a cell may add columns another lacks), and generic
+readers of the folder (``pd.read_parquet(OUT)``, ``pyarrow.dataset.dataset(OUT)``) take the schema of *one* file
+(the first they discover) and silently drop the columns the other cells add (issue #21: 11 of 14 columns). That
+is how pyarrow's dataset discovery works, not something a writer can fix without knowing every cell's columns in
+advance. ``load_sweep`` reads each cell with its own schema and concatenates (every column, missing values where a
+cell lacks one); to read the folder with pandas or pyarrow, pass the unified schema::
+
+    pd.read_parquet(OUT, schema=sweep_schema(OUT))
+
 Each ``part.parquet`` carries the ``ResultTable`` metadata key, so ``ResultTable.load(part)`` reads one cell, and
 its rows carry the cell's labels (``cell_model, cell_suite, cell_analysis, cell_intervention, cell_seed``);
 ``load_sweep`` adds ``cell`` (the id, from the folder name, as hive partitioning does) and concatenates the cells
@@ -179,8 +188,38 @@ def write_failure(out: "str | Path", cell: Cell, error: str, attempts: int | Non
                                                          "attempts": attempts, "at": time.time()})
 
 
+def sweep_schema(out: "str | Path") -> Any:
+    """The union of the schemas of every ``cell=*/part.parquet`` in ``out`` plus the ``cell`` partition column (a
+    ``pyarrow.Schema``, without file metadata): pass it as ``schema=`` to ``pd.read_parquet(out)`` or
+    ``pyarrow.dataset.dataset(out, partitioning="hive")`` so that no cell's columns are dropped. Only footers are
+    read. CorruptResultError when a cell's footer is unreadable or two cells store one column with types that do
+    not promote to one another (``load_sweep`` still reads those)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schemas = []
+    for part in sorted(Path(out).glob(f"cell=*/{PART}")):
+        try:
+            schemas.append(pq.read_schema(part))
+        except Exception as exc:
+            raise CorruptResultError("unreadable cell result", expected="a parquet file written by attnscope",
+                                     got=f"{part} ({type(exc).__name__})",
+                                     fix="delete it and re-run the sweep") from None
+    try:
+        unified = pa.unify_schemas(schemas, promote_options="permissive") if schemas else pa.schema([])
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        raise CorruptResultError("cells store one column with incompatible types", expected="one type per column",
+                                 got=str(exc)[:200], fix="read the sweep with attnscope.sweeps.load_sweep") from None
+    if "cell" not in unified.names:
+        unified = unified.append(pa.field("cell", pa.string()))
+    return unified.remove_metadata()
+
+
 def load_sweep(out: "str | Path", *, all_cells: bool = False) -> ResultTable:
     """Every finished cell of the sweep in ``out`` as one ``ResultTable`` (rows in cell-id order).
+
+    Every column of every cell is kept (a cell lacking one gets missing values), unlike ``pd.read_parquet(out)``,
+    which takes one file's schema (see the module docstring; ``sweep_schema`` makes it read them all).
 
     Only the cells of the last run's spec (``_sweep.json``) unless ``all_cells``: cells an earlier, different spec
     left in the same folder stay on disk (a later run may reuse them) but are not returned.
@@ -239,5 +278,5 @@ def load_sweep(out: "str | Path", *, all_cells: bool = False) -> ResultTable:
 
 
 __all__ = ["ERROR", "LABEL_COLUMNS", "MANIFEST", "PART", "CellClaim", "atomic_write_bytes", "cell_dir", "cell_frame",
-           "claim", "clean_temporaries", "failed_since", "is_done", "load_sweep", "read_manifest", "write_cell",
-           "write_failure", "write_manifest"]
+           "claim", "clean_temporaries", "failed_since", "is_done", "load_sweep", "read_manifest", "sweep_schema",
+           "write_cell", "write_failure", "write_manifest"]
