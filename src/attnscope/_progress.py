@@ -24,12 +24,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TextIO
 
-_state = {"stage": ""}
+_state: dict = {"stage": "", "pending": [], "changed": threading.Event(), "listening": False}
 
 
 def stage(text: str) -> None:
-    """Name what the process does from now on (shown by a running ``heartbeat``)."""
+    """Name what the process does from now on (a running ``heartbeat`` shows every stage, however short)."""
     _state["stage"] = str(text)
+    if _state["listening"]:  # kept only while a heartbeat draws them
+        _state["pending"].append(str(text))
+        _state["changed"].set()
 
 
 def current_stage() -> str:
@@ -41,15 +44,26 @@ def heartbeat(stream: TextIO, after: float | None = None, every: float = 0.5) ->
     """While the block runs longer than ``after`` seconds, keep one line on ``stream``: ``[12 s] STAGE ...``."""
     after = float(os.environ.get("ATTNSCOPE_PROGRESS_AFTER", 2.0)) if after is None else after
     start, done, drawn = time.monotonic(), threading.Event(), threading.Event()
+    pending, changed = _state["pending"], _state["changed"]
+    pending.clear()
+    _state["listening"] = True
+
+    def line(text: str) -> None:
+        stream.write(f"\r\x1b[K[{time.monotonic() - start:.0f} s] {text} ...")
+        stream.flush()
+        drawn.set()
 
     def draw() -> None:
         if done.wait(after):
             return
-        while not done.is_set():
-            stream.write(f"\r\x1b[K[{time.monotonic() - start:.0f} s] {_state['stage'] or 'working'} ...")
-            stream.flush()
-            drawn.set()
-            done.wait(every)
+        while True:
+            changed.clear()
+            while pending:  # every stage named since the last drawing, in order (also those of the last moment)
+                line(pending.pop(0))
+            if done.is_set():
+                return
+            line(_state["stage"] or "working")
+            changed.wait(every)
 
     thread = threading.Thread(target=draw, name="attnscope-progress", daemon=True)
     thread.start()
@@ -57,8 +71,10 @@ def heartbeat(stream: TextIO, after: float | None = None, every: float = 0.5) ->
         yield
     finally:
         done.set()
+        changed.set()
         thread.join()
         if drawn.is_set():
             stream.write("\r\x1b[K")
             stream.flush()
-        _state["stage"] = ""
+        _state["stage"], _state["listening"] = "", False
+        pending.clear()

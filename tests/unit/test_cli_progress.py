@@ -44,3 +44,24 @@ def test_an_error_on_a_terminal_is_still_one_clean_line(tmp_path):
                       str(tmp_path / "s.parquet")], tmp_path, terminal=True)
     text = shown.decode().split("\r\x1b[K")[-1]  # what stays on screen after the status line is cleared
     assert rc == 2 and text.count("\n") == 1 and text.startswith("attnscope: error: unknown suite")
+
+
+def test_every_stage_is_drawn_even_a_short_one_and_the_line_is_cleared():
+    import io
+    import time
+
+    from attnscope._progress import current_stage, heartbeat, stage
+
+    out = io.StringIO()
+    with heartbeat(out, after=0.0, every=10.0):  # a long redraw period: only stage changes draw
+        stage("first")
+        stage("second")
+        time.sleep(0.01)
+        stage("last, named just before the end")
+    shown = out.getvalue()
+    assert [s for s in ("first", "second", "last, named just before the end") if f"] {s} ..." not in shown] == []
+    assert shown.endswith("\r\x1b[K") and current_stage() == ""
+    quiet = io.StringIO()
+    with heartbeat(quiet, after=5.0):  # work shorter than `after`: nothing at all
+        stage("quick")
+    assert quiet.getvalue() == ""
