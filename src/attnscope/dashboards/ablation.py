@@ -26,8 +26,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..datasets import PromptItem, PromptSuite
 from ..errors import InputError
+from ..probes.adapter import as_adapter
 from ..probes.heads import HeadSet
+from ..probes.interventions import apply_plan
+from ..tasks.demo import DEMO_SENTENCES
+from ..tasks.plans import build_plan
 
 MODES = ("zero", "mean", "resample", "uniform", "rescale")
 _LOCK = threading.Lock()  # hooks live on the shared model: one ablation at a time
@@ -64,11 +69,6 @@ def compact_heads(heads: HeadSet, module: nn.Module) -> str:
 def _ablation_context(adapter: Any, heads: HeadSet, mode: str, text: str, scale: float | None):
     """(context manager, path) applying the ablation; mean / resample references: the demo sentences and ``text``
     (the plan comes from ``attnscope.tasks.build_plan``, as in sweeps)."""
-    from ..datasets import PromptItem, PromptSuite
-    from ..probes.interventions import apply_plan
-    from ..tasks.demo import DEMO_SENTENCES
-    from ..tasks.plans import build_plan
-
     reference = PromptSuite("ablation reference", [PromptItem(text=t) for t in DEMO_SENTENCES + [text]])
     plan = build_plan(str(heads), mode, {"scale": scale} if mode == "rescale" else {}, adapter, reference)
     return apply_plan(adapter.module, plan), "interventions.apply_plan"
@@ -79,7 +79,7 @@ def _lm_measure(adapter: Any, output: Any, kwargs: dict, answer_ids: list[int] |
     logits = output.logits.float()
     n = int(kwargs["input_ids"].shape[1]) - (len(answer_ids) if answer_ids else 0)
     logprobs = torch.log_softmax(logits[0], -1)
-    tokenizer = getattr(adapter, "tokenizer", None)
+    tokenizer = adapter.tokenizer
     decode = (lambda i: tokenizer.decode([int(i)])) if tokenizer is not None else str
     top = torch.topk(logprobs[n - 1].exp(), 5)
     text = "next: " + ", ".join(f"{decode(i)!r} {float(p):.3f}" for p, i in zip(top.values, top.indices))
@@ -107,8 +107,6 @@ def run_ablation(model: Any, heads: "str | HeadSet | list[tuple[int, int]]", mod
     """Run ``text`` clean and with ``heads`` ablated (``mode``); returns a dict with ``metric_before``,
     ``metric_after``, ``output_before``, ``output_after``, ``metric`` (its name), ``heads``, ``mode``, ``path``
     (how the ablation was applied) and ``seconds``."""
-    from ..probes.adapter import as_adapter
-
     if mode not in MODES:
         raise InputError("unknown ablation mode", expected=", ".join(MODES), got=mode)
     if not isinstance(text, str) or not text.strip():
@@ -128,7 +126,7 @@ def _measure(adapter: Any, heads: HeadSet, mode: str, text: str, scale: float | 
              answer: str | None) -> dict[str, Any]:
     answer_ids = None
     if answer:
-        tokenizer = getattr(adapter, "tokenizer", None)
+        tokenizer = adapter.tokenizer
         answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] if tokenizer is not None else None
     prepared = adapter.prepare([text + (answer or "")] if answer_ids else [text])
     kwargs = prepared.kwargs

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
+from ..probes.adapter import module_of, tokenizer_of
 from ..probes.capturing import capture
 from ..probes.interventions import InterventionPlan, apply_plan
 from .ablation import compact_heads, parse_heads
@@ -54,7 +55,7 @@ def total_variation(before: np.ndarray, after: np.ndarray) -> np.ndarray:
 
 
 def _decode(handle: Any, index: int) -> str:
-    tokenizer = getattr(handle, "tokenizer", None)
+    tokenizer = tokenizer_of(handle)
     return repr(tokenizer.decode([int(index)])) if tokenizer is not None else f"id {int(index)}"
 
 
@@ -88,7 +89,7 @@ def ablate(handle: Any, cap: LiveCapture, spec: str, mode: str = "zero") -> Live
     if not cap.dense:
         raise InputError("ablation needs the dense capture", expected="an input of at most 512 tokens",
                          got=f"{cap.n_tokens} tokens", fix="capture a shorter input")
-    module = getattr(handle, "module", handle)
+    module = module_of(handle)
     heads = parse_heads(spec or "", module)
     start = time.perf_counter()
     with MODEL_LOCK, torch.no_grad():

@@ -23,10 +23,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import zoo
 from ..errors import InputError
-from ..probes.adapter import as_adapter
+from ..probes.adapter import as_adapter, tokenizer_of
 from ..probes.capturing import capture
 from ..probes.trace import AttentionTrace
+from ..tasks.models import load_model
 from ..viz.head_inputs import LayerInputs, collect_layer_inputs
 from .ablation import _LOCK as MODEL_LOCK  # one lock for every forward of a shared model (hooks live on it)
 
@@ -105,8 +107,6 @@ class LiveSession:
         names = [self.default] if self.default else []
         names.append("minilm")
         try:
-            from .. import zoo
-
             names += [f"zoo:{o['name']}" for o in zoo.list_organisms()
                       if o.get("trained") and o.get("auto_class") in TEXT_ZOO_CLASSES]
         except Exception:  # noqa: BLE001 - a broken zoo folder must not break the page
@@ -121,8 +121,6 @@ class LiveSession:
                              fix="start the dashboard with --model NAME_OR_FOLDER for another model")
         with self._lock:
             if name not in self._models:
-                from ..tasks.models import load_model  # loading stack imported on first use
-
                 self._models[name] = load_model(name)
             return self._models[name]
 
@@ -170,7 +168,7 @@ def _inputs(handle: Any, raw: Any, mode: str) -> Any:
         raise InputError("input too long", expected=f"<= {MAX_INPUT_CHARS} characters", got=len(raw))
     if mode == "ids":
         return parse_ids(raw)
-    if getattr(handle, "tokenizer", None) is None:
+    if tokenizer_of(handle) is None:
         raise InputError("this model has no tokenizer", expected="token ids", got="text",
                          fix="switch the input to ids and type token ids")
     return raw
