@@ -4,7 +4,9 @@ Per configuration: the exact per-head patching effects (``activation_patching``,
 the AtP and AtP* estimates (``attribution_patching``), their wall times, and their agreement with the exact effects:
 Spearman of magnitudes (|estimate| vs |exact|; AtP* is a magnitude), Spearman of signed values (AtP), and the
 fraction of the heads with |exact| > 10% of the largest that the estimate ranks in its top max(10, their number).
-Each method runs once after a warm-up call (a machine shared with others: expect noise). Configurations:
+The exact sweep is also compared with its prefix-sharing bound (``prefix_bound``: what the sweep would cost if
+each patched chunk paid only for the blocks after its patch point), and each estimate's time is given in forward-pass
+equivalents (one forward over every clean input). Each method runs once after a warm-up call (a machine shared with others: expect noise). Configurations:
 
 - the zoo organisms: ``induction-2l`` (induction pairs: fresh random tokens; logit of the right token),
   ``recall-llama`` (GQA; values rotated; logit difference), ``sink-lm`` (bigram-backcopy sequences against fresh
@@ -163,6 +165,80 @@ def agreement(exact, estimate, signed: bool) -> dict:
     return out
 
 
+def _timed_forward(module, batch, side: str, task, n: int, blocks, attentions) -> dict:
+    """One forward of ``batch`` replicated ``n`` times; per-block and per-attention seconds and the tail after the
+    last block (final norm, unembedding at the scored positions, the metric), the fastest of 3 runs each."""
+    import torch
+
+    from attnscope.circuits.patch_pairs import run_model
+
+    best: dict = {}
+    for _ in range(3):
+        stamps: dict = {}
+        hooks = []
+        for kind, mods in (("block", blocks), ("attn", attentions)):
+            for i, m in enumerate(mods):
+                hooks.append(m.register_forward_pre_hook(lambda *a, _k=(kind, i): stamps.__setitem__(_k + ("in",),
+                                                                                                   time.perf_counter())))
+                hooks.append(m.register_forward_hook(lambda *a, _k=(kind, i): stamps.__setitem__(_k + ("out",),
+                                                                                               time.perf_counter())))
+        try:
+            with torch.no_grad():
+                start = time.perf_counter()
+                run_model(module, batch.ids(side).repeat(n, 1), batch.attention_mask.repeat(n, 1),
+                          batch.replicate(n), task)
+                end = time.perf_counter()
+        finally:
+            for h in hooks:
+                h.remove()
+        got = {"all": end - start, "tail": end - stamps[("block", len(blocks) - 1, "out")] if blocks else 0.0}
+        for kind, mods in (("block", blocks), ("attn", attentions)):
+            got[kind] = [stamps[(kind, i, "out")] - stamps[(kind, i, "in")] for i in range(len(mods))]
+        for key, value in got.items():
+            best[key] = value if key not in best else (min(best[key], value) if not isinstance(value, list)
+                                                       else [min(a, b) for a, b in zip(best[key], value)])
+    return best
+
+
+def prefix_bound(model, pairs, metric, batch_size: int = 16) -> float:
+    """Seconds the exact sweep would take if each patched chunk paid only for what prefix sharing cannot skip:
+    per batch, the base and source forwards, and per chunk of ``c`` units of layer ``l`` (the sweep's own chunk
+    size) the rest of block ``l`` without its attention (replayed), blocks ``l+1..L-1`` and the tail, measured on a
+    forward of the same replicated size and scaled by ``c``. A lower bound: it ignores the replay's own work."""
+    from attnscope.circuits.head_ablation import layer_blocks
+    from attnscope.circuits.patch_pairs import metric_from
+    from attnscope.circuits.patching import _units_per_pass, sides
+    from attnscope.probes.head_slices import output_projections
+
+    module = getattr(model, "module", model)
+    projections = output_projections(module)
+    blocks = layer_blocks(module, projections)
+    task = metric_from(metric)
+    base_side, source_side = sides("noise")
+    n_units = sum(p.n_heads for p in projections)
+    bound = 0.0
+    for batch in pairs.batches(batch_size):
+        per = _units_per_pass(module, batch, None, n_units)
+        one = {side: _timed_forward(module, batch, side, task, 1, blocks, [])["all"] for side in (base_side,
+                                                                                              source_side)}
+        t = _timed_forward(module, batch, base_side, task, per, blocks, [p.attention for p in projections])
+        bound += sum(one.values())
+        for layer, proj in enumerate(projections):
+            suffix = t["block"][layer] - t["attn"][layer] + sum(t["block"][layer + 1:]) + t["tail"]
+            for start in range(0, proj.n_heads, per):
+                bound += suffix * min(per, proj.n_heads - start) / per
+    return bound
+
+
+def forward_seconds(model, pairs, metric, batch_size: int = 16) -> float:
+    """One forward pass over every clean input (batches of ``batch_size``): the unit of "forward-pass equivalents"."""
+    from attnscope.circuits.patch_pairs import metric_from
+
+    module = getattr(model, "module", model)
+    task = metric_from(metric)
+    return sum(_timed_forward(module, batch, "clean", task, 1, [], [])["all"] for batch in pairs.batches(batch_size))
+
+
 def run(name: str, cfg: dict, quick: bool) -> dict:
     from attnscope.circuits.gradient_patching import attribution_patching
     from attnscope.circuits.patch_pairs import PatchPairs
@@ -180,15 +256,20 @@ def run(name: str, cfg: dict, quick: bool) -> dict:
     start = time.perf_counter()
     exact = activation_patching(model, pairs, metric, batch_size=16)
     t_exact = time.perf_counter() - start
+    bound = prefix_bound(model, pairs, metric, batch_size=16)
+    forward = forward_seconds(model, pairs, metric, batch_size=16)
     result = {"config": name, "pairs": len(pairs), "tokens": seq, "layers": len(projections),
               "heads": sum(p.n_heads for p in projections), "metric": exact.provenance["metric"],
-              "exact_s": t_exact, "exact_forward_passes": exact.provenance["forward_passes"],
+              "forward_s": forward, "exact_s": t_exact, "prefix_bound_s": bound, "exact_over_bound": t_exact / bound,
+              "exact_forward_passes": exact.provenance["forward_passes"],
               "clean_metric": exact.provenance["clean_metric"], "corrupt_metric": exact.provenance["corrupt_metric"],
               "max_abs_exact": float(exact.df["effect"].abs().max())}
     for method in ("atp", "atp*"):
         start = time.perf_counter()
         est = attribution_patching(model, pairs, metric, method=method)
         result[f"{method}_s"] = time.perf_counter() - start
+        result[f"{method}_forward_equivalents"] = result[f"{method}_s"] / forward
+        result[f"exact_over_{method}"] = t_exact / result[f"{method}_s"]
         result[f"{method}_pairs_per_batch"] = est.provenance["pairs_per_batch"]
         for key, value in agreement(exact.df["effect"], est.df["value"], signed=method == "atp").items():
             result[f"{method}_{key}"] = value
@@ -196,10 +277,12 @@ def run(name: str, cfg: dict, quick: bool) -> dict:
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"\n{'config':15s} {'heads':>5s} {'pairs':>5s} {'tok':>5s} {'exact s':>8s} {'AtP s':>7s} {'AtP* s':>7s} "
+    print(f"\n{'config':15s} {'heads':>5s} {'pairs':>5s} {'tok':>5s} {'exact s':>8s} {'bound s':>8s} {'AtP s':>7s} "
+          f"{'AtP* s':>7s} "
           f"{'rho AtP':>8s} {'rho AtP*':>8s} {'rho sgn':>8s} {'large':>5s} {'top10 AtP':>9s} {'top10 AtP*':>10s}")
     for r in rows:
         print(f"{r['config']:15s} {r['heads']:5d} {r['pairs']:5d} {r['tokens']:5d} {r['exact_s']:8.2f} "
+              f"{r['prefix_bound_s']:8.2f} "
               f"{r['atp_s']:7.2f} {r['atp*_s']:7.2f} {r['atp_spearman_abs']:8.3f} {r['atp*_spearman_abs']:8.3f} "
               f"{r['atp_spearman_signed']:8.3f} {r['atp_n_large_heads']:5d} {r['atp_large_heads_in_top10']:9.2f} "
               f"{r['atp*_large_heads_in_top10']:10.2f}")

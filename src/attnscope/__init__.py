@@ -19,8 +19,9 @@ from ._version import __version__
 
 _EXPORTS = {
     "errors": ("AnalysisError", "AttnscopeError", "CaptureError", "CorruptResultError", "HeadSpecError", "InputError",
-               "InputTooLongError", "MissingExtraError", "ModelNotFoundError", "OutputError", "RemoteError",
-               "SiteError", "UnsupportedAttentionError", "UnsupportedModelError"),
+               "InputTooLongError", "MissingExtraError", "ModelNotFoundError", "OutputError",
+               "ReferenceMismatchError", "RemoteError", "SiteError", "UnsupportedAttentionError",
+               "UnsupportedModelError"),
     "probes.capturing": ("Capture", "capture"),
     "probes.adapter": ("ModelAdapter",),
     "probes.heads": ("Head", "HeadSet"),

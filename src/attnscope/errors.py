@@ -78,6 +78,13 @@ class InputError(AttnscopeError):
     default_fix = 'change the value to the expected form (`attnscope COMMAND --help` shows each option)'
 
 
+class ReferenceMismatchError(InputError):
+    """Reference inputs (mean / resample ablation) do not fit the model or the edited input: keys, shapes, number
+    of positions."""
+
+    default_fix = "pass reference inputs of the same kind and size as the edited input (e.g. images of the same size)"
+
+
 class CorruptResultError(AttnscopeError):
     """A trace or result file is missing, truncated, or not an attnscope file."""
 

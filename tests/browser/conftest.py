@@ -47,9 +47,8 @@ def results_dir(tmp_path_factory):
     """demo/ (the real demo on MiniLM), demo_b/ (its table with layer 2 halved), long/ (12x12 table, 4096-token
     trace), plus things that must stay hidden:
     a symlink to /etc, a .json symlink to /etc/passwd, and a non-result file."""
-    from attnscope.tasks.demo import run_demo
-
     import attnscope
+    from attnscope.tasks.demo import run_demo
 
     root = tmp_path_factory.mktemp("results")
     run_demo(root / "demo", quiet=True)
@@ -127,3 +126,22 @@ def timings():
     if os.environ.get("ATTNSCOPE_SCREENSHOTS"):
         SHOT_DIR.mkdir(parents=True, exist_ok=True)
         (SHOT_DIR / "timings.json").write_text(text)
+
+
+@pytest.fixture(scope="module")
+def live_results(tmp_path_factory):
+    """The results folder of one test module's live-page app (Save writes here)."""
+    return tmp_path_factory.mktemp("live_results")
+
+
+@pytest.fixture(scope="module")
+def live_server(live_results, minilm):
+    """The app on MiniLM served in a thread for one test module (its live page is ``?tab=live``)."""
+    from live_helpers import serve
+
+    from attnscope.dashboards import create_app
+
+    srv, thread, url = serve(create_app(live_results, minilm))
+    yield url
+    srv.shutdown()
+    thread.join(timeout=10)

@@ -12,27 +12,12 @@ is generous (2 shared cores); the numbers are the report (``-s``). Screenshots: 
 
 import numpy as np
 import pytest
-from live_helpers import TO_PIXELS, capture, figure, open_live, pointer, scroll, serve, set_text, shot, wait
+from live_helpers import TO_PIXELS, capture, figure, open_live, pointer, scroll, set_text, shot, wait
 
 pytestmark = pytest.mark.slow
 TEXT = ("The cat sat on the mat because it was warm, and the dog watched it from the door while the children played "
         "in the garden. Later that evening the old man told a story about the sea, the storm and the ship that never "
         "came home to the small harbour town where they all lived in those years.")  # 64 MiniLM tokens
-
-
-@pytest.fixture(scope="module")
-def live_results(tmp_path_factory):
-    return tmp_path_factory.mktemp("live_results")
-
-
-@pytest.fixture(scope="module")
-def live_server(live_results, minilm):
-    from attnscope.dashboards import create_app
-
-    srv, thread, url = serve(create_app(live_results, minilm))
-    yield url
-    srv.shutdown()
-    thread.join(timeout=10)
 
 
 @pytest.fixture(scope="module")

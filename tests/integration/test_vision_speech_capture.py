@@ -97,12 +97,13 @@ def test_whisper_encoder_decoder_capture_equals_eager_weights():
 
 def test_an_unsupported_architecture_names_what_is_missing_and_how_to_register():
     torch.manual_seed(0)
-    bloom = transformers.BloomForCausalLM(transformers.BloomConfig(vocab_size=64, hidden_size=32, n_layer=2,
-                                                                   n_head=4)).eval()
+    deberta_v1 = transformers.DebertaModel(transformers.DebertaConfig(  # BLOOM, GPT-Neo, DeBERTa-v2 are routed now
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)).eval()
     with pytest.raises(UnsupportedModelError) as err:
-        attnscope.load(bloom)
+        attnscope.load(deberta_v1)
     message = str(err.value)
-    assert "BloomAttention" in message and "ALL_ATTENTION_FUNCTIONS" in message and "register_adapter" in message
+    assert "DisentangledSelfAttention" in message and "ALL_ATTENTION_FUNCTIONS" in message \
+        and "register_adapter" in message
 
 
 def test_wav2vec2_waveform_capture_equals_eager_weights():

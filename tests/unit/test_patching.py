@@ -182,6 +182,82 @@ def test_atp_star_graddrop_rule_by_hand():
         assert r.signed_estimate == pytest.approx(float(plain[r.layer][:, r.head].mean()), abs=1e-6)
 
 
+def _deep(family: str, n_layers: int = 4):
+    torch.manual_seed(0)
+    if family == "gpt2":
+        cfg = transformers.GPT2Config(vocab_size=32, n_positions=16, n_embd=32, n_layer=n_layers, n_head=4)
+        model = transformers.GPT2LMHeadModel(cfg).eval()
+        return model, model.transformer.h, [b.attn.c_proj for b in model.transformer.h]
+    cfg = transformers.LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=n_layers,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    return model, model.model.layers, [b.self_attn.o_proj for b in model.model.layers]
+
+
+def _hand_graddrop(model, blocks, projections, pairs) -> torch.Tensor:
+    """``[layer, head]`` AtP* by hand: per dropped block ``d`` the forward is rerun with that block's residual
+    contribution detached (``x + (f(x) - x).detach()``), autograd gives each head's ``I_d``, and
+    ``value = mean_pairs 1/(L-1) sum_{d != layer} |I_d|``."""
+    n = len(blocks)
+    clean, corrupt = torch.tensor(pairs.clean), torch.tensor(pairs.corrupt)
+
+    def record(ids):
+        seen = {}
+        hs = [p.register_forward_pre_hook(lambda m, a, _l=l: seen.__setitem__(_l, _heads_view(a[0]).clone()))
+              for l, p in enumerate(projections)]
+        with torch.no_grad():
+            model(input_ids=ids)
+        for h in hs:
+            h.remove()
+        return seen
+
+    z_clean, z_corrupt = record(clean), record(corrupt)
+
+    def per_pair(drop):
+        leaves = {l: torch.zeros(B, T, 4, 8, requires_grad=True) for l in range(n)}
+        hs = [p.register_forward_pre_hook(lambda m, a, _l=l: ((_heads_view(a[0]) + leaves[_l]).reshape(a[0].shape),))
+              for l, p in enumerate(projections)]
+        if drop is not None:
+            seen = {}
+            hs.append(blocks[drop].register_forward_pre_hook(
+                lambda m, a, k: seen.__setitem__("x", a[0] if a else k["hidden_states"]), with_kwargs=True))
+
+            def detach(m, a, out):
+                y = out if torch.is_tensor(out) else out[0]
+                y = seen["x"] + (y - seen["x"]).detach()
+                return y if torch.is_tensor(out) else (y,) + tuple(out[1:])
+            hs.append(blocks[drop].register_forward_hook(detach))
+        logits = model(input_ids=clean).logits[:, -1]
+        for h in hs:
+            h.remove()
+        grads = torch.autograd.grad((logits[:, 1] - logits[:, 0]).sum(), [leaves[l] for l in range(n)],
+                                    allow_unused=True)
+        return torch.stack([((z_corrupt[l] - z_clean[l]) * (g if g is not None else 0)).sum((1, 3))
+                            for l, g in enumerate(grads)])  # [layer, pair, head]
+
+    plain = per_pair(None)
+    dropped = {d: per_pair(d) for d in range(1, n)}
+    out = torch.zeros(n, 4, dtype=torch.float64)
+    for layer in range(n):
+        terms = [dropped[d][layer] if d > layer else plain[layer] for d in range(n) if d != layer]
+        out[layer] = torch.stack(terms).abs().mean(0).mean(0).double()
+    return out
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_atp_star_graddrop_on_four_layers_equals_detached_blocks_by_hand(family):
+    """Each dropped backward starts at its block's output (layers above it are shared with the full backward):
+    the values must equal reruns with one block's contribution detached, for every block."""
+    model, blocks, projections = _deep(family)
+    pairs = _pairs()
+    want = _hand_graddrop(model, blocks, projections, pairs)
+    table = attribution_patching(model, pairs, "logit_diff", method="atp*", batch_size=3)
+    assert table.provenance["graddrop"] is True
+    for r in table.df.itertuples():
+        assert r.value == pytest.approx(float(want[r.layer, r.head]), rel=1e-5, abs=1e-7), (r.layer, r.head)
+    assert float(want[:-1].abs().sum()) > 0  # the dropped terms are not all zero
+
+
 def planted_saturated_model(marker: int = 3, stronger: int = 4):
     """2-layer GPT-2, layer 0 silenced; head L1H0 has a constant query and keys that score ``marker`` 32 and
     ``stronger`` 64 (others 0): its attention is saturated on whichever is present."""

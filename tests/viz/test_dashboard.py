@@ -3,10 +3,9 @@ outside the results directory is read), the reading of traces slice by slice, th
 
 import json
 import os
-
-import numpy as np
 from contextlib import contextmanager
 
+import numpy as np
 import pytest
 import torch
 from tiny_models import tiny_text_model
@@ -123,7 +122,8 @@ def test_forged_callback_values_are_refused(root):
                    [{"id": "url", "property": "search", "value": "?table=../outside/secret.json"},
                     {"id": "run", "property": "value", "value": "../outside"},
                     {"id": "table", "property": "value", "value": None},
-                    {"id": "trace", "property": "value", "value": None}])
+                    {"id": "trace", "property": "value", "value": None}],
+                   [{"id": "url-own", "property": "data", "value": None}])  # the query the page last wrote
     text = select.get_data(as_text=True)
     assert "path refused" in text and SECRET not in text and "scores.parquet" in text
 

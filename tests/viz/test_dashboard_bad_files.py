@@ -30,7 +30,8 @@ def _page_load(client, search=""):
     return _post(client, SELECT_OUTPUTS, [{"id": "url", "property": "search", "value": search},
                                           {"id": "run", "property": "value", "value": None},
                                           {"id": "table", "property": "value", "value": None},
-                                          {"id": "trace", "property": "value", "value": None}])
+                                          {"id": "trace", "property": "value", "value": None}],
+                 [{"id": "url-own", "property": "data", "value": None}])  # the query the page last wrote
 
 
 @pytest.fixture

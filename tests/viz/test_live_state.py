@@ -7,23 +7,13 @@ import pytest
 import torch
 
 from attnscope.dashboards import live_views as views
+from attnscope.dashboards.files import ResultsRoot
 from attnscope.dashboards.live_ablation import ablate, output_change, total_variation
 from attnscope.dashboards.live_save import save_capture
 from attnscope.dashboards.live_state import DENSE_LIMIT, LiveSession, parse_ids
-from attnscope.dashboards.files import ResultsRoot
 from attnscope.errors import AttnscopeError, HeadSpecError, InputError
 
 TEXT = "The cat sat on the mat because it was warm."
-
-
-@pytest.fixture(scope="module")
-def session(minilm):
-    return LiveSession(minilm, "minilm")
-
-
-@pytest.fixture(scope="module")
-def cap(session):
-    return session.capture("minilm", TEXT)
 
 
 def _rollout_mean_readout(attn):
@@ -84,7 +74,73 @@ def test_ablation_errors_are_input_errors(cap, minilm):
     with pytest.raises(HeadSpecError):
         ablate(minilm, cap, "head three", "zero")
     with pytest.raises(InputError, match="unknown ablation mode"):
-        ablate(minilm, cap, "L1H1", "mean")
+        ablate(minilm, cap, "L1H1", "steer")
+
+
+def _head_outputs(minilm, ids, layer, head):
+    """Head ``head``'s output (the slice of the output projection's input) at every position, from a plain torch
+    forward hook on BERT's ``attention.output.dense``: ``[seq, d_head]`` per call."""
+    module = minilm.module
+    d = module.config.hidden_size // module.config.num_attention_heads
+    seen = []
+    hook = module.encoder.layer[layer].attention.output.dense.register_forward_hook(
+        lambda mod, args, out: seen.append(args[0][0, :, head * d:(head + 1) * d].double().clone()))
+    try:
+        with torch.no_grad():
+            for row in ids:
+                module(input_ids=torch.tensor([row]))
+    finally:
+        hook.remove()
+    return seen
+
+
+def _sentence_references(minilm):
+    """What `attnscope ablate --model minilm --mode mean` averages over: the sentences suite (64 items) drawn with
+    seed 0 + 1, tokenised with special tokens as the task metrics do."""
+    from attnscope.datasets import sentences
+
+    return [minilm.tokenizer(item.text)["input_ids"] for item in sentences(64, seed=1).items]
+
+
+def test_mean_ablation_replaces_the_head_output_by_its_reference_mean(cap, minilm):
+    from attnscope.dashboards.live_ablation import reference_set
+
+    refs = _sentence_references(minilm)
+    ids, what = reference_set(minilm, "minilm")
+    assert ids == refs and "sentences" in what and "seed 1" in what
+    mean = torch.cat(_head_outputs(minilm, refs, 2, 3)).mean(0)  # every token of every reference input
+    module = minilm.module
+    seen = []
+    hook = module.encoder.layer[2].attention.output.dense.register_forward_hook(
+        lambda mod, args, out: seen.append(args[0][0].double().clone()))
+    try:
+        result = ablate(minilm, cap, "L2H3", "mean")
+    finally:
+        hook.remove()
+    ablated = seen[-1][:, 3 * 32:4 * 32]  # [seq, d_head] of L2H3 in the ablated run
+    np.testing.assert_allclose(ablated.numpy(), mean[None].expand_as(ablated).numpy(), atol=2e-5)
+    clean = _head_outputs(minilm, [minilm.tokenizer(TEXT)["input_ids"]], 2, 4)[0]
+    np.testing.assert_allclose(seen[-1][:, 4 * 32:5 * 32].numpy(), clean.numpy(), atol=1e-5)  # other heads kept
+    assert not result.change[:3].any() and (result.change[3:] > 0).all()  # layers up to L2 unchanged
+    assert result.mode == "mean" and "sentences" in result.summary and result.reference == what
+
+
+def test_resample_ablation_takes_the_head_output_of_another_reference_input(cap, minilm):
+    refs = _sentence_references(minilm)
+    outputs = _head_outputs(minilm, refs, 1, 5)
+    seen = []
+    hook = minilm.module.encoder.layer[1].attention.output.dense.register_forward_hook(
+        lambda mod, args, out: seen.append(args[0][0, :, 5 * 32:6 * 32].double().clone()))
+    try:
+        result = ablate(minilm, cap, "L1H5", "resample")
+    finally:
+        hook.remove()
+    n = cap.n_tokens
+    matches = [j for j, out in enumerate(outputs) if len(refs[j]) >= n and
+               np.allclose(seen[-1].numpy(), out[:n].numpy(), atol=1e-5)]
+    assert len(matches) == 1  # exactly one reference input's head output, position by position
+    assert not result.change[:2].any() and (result.change[2:] > 0).all()
+    assert "resample over the reference" in result.summary
 
 
 def test_total_variation_and_output_change_on_known_cases():
@@ -164,3 +220,42 @@ def test_save_writes_inside_the_results_folder(tmp_path, session, cap, minilm):
     table = attnscope.ResultTable.load(tmp_path / paths[2])
     assert table.provenance["ablated"] == "L1H0" and len(table.df) == 72
     assert not [p for p in tmp_path.rglob("*") if p.name.startswith(".")]  # no temporary file left
+
+
+def test_an_encoder_decoder_shows_its_encoder_and_ablates_it():
+    """BART on the live page (token ids): the views hold the encoder's self-attention, equal to the model's own
+    eager ``encoder_attentions``; zero-ablating encoder L0H1 leaves encoder layer 0 unchanged and moves layer 1."""
+    import transformers
+
+    from attnscope.dashboards.live_ablation import ablate
+
+    torch.manual_seed(0)
+    cfg = transformers.BartConfig(vocab_size=64, d_model=16, encoder_layers=2, decoder_layers=1,
+                                  encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
+                                  decoder_ffn_dim=32, max_position_embeddings=64)
+    model = transformers.BartForConditionalGeneration(cfg).eval()
+    live = LiveSession(model, "tiny-bart")
+    cap = live.capture("tiny-bart", "5 9 17 23 42 8", "ids")
+    assert cap.tower == "encoder" and not cap.causal and (cap.n_layers, cap.n_heads) == (2, 2)
+    model.config._attn_implementation = "eager"
+    with torch.no_grad():
+        eager = model(input_ids=torch.tensor([[5, 9, 17, 23, 42, 8]]), output_attentions=True).encoder_attentions
+    model.config._attn_implementation = "sdpa"
+    np.testing.assert_allclose(cap.attn(), torch.stack(eager)[:, 0].numpy(), atol=1e-6)
+    assert live.layer_inputs(cap, 1).queries.shape[:2] == (2, 6)
+    result = ablate(live.model("tiny-bart"), cap, "L0H1", "zero")
+    assert float(result.change[0].max()) == 0.0 and float(result.change[1].max()) > 0.0
+
+    def zero_head_1(module, args):  # independent: head 1's slice of encoder L0's out_proj input set to 0
+        x = args[0].clone()
+        x[..., 8:16] = 0
+        return (x,)
+    model.config._attn_implementation = "eager"
+    handle = model.model.encoder.layers[0].self_attn.out_proj.register_forward_pre_hook(zero_head_1)
+    try:
+        with torch.no_grad():
+            hooked = model(input_ids=torch.tensor([[5, 9, 17, 23, 42, 8]]), output_attentions=True).encoder_attentions
+    finally:
+        handle.remove()
+        model.config._attn_implementation = "sdpa"
+    np.testing.assert_allclose(result.attn_after, torch.stack(hooked)[:, 0].numpy(), atol=1e-6)

@@ -19,6 +19,7 @@ from .concept_maps import concept_overlap, concept_retention
 from .daam import daam_from_trace, daam_maps, daam_table
 from .daam_segmentation import best_aggregation, daam_iou, daam_iou_table
 from .detectors import duplicate_token_scores, induction_scores, pattern_scores, previous_token_scores
+from .encoder_decoder_relevance import enc_dec_relevance, enc_dec_relevance_table
 from .flow import attention_flow
 from .gradient_patching import attribution_patching
 from .head_ablation import ablation_sweep, single_head_sweep
@@ -47,6 +48,7 @@ __all__ = [
     "Analysis", "PatchPairs", "ablation_sweep", "activation_patching", "attention_flow", "attribution_patching",
     "attribution_table", "bake_mask", "best_aggregation", "cls_patch_scores", "concept_overlap", "concept_retention", "daam_from_trace",
     "daam_iou", "daam_iou_table", "daam_maps", "daam_table", "default_metric", "duplicate_token_scores",
+    "enc_dec_relevance", "enc_dec_relevance_table",
     "eval_batches", "evaluate", "get_analysis", "head_importance", "head_outputs", "head_relevance", "head_stats",
     "hrv_table", "importance_analysis", "induction_pairs", "induction_scores", "iterative_pruning",
     "list_analyses", "metric_for", "metric_from", "ordered_weakening", "patching_analysis", "pattern_scores",

@@ -44,6 +44,7 @@ from ..probes.capturing import capture
 from ..results import ResultTable
 from .detectors import Encoded, batches, encode_suite, pad_id_for, parse_heads, progress_bar, self_sites
 from .registry import register_analysis
+from .task_metrics import require_token_model
 
 QUERIES = ("auto", "from_key", "all")
 
@@ -309,6 +310,7 @@ def sinks(model: ModelLike, suite: PromptSuite, *, positions: Sequence[int] = (0
     """Everything above in one table (``analysis`` column: sinks, massive_activations, value_norms).
 
     ``options`` are ``massive_activations``' own (``top``, ``abs_threshold`` ...); anything else is refused."""
+    require_token_model(model, "sinks")
     unknown = sorted(set(options) - set(_MASSIVE_OPTIONS))
     if unknown:
         raise AnalysisError("unknown options for sinks", expected=f"its named options or {list(_MASSIVE_OPTIONS)}",

@@ -56,6 +56,7 @@ from ..probes.heads import HeadSet
 from ..probes.site import Site
 from ..results import ResultTable
 from .registry import register_analysis
+from .task_metrics import require_token_model
 
 NORMALISE = ("rows", "tl")
 Template = Callable[[list[int], PromptItem], Tensor]
@@ -111,8 +112,10 @@ def parse_heads(model: ModelLike, heads: "HeadSet | str | None") -> HeadSet | No
 def self_sites(trace: Any, tower: str = "text") -> list[Site]:
     sites = [s for s in trace.sites if s.tower == tower and s.kind == "self"]
     if not sites:
+        towers = sorted({s.tower for s in trace.sites if s.kind == "self"})
         raise AnalysisError("no self-attention sites captured", expected=f"tower {tower!r}",
-                            got=[str(s) for s in trace.sites][:6])
+                            got=[str(s) for s in trace.sites][:6],
+                            fix=f"pass tower= one of {towers} (CLI: --option tower=NAME)" if towers else None)
     return sites
 
 
@@ -314,6 +317,7 @@ def suite_template_scores(model: ModelLike, suite: PromptSuite, template: "Templ
     template: a function ``(ids, item) -> [n, n]`` tensor, or one fixed ``[query, key]`` array.
     """
     make = template if callable(template) else fixed_template(template)
+    require_token_model(model, analysis)
     adapter = as_adapter(model)
     head_set = parse_heads(model, heads)
     encoded = encode_suite(suite, adapter.tokenizer, add_special_tokens)

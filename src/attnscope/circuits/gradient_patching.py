@@ -23,6 +23,11 @@ outputs; ``z`` = a head's output ``Att_h(x)`` (``[seq, d_head]``), ``g = dM/dz``
   layers after ``h``'s leave it unchanged). The value is a magnitude; ``signed_estimate`` holds ``atp``. With one
   layer GradDrop is undefined: ``mean_pairs |I(h, pair)|``.
 
+Cost per batch: a forward per side and one backward (``atp``); GradDrop adds, for each layer ``l >= 1``, a backward
+through blocks ``l..0`` only, started from ``dM/d(output of block l)`` of the full backward (above block ``l`` the
+dropped backward equals the full one): ``sum_l l/L = (L-1)/2`` backward passes, about ``L - 1`` forward-pass
+equivalents. No exact GradDrop can cost less: every pair (``l``, ``k < l``) needs its own vector through block ``k``.
+
 Long inputs: pairs are processed in batches sized to ``memory_mb`` (default ``DEFAULT_GRAD_MB``), down to one pair.
 
 Example:
@@ -63,7 +68,11 @@ DEFAULT_GRAD_MB = {"cpu": 1024.0, "cuda": 8192.0}
 # ---- GradDrop: gates on each layer's residual-stream contributions --------------------------------------------------
 
 class _Gate:
+    """A layer's gate: ``scale`` multiplies the gradient into its residual-stream contributions; ``output`` is the
+    block's output of the last forward (where a dropped-layer backward starts)."""
+
     scale = 1.0
+    output: Tensor | None = None
 
 
 class _ResidualGate(torch.autograd.Function):
@@ -101,6 +110,7 @@ def _block_hooks(block: nn.Module, gate: _Gate) -> list:
     def post(module, args, kwargs, out):
         y = out if torch.is_tensor(out) else out[0]
         new = _ResidualGate.apply(y, seen.pop("x"), gate)
+        gate.output = new
         return new if torch.is_tensor(out) else (new,) + tuple(out[1:])
     return [block.register_forward_pre_hook(pre, with_kwargs=True),
             block.register_forward_hook(post, with_kwargs=True)]
@@ -123,6 +133,8 @@ def grad_drop_gates(module: nn.Module, projections: list[OutputProjection]) -> I
                 for sub in (proj.module, mlp_out):
                     handles.append(sub.register_forward_hook(
                         lambda m, a, out, _g=gate: _ScaleGrad.apply(out, _g)))
+                handles.append(block.register_forward_hook(
+                    lambda m, a, out, _g=gate: setattr(_g, "output", out if torch.is_tensor(out) else out[0])))
             else:
                 handles += _block_hooks(block, gate)
         yield gates
@@ -236,18 +248,20 @@ def _gradients(module: nn.Module, projections: list[OutputProjection], batch: Pa
         stats = run_model(module, batch.ids(which), batch.attention_mask, batch, metric)
         total = stats[:, 0].sum()
         order = [p.layer for p in projections]
-        grads = dict(zip(order, torch.autograd.grad(total, [leaves[k] for k in order], retain_graph=graddrop,
-                                                    allow_unused=True)))
-        for l, gate in enumerate(gates):
-            before = order[:l]
-            if not before:
-                dropped.append({})
-                continue
+        ends = [g.output for g in gates[1:]]  # GradDrop starts layer l's backward at block l's output
+        found = torch.autograd.grad(total, [leaves[k] for k in order] + ends, retain_graph=graddrop,
+                                    allow_unused=True)
+        grads = dict(zip(order, found[:len(order)]))
+        dropped.extend([{}] if gates else [])
+        for l, (gate, end, g_end) in enumerate(zip(gates[1:], ends, found[len(order):]), start=1):
+            # Above block l the dropped backward equals the full one, so it starts from dM/d(block l's output)
+            # and runs through layers l..0 only: sum_l l/L backward passes instead of L.
             gate.scale = 0.0
-            found = torch.autograd.grad(total, [leaves[k] for k in before], retain_graph=l < len(gates) - 1,
-                                        allow_unused=True)
+            got = torch.autograd.grad(end, [leaves[k] for k in order[:l]], grad_outputs=torch.zeros_like(end)
+                                      if g_end is None else g_end, retain_graph=l < len(gates) - 1,
+                                      allow_unused=True)
             gate.scale = 1.0
-            dropped.append(dict(zip(before, found)))
+            dropped.append(dict(zip(order[:l], got)))
     zero = {k: torch.zeros_like(leaves[k]) for k in leaves}
     grads = {k: (v if v is not None else zero[k]).detach() for k, v in grads.items()}
     dropped = [{k: (v if v is not None else zero[k]).detach() for k, v in d.items()} for d in dropped]

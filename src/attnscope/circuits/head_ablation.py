@@ -37,7 +37,7 @@ from ..probes.heads import Head, HeadSet
 from ..probes.interventions import InterventionPlan, apply_plan, mean_head_outputs
 from ..results import ResultTable
 from .registry import register_analysis
-from .task_metrics import IGNORE, EvalBatch, TaskMetric, metric_for, metric_totals, reference_ids
+from .task_metrics import IGNORE, EvalBatch, TaskMetric, decoder_reads_input, metric_for, metric_totals, reference_ids
 
 SWEEP_MODES = ("zero", "mean", "rescale")
 
@@ -150,7 +150,7 @@ def _restore_forward(module: nn.Module, old: Any) -> None:
 def _run(module: nn.Module, batch: EvalBatch) -> tuple[Any, EvalBatch]:
     """Forward without a KV cache, logits only at scored positions when the model allows; the matching batch."""
     params = inspect.signature(module.forward).parameters
-    kwargs: dict[str, Any] = dict(batch.inputs)
+    kwargs: dict[str, Any] = decoder_reads_input(module, dict(batch.inputs))
     if "use_cache" in params:
         kwargs["use_cache"] = False
     keep = (batch.targets != IGNORE).any(0).nonzero().flatten()

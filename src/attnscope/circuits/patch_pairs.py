@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from ..errors import AnalysisError, InputError
-from .task_metrics import _encode
+from .task_metrics import _encode, decoder_reads_input
 
 METRICS = ("logit_diff", "logit", "prob", "loss")
 
@@ -333,7 +333,7 @@ def run_model(module: torch.nn.Module, ids: Tensor, mask: Tensor, batch: PatchBa
             kwargs["logits_to_keep"] = keep
         else:
             keep = None
-    return metric.row_stats(module(**kwargs), batch, keep)
+    return metric.row_stats(module(**decoder_reads_input(module, kwargs)), batch, keep)
 
 
 __all__ = ["METRICS", "FunctionMetric", "PatchBatch", "PatchMetric", "PatchPairs", "TokenMetric", "induction_pairs",

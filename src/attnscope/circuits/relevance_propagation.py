@@ -8,7 +8,8 @@ Rules (numbers as in the paper):
   (11) ``R_ss += A_bar R_qs`` (skipped for encoder-decoder: the encoder does not see the decoder)
 For a self-attention model (encoders, causal LMs, LLaVA-class VLMs whose language model sees image tokens in its
 own sequence) only (5)-(7) apply, with R = I to start. The relevance of the input tokens for the explained output
-is the row of R at the output position (the [CLS] token or the last token).
+is the row of R at the output position (the [CLS] token or the last token). Encoder-decoders (T5, BART, Whisper)
+have their own rules: ``circuits.enc_dec_relevance`` (module ``encoder_decoder_relevance``).
 
 Example:
     >>> import torch
@@ -112,6 +113,10 @@ def relevance(model: ModelLike, inputs: Any, target: "int | Callable | None" = N
         raise AnalysisError("relevance explains one input at a time", expected="batch size 1", got=n_items,
                             fix="loop over the inputs")
     info = adapter.info()
+    if info.family == "encoder-decoder":
+        raise AnalysisError("relevance here is the self-attention rule", expected="an encoder, causal LM or VLM",
+                            got="an encoder-decoder", fix="use attnscope.circuits.enc_dec_relevance (Chefer's "
+                            "encoder-decoder rules; `attnscope attribute --method relevance` picks it)")
     if position is None:
         position = -1 if info.family in ("causal-lm", "vlm") else 0
     ids = prepared.kwargs.get("input_ids")

@@ -25,13 +25,16 @@ from ..probes.capturing import capture
 from ..probes.remote import remote_adapter
 from ..results import ResultTable
 from .registry import register_analysis
+from .task_metrics import require_token_model
 
 
 @register_analysis("head-stats", description="per head: mean attention mass on position 0 (sink) and mean "
                    "entropy over a suite, from streaming statistics (runs locally or on an nnsight backend)")
 def head_stats(model: ModelLike, suite: PromptSuite, *, batch_size: int = 8, remote: "bool | str" = False,
-               plan: Any = None, **_: Any) -> ResultTable:
-    """Per-head sink mass and entropy, averaged over every non-padding query of the suite."""
+               plan: Any = None, tower: str | None = None, **_: Any) -> ResultTable:
+    """Per-head sink mass and entropy, averaged over every non-padding query of the suite. ``tower``: which
+    tower's self-attention (default ``text``; e.g. ``encoder`` of an encoder-decoder)."""
+    require_token_model(model, "head-stats")
     target = remote_adapter(model, remote=remote, plan=plan) if remote else model
     tokenizer = as_adapter(model).tokenizer
     sums: dict[str, torch.Tensor] = {}
@@ -40,7 +43,8 @@ def head_stats(model: ModelLike, suite: PromptSuite, *, batch_size: int = 8, rem
     for batch in suite.batches(batch_size, tokenizer=tokenizer):
         trace = capture(target, batch.inputs, stats=("mass", "entropy"), mass_spans=[(0, 1)])
         valid = batch.attention_mask.to(torch.float64)[None, :, None, :]  # [1, batch, 1, query]
-        for name, value in (("sink_mass", trace.stat("mass")[..., 0]), ("entropy", trace.stat("entropy"))):
+        for name, value in (("sink_mass", trace.stat("mass", tower)[..., 0]),
+                            ("entropy", trace.stat("entropy", tower))):
             weighted = (value.to(torch.float64) * valid).sum((1, 3))  # [layer, head]
             sums[name] = sums[name] + weighted if name in sums else weighted
         count = count + batch.attention_mask.sum()

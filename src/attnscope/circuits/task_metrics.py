@@ -26,6 +26,7 @@ Example:
     True
 """
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -271,10 +272,24 @@ class EmbeddingCosine(TaskMetric):
 
 # ---- evaluation ---------------------------------------------------------------------------------------------------
 
+def decoder_reads_input(module: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` with ``decoder_input_ids = input_ids`` (and its mask) for an encoder-decoder model: its decoder
+    then reads the same tokens, so the logits at position ``t`` predict token ``t + 1`` as a causal LM's do (the
+    suites' targets). Without them BART-class models shift the ids right themselves (the logits at ``t`` would
+    predict token ``t``: every target one position off) and T5 refuses to run."""
+    config = getattr(module, "config", None)
+    if not getattr(config, "is_encoder_decoder", False) or "input_ids" not in kwargs or "decoder_input_ids" in kwargs:
+        return kwargs
+    out = dict(kwargs, decoder_input_ids=kwargs["input_ids"])
+    if kwargs.get("attention_mask") is not None:
+        out["decoder_attention_mask"] = kwargs["attention_mask"]
+    return out
+
+
 def forward(model: nn.Module, batch: EvalBatch) -> Any:
     model = module_of(model)
     device = next(model.parameters()).device
-    return model(**batch.to(device).inputs)
+    return model(**decoder_reads_input(model, batch.to(device).inputs))
 
 
 @torch.no_grad()
@@ -330,13 +345,43 @@ def default_metric(model: nn.Module, batches: Sequence[EvalBatch], name: str | N
                         "classifier, or an encoder", got=type(output).__name__, fix="pass metric=...")
 
 
+def takes_token_ids(model: ModelLike) -> bool:
+    """Whether ``model`` reads token ids: its ``main_input_name`` is ``input_ids``, or (without one) its forward
+    names ``input_ids`` / ``input`` or takes ``*args`` / ``**kwargs``. Vision encoders (``pixel_values``), speech
+    models and diffusers denoisers / pipelines do not."""
+    module = module_of(model)
+    name = getattr(module, "main_input_name", None)
+    if isinstance(name, str):
+        return name == "input_ids"
+    forward = getattr(module, "forward", None)
+    if forward is None:
+        return False
+    params = inspect.signature(forward).parameters.values()
+    return any(p.name in ("input_ids", "input") or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params)
+
+
+def require_token_model(model: ModelLike, analysis: str) -> None:
+    """Refuse a token-id prompt suite for a model that does not read token ids (``InputError``, before any run)."""
+    if takes_token_ids(model):
+        return
+    module = module_of(model)
+    reads = getattr(module, "main_input_name", None) or "no input_ids"
+    raise InputError(f"{analysis} scores token prompt suites, which this model cannot read",
+                     expected="a model fed token ids (text models, encoder-decoders, VLMs)",
+                     got=f"{type(module).__name__} takes {reads}",
+                     fix="run it on a text model or a VLM; for vision encoders and diffusion models use the "
+                     "capture and intervention API with their own inputs")
+
+
 def metric_for(model: ModelLike, suite: PromptSuite, metric: str | None = None, batch_size: int = 16
                ) -> tuple[list[EvalBatch], TaskMetric]:
     """Batches of ``suite`` for ``model`` (a ``model handle (``attnscope.load``)`` or module) and its task metric."""
+    require_token_model(model, "a task metric")
     batches = eval_batches(suite, tokenizer_of(model), batch_size)
     return batches, default_metric(model, batches, metric)
 
 
 __all__ = ["AnswerLoss", "ClassificationAccuracy", "EmbeddingCosine", "EvalBatch", "NextTokenAccuracy",
-           "TaskMetric", "default_metric", "eval_batches", "evaluate", "item_sequence",
-           "mean_pool", "metric_for", "metric_totals", "reference_ids", "sentence_embeddings"]
+           "TaskMetric", "decoder_reads_input", "default_metric", "eval_batches", "evaluate", "item_sequence",
+           "mean_pool", "metric_for", "metric_totals", "reference_ids", "require_token_model", "sentence_embeddings",
+           "takes_token_ids"]

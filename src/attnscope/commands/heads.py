@@ -74,6 +74,11 @@ ABLATE_EXAMPLES = """examples:
   attnscope ablate --model zoo:induction-2l --heads "L1H*" --suite induction
   attnscope ablate --model zoo:induction-2l --heads L1H0,L1H1 --mode mean --n 32 --out ablate.parquet
   attnscope ablate --model zoo:recall-llama --heads L1H0 --select kv --mode resample --save-plan plan.json
+  attnscope ablate --model ./t5-small --suite sentences --heads encoder.L0H1,decoder.L1H*
+heads: L<layer>H<head> numbers the editable self-attention layers globally in forward order (encoder-decoders: the
+encoder's, then the decoder's); TOWER[.KIND].L<layer>H<head> numbers them per tower (vision.L0H3, text.L2H*,
+encoder.L1H2, decoder.L0H*, text.cross.L0H1 on Mllama). On models with several towers the output also names the
+heads per tower (a tower_heads column in --out).
 modes: zero (head output set to 0), mean (its mean over a reference suite), resample (from another item of the
 reference suite), uniform (uniform attention), rescale (output times --scale).
 """
@@ -103,7 +108,8 @@ def register(sub) -> None:
                        epilog=ABLATE_EXAMPLES, description="Evaluate the task metric on a suite, intervene on "
                        "the given heads, evaluate again; print both (and write them with --out).")
     _common(p)
-    p.add_argument("--heads", required=True, help="heads to intervene on, e.g. L1H0,L1H3 or L2H*")
+    p.add_argument("--heads", required=True, help="heads to intervene on, e.g. L1H0,L1H3 or L2H* (global layers), "
+                   "or per tower: encoder.L1H2, vision.L0H*, decoder.L0H3")
     p.add_argument("--mode", default="zero", choices=["zero", "mean", "resample", "uniform", "rescale"],
                    help="what replaces the heads' output (see below)")
     p.add_argument("--scale", type=float, help="factor of --mode rescale (required there)")

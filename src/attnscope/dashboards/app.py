@@ -41,7 +41,8 @@ def _download_route(server: Any, root: ResultsRoot) -> None:
 
 def create_app(results_dir: "str | Path", model: Any = None, model_name: str | None = None) -> Any:
     """A Dash app showing the result files of ``results_dir`` (Results tab) and the live page (Live tab: type,
-    capture and see every view, with ``model`` or a model picked there); with ``model`` the ablation panel runs it."""
+    capture and see every view, with ``model`` or a model picked there). The ablation panel runs ``model``, or the
+    run's own model when the page offers it by name (MiniLM, the zoo's organisms)."""
     dash = require("dash", "dashboard")
 
     from .callbacks import register_callbacks
@@ -56,7 +57,7 @@ def create_app(results_dir: "str | Path", model: Any = None, model_name: str | N
     name = model_name or (getattr(model, "name", None) if model is not None else None)
     live = LiveSession(model, name)
     app.layout = lambda: build_layout(root, name if model is not None else None, (live.choices(), live.default))
-    register_callbacks(app, root, model)
+    register_callbacks(app, root, model, live)
     register_live_callbacks(app, live, root)
     _download_route(app.server, root)
     return app

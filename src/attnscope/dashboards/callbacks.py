@@ -19,10 +19,12 @@ from ..viz.attribution import attribution_by_layer, token_attribution
 from ..viz.heads import head_grid, head_grid_diff
 from ..viz.pattern import attention_pattern, top_attended, trace_pattern
 from .data import load_site, load_table, read_json, trace_header
+from .estimates import estimate_grid, has_estimate_flags, split_rows
 from .files import PathRefused, ResultsRoot
 from .layout import MAP_MODE, PATTERN_MODES
 from .maps import fit_strings, is_map_table, map_choices, map_view, map_words, maps_view
-from .target import resolve_target, site_of as _site_of, site_value, target_heads
+from .target import resolve_target, target_heads
+from .url_state import is_attribution_table, metric_choice, read_view, register_url_callbacks, site_choice
 
 MAP_TABLE_NOTE = ("this table holds heat maps (word × y × x), not per-head values:<br>"
                   "see the Maps card below the pattern view")
@@ -70,12 +72,6 @@ def clicked_head(click: Any) -> tuple[int, int] | None:
         return None
 
 
-def is_attribution_table(df: Any) -> bool:
-    """True for a token attribution table (``token`` and ``token_index`` columns, as ``attnscope attribute``
-    writes); the same rule as ``viz.notebook.show_table``."""
-    return {"token", "token_index"} <= set(df.columns)
-
-
 def attribution_layers(df: Any) -> list[int]:
     """The sorted layers of an attribution table (one per row group; ``[-1]`` for a single, layer-less one)."""
     return sorted(int(v) for v in df["layer"].unique())
@@ -107,64 +103,47 @@ def grid_click(click: Any) -> tuple[int, int] | None:
     return None if isinstance(data, (int, float)) else clicked_head(click)
 
 
-def _metric_choice(root: ResultsRoot, table: str | None) -> tuple[list[str], str | None]:
-    if not table:
-        return [], None
-    try:
-        df = load_table(root.resolve(table, ("table",))).df
-    except AttnscopeError:
-        return [], None
-    per_head = df if is_attribution_table(df) else df[(df["layer"] >= 0) & (df["head"] >= 0)]
-    metrics = list(dict.fromkeys(per_head["metric"].astype(str)))
-    return metrics, metrics[0] if metrics else None
-
-
-def _site_choice(root: ResultsRoot, trace: str | None) -> tuple[list[dict], str | None]:
-    if not trace:
-        return [], None
-    try:
-        header = trace_header(root.resolve(trace, ("trace",)))
-    except AttnscopeError:
-        return [], None
-    tower, kind = _site_of(None, header)
-    return ([{"label": f"{t} · {k}", "value": site_value(header, t, k)} for t, k in header.towers_kinds()],
-            site_value(header, tower, kind))
-
-
 def selection(root: ResultsRoot, trigger: str | None, search: str | None, run: str | None, table: str | None,
               trace: str | None) -> dict[str, Any]:
-    """What the pickers show after ``trigger`` (None or ``url``: page load; ``run``, ``table``, ``trace``).
+    """What the pickers show after ``trigger`` (None or ``url``: page load or a new URL; ``run``, ``table``,
+    ``trace``).
 
     Returns the keys to update (``run``, ``table_options``, ``table``, ``metric_options``, ``metric``,
     ``trace_options``, ``trace``, ``site_options``, ``site``), ``files`` of the run, ``run_changed`` and
-    ``errors`` (refused deep-link paths). Every path is checked by ``root``; forged values select nothing.
+    ``errors`` (values of the URL that were ignored, refused paths). Every path is checked by ``root``; forged
+    values select nothing. A URL naming the run, table and trace on screen changes nothing here (``unchanged``:
+    the echo of the page's own URL write, see ``url_state``).
     """
     out: dict[str, Any] = {"errors": [], "files": [], "run_changed": trigger in (None, "url", "run")}
     if trigger in ("table", "trace"):
         if trigger == "table":
-            out["metric_options"], out["metric"] = _metric_choice(root, table)
+            out["metric_options"], out["metric"] = metric_choice(root, table)
         else:
-            out["site_options"], out["site"] = _site_choice(root, trace)
+            out["site_options"], out["site"] = site_choice(root, trace)
         return out
-    picked: dict[str, str] = {}
     if trigger in (None, "url"):
-        link_run, picked, out["errors"] = deep_link(root, search)
-        run = link_run if link_run is not None else run
-    try:
-        chosen = root.run(run or "")
-    except PathRefused as exc:
-        runs = root.runs()
-        if trigger == "run" or not runs:
-            out["errors"].append(f"run: {exc}")
-        if not runs:
+        view, out["errors"] = read_view(root, search)
+        if trigger == "url" and run is not None and (view.run, view.table, view.trace) == (run, table, trace):
+            return {"unchanged": True, "errors": out["errors"], "files": []}
+        if view.run is None:
             return out | {"table_options": [], "table": None, "trace_options": [], "trace": None}
-        chosen = runs[0]
-    table = picked.get("table") if picked.get("table") in chosen.tables else (chosen.tables or [None])[0]
-    trace = picked.get("trace") if picked.get("trace") in chosen.traces else (chosen.traces or [None])[0]
-    out.update(run=chosen.path, table_options=chosen.tables, table=table, trace_options=chosen.traces, trace=trace,
-               files=chosen.files())
-    out["metric_options"], out["metric"] = _metric_choice(root, table)
-    out["site_options"], out["site"] = _site_choice(root, trace)
+        chosen = root.run(view.run)
+        table, trace, metric, site = view.table, view.trace, view.metric, view.site
+    else:
+        try:
+            chosen = root.run(run or "")
+        except PathRefused as exc:
+            runs = root.runs()
+            out["errors"].append(f"run: {exc}")
+            if not runs:
+                return out | {"table_options": [], "table": None, "trace_options": [], "trace": None}
+            chosen = runs[0]
+        table, trace = (chosen.tables or [None])[0], (chosen.traces or [None])[0]
+        metric, site = metric_choice(root, table)[1], site_choice(root, trace)[1]
+    out.update(run=chosen.path, table_options=chosen.table_options(), table=table, trace_options=chosen.traces,
+               trace=trace, files=chosen.files(), metric=metric, site=site)
+    out["metric_options"] = metric_choice(root, table)[0]
+    out["site_options"] = site_choice(root, trace)[0]
     return out
 
 
@@ -179,7 +158,10 @@ def grid_view(root: ResultsRoot, table: str, metric: str | None, selected: Any =
     if is_attribution_table(loaded.df):
         return attribution_view(loaded, table, metric, layer)
     sel = tuple(int(v) for v in selected) if selected else None
-    return head_grid(loaded, metric, title=f"{metric} · {table}", selected=sel)
+    name = _table_name(root, table, table)  # a sweep cell by its labels
+    if has_estimate_flags(loaded.df):  # a patching table: estimates and exact values drawn apart
+        return estimate_grid(loaded, metric, title=f"{metric} · {name}", selected=sel)
+    return head_grid(loaded, metric, title=f"{metric} · {name}", selected=sel)
 
 
 def _picked_layer(layer: Any, layers: list[int]) -> int | None:
@@ -211,10 +193,25 @@ def attribution_view(loaded: Any, table: str, metric: str | None, layer: Any = N
 
 
 def diff_view(root: ResultsRoot, table: str, other: str, metric: str | None) -> go.Figure:
-    a = load_table(root.resolve(table, ("table",)))
-    b = load_table(root.resolve(other, ("table",)))
-    label_a, label_b = _table_name(root, table, other), _table_name(root, other, table)
+    """The difference grid ``other − table``; of a patching table only one kind of value is used, and the title
+    says which (a verified table's estimates: its exact values cover only some heads)."""
+    a, kind_a = _one_kind(load_table(root.resolve(table, ("table",))).df, metric)
+    b, kind_b = _one_kind(load_table(root.resolve(other, ("table",))).df, metric)
+    label_a = _table_name(root, table, other) + kind_a
+    label_b = _table_name(root, other, table) + kind_b
     return head_grid_diff(a, b, metric, labels=(label_a, label_b), title=f"{metric}: {label_b} − {label_a}")
+
+
+def _one_kind(df: Any, metric: str | None) -> tuple[Any, str]:
+    """The rows of one kind of a patching table and its label (`` (estimate: atp*)``, `` (exact)``); other tables
+    as they are. A mixed (verified) table gives its estimates, which cover every head."""
+    if not has_estimate_flags(df) or df.empty:
+        return df, ""
+    estimates, exact, _ = split_rows(df, metric if metric in set(df["metric"].astype(str)) else None)
+    if estimates.empty:
+        return exact, " (exact)"
+    methods = ", ".join(str(m) for m in dict.fromkeys(estimates["method"])) if "method" in estimates else ""
+    return estimates, f" (estimate: {methods or 'estimate'})"
 
 
 def _table_name(root: ResultsRoot, path: str, other: str) -> str:
@@ -228,6 +225,8 @@ def _table_name(root: ResultsRoot, path: str, other: str) -> str:
 def _short(path: str, other: str) -> str:
     """The run folder of ``path`` when it differs from ``other``'s, else the file name."""
     mine, theirs = PurePosixPath(path), PurePosixPath(other)
+    if path == other:
+        return path
     return (mine.parent.as_posix() if mine.parent != theirs.parent and mine.parent.as_posix() != "." else mine.name)
 
 
@@ -238,6 +237,8 @@ def pattern_view(root: ResultsRoot, trace: str, site_value: str | None, item: An
     one = fit_strings(load_site(t.path, Site(t.tower, t.layer, t.kind), None, t.batch))
     heads = target_heads(t, one.get(Site(t.tower, t.layer, t.kind)).heads())
     pattern = trace_pattern(one, t.layer, heads, tower=t.tower, kind=t.kind)
+    # the one-record trace holds batch item t.batch as its item 0: title it with the item the user picked
+    pattern.title = pattern.title.replace(" · item 0 · ", f" · item {t.batch} · ", 1)
     fig = attention_pattern(pattern, mode="topk" if mode == "topk" else "auto")
     return fig, top_attended(pattern, 10)
 
@@ -277,19 +278,48 @@ def _provenance(root: ResultsRoot, table: str | None) -> str:
 
 
 def check_same_model(root: ResultsRoot, trace: str | None, model: Any) -> None:
-    """InputError when the trace on screen was captured from another model than the one the ablation panel runs
-    (the panel would otherwise report another model's heads under this run)."""
-    if not trace:
-        return
-    try:
-        captured = trace_header(root.resolve(trace, ("trace",))).provenance.get("model")
-    except AttnscopeError:
-        return  # the trace view already shows why it cannot be read
+    """InputError when the trace on screen was captured from another model than ``model`` (the panel would
+    otherwise report another model's heads under this run)."""
+    captured = _captured_model(root, trace)
     running = getattr(model, "name", None)
     if captured and running and str(captured) != str(running):
         raise InputError("the run on screen came from another model", expected=f"a run of {running}",
                          got=f"{trace} captured from {captured}",
                          fix=f"restart the dashboard with --model {captured}, or pick a run of {running}")
+
+
+def _captured_model(root: ResultsRoot, trace: str | None) -> str | None:
+    if not trace:
+        return None
+    try:
+        captured = trace_header(root.resolve(trace, ("trace",))).provenance.get("model")
+    except AttnscopeError:
+        return None  # the trace view already shows why it cannot be read
+    return str(captured) if captured else None
+
+
+def ablation_model(root: ResultsRoot, trace: str | None, model: Any, offered: Any = None) -> Any:
+    """The model the ablation panel runs for the run on screen: the start-up ``model`` when the run came from it
+    (or no run is on screen); else the run's own model when the page offers it by name (``offered``: the live
+    page's ``LiveSession``: MiniLM and the zoo's organisms, loaded once and kept); else InputError.
+
+    Only names the page offers are ever loaded: a model path written into a result file is never followed."""
+    captured = _captured_model(root, trace)
+    running = getattr(model, "name", None)
+    if captured is None or (running is not None and captured == str(running)):
+        if model is None:
+            raise InputError("no model to ablate", expected="a run captured from a model this page offers, or "
+                             "a dashboard started with --model", got=trace or "no trace on screen",
+                             fix="pick a run of minilm or a zoo organism, or start with --model NAME")
+        return model
+    if offered is not None and captured in offered.choices():
+        return offered.model(captured)
+    if model is None:
+        raise InputError("the run on screen came from a model this page does not offer", expected=
+                         f"a run of one of {offered.choices() if offered is not None else []}",
+                         got=f"{trace} captured from {captured}", fix=f"start the dashboard with --model {captured}")
+    check_same_model(root, trace, model)
+    return model
 
 
 def _ablation_text(result: dict) -> str:
@@ -344,11 +374,13 @@ def register_map_callbacks(app: Any, root: ResultsRoot) -> None:
             return message_figure(str(exc)[:160]), str(exc)
 
 
-def register_callbacks(app: Any, root: ResultsRoot, model: Any = None) -> None:
-    """Wire the page of ``layout.build_layout`` to the views."""
+def register_callbacks(app: Any, root: ResultsRoot, model: Any = None, offered: Any = None) -> None:
+    """Wire the page of ``layout.build_layout`` to the views (``offered``: the models the ablation panel may load
+    for a run of another model, ``ablation_model``)."""
     from dash import Input, Output, State, ctx, html, no_update
 
     register_map_callbacks(app, root)
+    register_url_callbacks(app, root)
 
     selection_outputs = [Output("run", "value"), Output("table", "options"), Output("table", "value"),
                          Output("metric", "options"), Output("metric", "value"), Output("trace", "options"),
@@ -356,14 +388,17 @@ def register_callbacks(app: Any, root: ResultsRoot, model: Any = None) -> None:
                          Output("files", "children"), Output("alert", "children")]
 
     @app.callback(*selection_outputs, Input("url", "search"), Input("run", "value"), Input("table", "value"),
-                  Input("trace", "value"))
-    def _select(search, run, table, trace):
+                  Input("trace", "value"), State("url-own", "data"))
+    def _select(search, run, table, trace, own):
         # one callback (inputs that are also outputs are allowed within one callback), so the grid and the pattern
         # wait for one round trip after the page loads, not a chain of four
-        state = selection(root, ctx.triggered_id, search, run, table, trace)
+        echo = ctx.triggered_id == "url" and own is not None and search == own  # the page's own URL write
+        state = {"unchanged": True} if echo else selection(root, ctx.triggered_id, search, run, table, trace)
+        if state.get("unchanged"):
+            return (no_update,) * 11
         files = [_file_item(root, f) for f in state.pop("files")]
         errors = state.pop("errors")
-        alert = html.Div([html.B("Refused: "), "; ".join(errors)], className="alert", id="refused") if errors else None
+        alert = html.Div([html.B("Ignored: "), "; ".join(errors)], className="alert", id="refused") if errors else None
         values = [state.get(key, no_update) for key in ("run", "table_options", "table", "metric_options", "metric",
                                                         "trace_options", "trace", "site_options", "site")]
         return *values, files if state.get("run_changed") else no_update, alert
@@ -443,18 +478,16 @@ def register_callbacks(app: Any, root: ResultsRoot, model: Any = None) -> None:
                   State("abl-mode", "value"), State("abl-scale", "value"), State("abl-text", "value"),
                   State("abl-answer", "value"), State("trace", "value"), prevent_initial_call=True)
     def _ablate(_n, heads, mode, scale, text, answer, trace):
-        if model is None:
-            return "no model loaded: start the dashboard with --model NAME"
         from .ablation import run_ablation
 
         try:
-            check_same_model(root, trace, model)
-            result = run_ablation(model, heads or "", mode, text or "", scale=scale, answer=answer or None)
+            handle = ablation_model(root, trace, model, offered)
+            result = run_ablation(handle, heads or "", mode, text or "", scale=scale, answer=answer or None)
         except AttnscopeError as exc:
             return f"error: {exc}"
-        return html.Span(_ablation_text(result), id="abl-done")
+        return html.Span(f"model {getattr(handle, 'name', None) or 'model'} · " + _ablation_text(result), id="abl-done")
 
 
-__all__ = ["ALL_LAYERS", "MAP_TABLE_NOTE", "attribution_view", "clicked_head", "deep_link", "diff_view", "grid_click",
+__all__ = ["ALL_LAYERS", "MAP_TABLE_NOTE", "ablation_model", "attribution_view", "clicked_head", "deep_link", "diff_view", "grid_click",
            "grid_view", "is_attribution_table", "layer_choice", "message_figure", "pattern_view", "register_callbacks",
            "register_map_callbacks", "selection"]

@@ -73,6 +73,14 @@ class Run:
     def files(self) -> list[str]:
         return sorted(self.tables + self.traces + self.json)
 
+    def table_options(self) -> list[dict[str, str]]:
+        """Options of the table pickers (result table, compare with): a sweep cell's result is named by the cell's
+        labels, like the run picker; every other table by its path. The value (and hover) is the path."""
+        from .data import SWEEP_PART
+
+        return [{"label": self.display if self.display and PurePosixPath(t).name == SWEEP_PART else t, "value": t,
+                 "title": t} for t in self.tables]
+
 
 class ResultsRoot:
     """A results directory and the path rule: only result files inside it, by relative path."""

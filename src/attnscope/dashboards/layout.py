@@ -1,7 +1,7 @@
 """The dashboard's page: run and table pickers, head grid, pattern view (pooled, top-k or image map), top tokens,
 Maps card (heat-map tables), comparison, ablation panel.
 
-Component ids are the contract between this module, ``callbacks`` and the browser tests.
+Component ids are the contract between this module, ``callbacks``, ``url_state`` and the browser tests.
 """
 
 from typing import Any
@@ -62,8 +62,8 @@ def _pickers(root: ResultsRoot) -> Any:
     from dash import dcc, html
 
     runs = root.runs()
-    run_options = [{"label": r.label, "value": r.path} for r in runs]
-    tables = [{"label": t, "value": t} for r in runs for t in r.tables]
+    run_options = [r.option() for r in runs]  # a sweep cell by its spec labels; its folder (hash) on hover
+    tables = [option for r in runs for option in r.table_options()]
     return html.Div([
         _control("run", dcc.Dropdown(id="run", options=run_options, value=runs[0].path if runs else None,
                                      clearable=False, placeholder="no result files found")),
@@ -132,7 +132,8 @@ def _ablation_panel(model_name: str | None) -> Any:
 
     from .ablation import MODES
 
-    note = f"model: {model_name}" if model_name else "no model loaded: start with `attnscope dash --model NAME`"
+    note = (f"model: {model_name}; a run of MiniLM or a zoo organism runs its own model" if model_name else
+            "runs of MiniLM and zoo organisms run their own model; for others start with `attnscope dash --model NAME`")
     return html.Div([
         html.Div([html.B("Ablation "), html.Span(note, className="hint")]),
         html.Div([
@@ -177,7 +178,9 @@ def build_layout(root: ResultsRoot, model_name: str | None,
             dcc.Tab(label="Live: type, capture, see", value="live", children=live_page(*live)),
         ])
     return html.Div([
-        dcc.Location(id="url", refresh=False),
+        dcc.Location(id="url", refresh=False),  # read: page load, back / forward (url_state)
+        dcc.Location(id="url-write", refresh="callback-nav"),  # written: the view as a URL query (url_state)
+        dcc.Store(id="url-own"),  # the last query the page wrote itself (its echo changes nothing)
         dcc.Store(id="selected"),
         html.Div([html.H1("attnscope"), html.Span(str(root.root), className="dir")], className="topbar"),
         body,

@@ -1,5 +1,10 @@
-"""Ablate heads on a live capture: run the same input again with the heads' outputs edited (``zero`` or
-``uniform``, through ``attnscope.probes.interventions``) and measure what changed.
+"""Ablate heads on a live capture: run the same input again with the heads' outputs edited (``zero``, ``mean``,
+``resample`` or ``uniform``, through ``attnscope.probes.interventions``) and measure what changed.
+
+``mean`` and ``resample`` take the reference inputs ``attnscope ablate`` takes (``reference_set``): 64 items of
+the model's default suite (a zoo organism's own task, else ``sentences``) drawn with the suite's seed + 1;
+``mean`` replaces the head's output by its mean over every token of them, ``resample`` by the same head's output
+on one of them (seed 0, as the CLI's default).
 
 What a researcher reads off it:
 - ``change [layer, head]``: how far each head's attention moved, the mean over query rows of the total variation
@@ -17,6 +22,7 @@ Example:
     [[0.5]]
 """
 
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -28,10 +34,36 @@ from ..errors import InputError
 from ..probes.adapter import module_of, tokenizer_of
 from ..probes.capturing import capture
 from ..probes.interventions import InterventionPlan, apply_plan
+from ..tasks.plans import build_plan
+from ..tasks.references import ModelRef, SuiteRef
+from ..tasks.suites import build_suite
+from ..tasks.task_eval import EvalSpec, Evaluation, reference_inputs
 from .ablation import compact_heads, parse_heads
 from .live_state import MODEL_LOCK, LiveCapture
 
-LIVE_MODES = ("zero", "uniform")
+LIVE_MODES = ("zero", "mean", "resample", "uniform")
+REFERENCE_ITEMS = 64   # the CLI's default suite size (``attnscope ablate --n-items``)
+RESAMPLE_SEED = 0      # the CLI's resample seed for a suite without a seed
+_REFERENCES: dict[tuple[str, int], tuple[list[list[int]], str]] = {}
+_REF_LOCK = threading.Lock()
+
+
+def reference_set(handle: Any, name: str) -> tuple[list[list[int]], str]:
+    """(token ids, description) of the reference inputs of mean / resample for model ``name``: what
+    ``attnscope ablate --model NAME --mode mean`` draws (``tasks.task_eval.reference_inputs``), cached per model."""
+    with _REF_LOCK:
+        key = (name, id(handle))
+        if key not in _REFERENCES:
+            zoo_model = getattr(handle, "card", None) is not None and str(name).startswith("zoo:")
+            model_ref = ModelRef("zoo", name[4:]) if zoo_model else ModelRef("source", str(name))
+            suite_ref = SuiteRef("default" if zoo_model else "sentences")
+            spec = EvalSpec(model_ref, suite_ref, n_items=REFERENCE_ITEMS)
+            suite = build_suite(suite_ref, handle, n_items=REFERENCE_ITEMS)
+            ids = reference_inputs(spec, Evaluation(handle, suite, [], None))
+            source = "the organism's own task" if zoo_model else "the sentences suite"
+            _REFERENCES[key] = (ids, f"{len(ids)} inputs of {source} ({suite.generator or suite.name}, "
+                                     f"seed {(suite.seed or 0) + 1})")
+        return _REFERENCES[key]
 
 
 @dataclass
@@ -47,6 +79,7 @@ class LiveAblation:
     token_metric: str
     summary: str
     seconds: float
+    reference: str = ""
 
 
 def total_variation(before: np.ndarray, after: np.ndarray) -> np.ndarray:
@@ -92,14 +125,19 @@ def ablate(handle: Any, cap: LiveCapture, spec: str, mode: str = "zero") -> Live
     module = module_of(handle)
     heads = parse_heads(spec or "", module)
     start = time.perf_counter()
+    reference, what = reference_set(handle, cap.model_name) if mode in ("mean", "resample") else (None, "")
     with MODEL_LOCK, torch.no_grad():
-        with apply_plan(handle, InterventionPlan(heads, mode)):
+        plan = (build_plan(str(heads), mode, {"seed": RESAMPLE_SEED}, handle, reference_ids=reference)
+                if reference is not None else InterventionPlan(heads, mode))
+        with apply_plan(handle, plan):
             after = capture(handle, cap.inputs)
-    attn_after = after.stack()[:, 0].float().numpy()
+    attn_after = after.stack(tower=cap.tower)[:, 0].float().numpy()
     change = total_variation(cap.attn(), attn_after)
     values, metric, summary = output_change(handle, cap.trace.output, after.output)
+    if what:
+        summary = f"{mode} over the reference: {what}\n{summary}"
     return LiveAblation(cap.key, compact_heads(heads, module), mode, change.astype(np.float32), attn_after,
-                        values, metric, summary, time.perf_counter() - start)
+                        values, metric, summary, time.perf_counter() - start, what)
 
 
-__all__ = ["LIVE_MODES", "LiveAblation", "ablate", "output_change", "total_variation"]
+__all__ = ["LIVE_MODES", "LiveAblation", "ablate", "output_change", "reference_set", "total_variation"]

@@ -20,13 +20,20 @@ import threading
 from collections import OrderedDict
 from typing import Any
 
+import torch
+
 from ..errors import AttnscopeError, InputError
 from ..probes.heads import HeadSet
+from ..viz.head_inputs import LayerInputs
 from ..viz.head_lines import hovered_token
 from ..viz.head_thumbnails import clicked_thumbnail
+from ..viz.long_sequence import block_pattern, long_sequence_view
 from . import live_views as views
 from .files import ResultsRoot
 from .live_ablation import LiveAblation, ablate
+from .live_analysis_callbacks import register_analysis_callbacks
+from .live_media_callbacks import register_media_callbacks
+from .live_media_layout import MEDIA_STATES
 from .live_save import save_capture
 from .live_state import LiveCapture, LiveSession
 
@@ -62,10 +69,13 @@ def _parse_one_head(text: str, cap: LiveCapture) -> tuple[int, int]:
 
 
 def _warm_up() -> None:
-    """Import what the first capture would otherwise wait for (scikit-learn's PCA: about a second)."""
+    """Import and run once what the first capture would otherwise wait for: scikit-learn's PCA (about a second)
+    and one small long-sequence figure (torch's first kernels, plotly's validators)."""
     try:
         importlib.import_module("sklearn.decomposition")
-    except Exception:  # noqa: BLE001 - missing, or the interpreter is exiting: the QK view reports its own error
+        qk = torch.randn(1, 64, 8, generator=torch.Generator().manual_seed(0))
+        long_sequence_view(block_pattern(LayerInputs(0, qk, qk, None, 1.0, True, None, None, []), 0, max_cells=16))
+    except Exception:  # noqa: BLE001 - missing, or the interpreter is exiting: the views report their own errors
         pass
 
 
@@ -84,23 +94,16 @@ def _view(session: LiveSession, key: str | None, render, height: int = 300) -> A
 
 def register_live_callbacks(app: Any, session: LiveSession, root: ResultsRoot) -> None:
     """Wire the live page's components to ``session`` (models, captures) and ``root`` (where Save writes)."""
-    from dash import Input, Output, no_update
-
     threading.Thread(target=_warm_up, daemon=True).start()
     ablations: dict[str, LiveAblation] = {}
-
-    @app.callback(Output("page-tab", "value"), Input("url", "search"))
-    def _tab(search):
-        from urllib.parse import parse_qs
-
-        tab = parse_qs((search or "").lstrip("?")).get("tab", [None])[0]
-        return tab if tab in ("results", "live") else no_update
-
+    # ``?tab=live`` (and the tab written back into the URL) is handled with the rest of the URL by url_state
     register_capture_callbacks(app, session)
     register_view_callbacks(app, session)
     register_ablation_callbacks(app, session, ablations)
     register_long_callbacks(app, session)
     register_save_callback(app, session, root, ablations)
+    register_analysis_callbacks(app, session, root)
+    register_media_callbacks(app, session)  # image (VLM) and diffusion input, the image card
 
 
 def register_capture_callbacks(app: Any, session: LiveSession) -> None:
@@ -109,11 +112,12 @@ def register_capture_callbacks(app: Any, session: LiveSession) -> None:
 
     @app.callback(Output("live-key", "data"), Output("live-status", "children"), Output("live-error", "children"),
                   Input("live-capture", "n_clicks"), State("live-model", "value"), State("live-text", "value"),
-                  State("live-mode", "value"), prevent_initial_call=True,
+                  State("live-mode", "value"), *[State(i, "value") for i in MEDIA_STATES],
+                  prevent_initial_call=True,
                   running=[(Output("live-capture", "disabled"), True, False)])
-    def _capture(_n, model, text, mode):
+    def _capture(_n, model, text, mode, *media):
         try:
-            cap = session.capture(model, text, mode)
+            cap = session.capture(model, text, mode, media)
         except Exception as exc:  # noqa: BLE001
             return no_update, no_update, _error(exc)
         dense = "" if cap.dense else f" · {views.too_long_note(cap)}"
@@ -194,6 +198,9 @@ def register_ablation_callbacks(app: Any, session: LiveSession, ablations: dict[
     def _ablate(n, key, heads, mode):
         try:
             cap = session.get(key)
+            if cap.kind == "diffusion":  # ablate() would rerun the whole pipeline before failing
+                raise InputError("ablation is for text and VLM captures", expected="a text or VLM capture",
+                                 got="diffusion", fix="see the image card's per-head maps")
             result = ablate(session.model(cap.model_name), cap, heads, mode)
         except Exception as exc:  # noqa: BLE001
             return no_update, _error(exc), {"display": "none"}

@@ -13,6 +13,8 @@ Example:
 from typing import Any
 
 from .live_ablation import LIVE_MODES
+from .live_analysis_layout import analysis_card
+from .live_media_layout import media_card, media_inputs
 from .live_state import INPUT_MODES
 
 EXAMPLE_TEXT = "The cat sat on the mat because it was warm, and the dog watched it from the door."
@@ -49,6 +51,7 @@ def _input_card(choices: list[str], default: str | None) -> Any:
             _control("selected head (Enter)", dcc.Input(id="live-head-input", type="text", value="L0H0",
                                                         debounce=True), "small"),
         ], className="row", style={"alignItems": "flex-end"}),
+        media_inputs(),  # image picker / upload (VLM), steps / seed (diffusion): shown for those models
         html.Div(id="live-status", className="hint"),
         html.Div(id="live-head-msg", className="msg"),
         html.Div(id="live-error", className="msg"),
@@ -75,7 +78,9 @@ def _ablation_card() -> Any:
     from dash import dcc, html
 
     return html.Div([
-        html.Div([html.B("Ablate "), html.Span("re-run this input with heads ablated and see what moved",
+        html.Div([html.B("Ablate "), html.Span("re-run this input with heads ablated and see what moved; mean / "
+                                               "resample draw from what `attnscope ablate` uses: 64 inputs of the "
+                                               "model's default suite (zoo: its own task, else sentences), seed + 1",
                                                className="hint")]),
         html.Div([
             _control("heads", dcc.Input(id="live-abl-heads", type="text", value="", placeholder="L2H3 or L2H*"),
@@ -122,8 +127,10 @@ def live_page(choices: list[str], default: str | None) -> Any:
         dcc.Store(id="live-long-state"),
         _input_card(choices, default),
         _views(),
+        media_card(),
         html.Div([_graph("live-attribution")], className="card", style=CARD),
         _ablation_card(),
+        analysis_card(),
         _long_card(),
         html.Div([
             html.Button("Save capture to the results folder", id="live-save", n_clicks=0),

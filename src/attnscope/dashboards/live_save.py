@@ -2,7 +2,7 @@
 
 - the trace (``AttentionTrace.save``: one safetensors file, written atomically): every layer's full pattern for a
   short input, streaming statistics (entropy, mass on token 0) for a long one;
-- ``*_rollout.parquet``: the token attribution the page shows (short inputs);
+- ``*_rollout.parquet``: the token attribution the page shows (short inputs; not for diffusion captures);
 - ``*_ablation.parquet``: the attention change per head of the last ablation of this capture, if any.
 
 The results tab lists the new run on its next page load. Nothing outside the results folder is written.
@@ -68,7 +68,7 @@ def save_capture(handle: Any, cap: LiveCapture, root: ResultsRoot, ablation: Liv
         with MODEL_LOCK:
             trace = capture(handle, cap.inputs, stats=("entropy", "mass"))
     written.append(trace.save(folder / f"{stem}.safetensors"))
-    if cap.dense:
+    if cap.dense and cap.kind != "diffusion":  # a diffusion capture holds cross-attention only: no rollout
         written.append(_rollout_table(cap).save(folder / f"{stem}_rollout.parquet"))
     if ablation is not None and ablation.key == cap.key:
         written.append(_ablation_table(cap, ablation).save(folder / f"{stem}_ablation.parquet"))

@@ -5,6 +5,8 @@ A capture of at most ``DENSE_LIMIT`` tokens keeps every layer's full pattern (an
 queries and keys of every layer (``LayerInputs``, one extra forward); a longer input keeps only its tokens: the
 long-sequence view computes its block pattern from one layer's queries and keys on demand, row chunk by row chunk.
 Every forward of a shared model holds ``MODEL_LOCK`` (the ablation panel's lock: its hooks live on the model).
+Image + question (VLM) and prompt + steps (diffusion) captures come from ``LiveSession.media_capture``, a hook the
+media callbacks install (``live_media``); their ``LiveCapture.media`` says what they hold.
 
 Example:
     >>> from attnscope.dashboards.live_state import parse_ids
@@ -17,6 +19,7 @@ import re
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +41,7 @@ MAX_INPUT_CHARS = 400_000
 INPUT_MODES = ("text", "ids")
 TEXT_ZOO_CLASSES = ("AutoModelForCausalLM", "AutoModelForSequenceClassification", "AutoModelForMaskedLM",
                     "AutoModel")
+MEDIA_ZOO_CLASSES = ("AutoModelForImageTextToText", "DiffusionPipeline")  # live_media: image and diffusion input
 _IDS = re.compile(r"[\s,]+")
 
 
@@ -67,6 +71,13 @@ class LiveCapture:
     layers: dict[int, LayerInputs] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)  # seconds, e.g. "forward to L1" (shown in the page)
     _attn: np.ndarray | None = None
+    media: Any = None  # live_media.MediaInfo of an image or diffusion capture, None for text
+    tower: str = "text"  # the self-attention tower the input's tokens feed (encoder-decoders: "encoder")
+
+    @property
+    def kind(self) -> str:
+        """``text``, ``vlm`` or ``diffusion``."""
+        return self.media.kind if self.media is not None else "text"
 
     @property
     def n_tokens(self) -> int:
@@ -82,7 +93,7 @@ class LiveCapture:
             raise InputError("input too long for the dense views", expected=f"<= {DENSE_LIMIT} tokens",
                              got=self.n_tokens, fix="use the long-sequence view")
         if self._attn is None:
-            self._attn = self.trace.stack()[:, 0].float().numpy()
+            self._attn = self.trace.stack(tower=self.tower)[:, 0].float().numpy()
         return self._attn
 
     def check_head(self, layer: int, head: int) -> tuple[int, int]:
@@ -101,14 +112,16 @@ class LiveSession:
         self._captures: "OrderedDict[str, LiveCapture]" = OrderedDict()
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
+        # (handle, name, raw text, media inputs) -> LiveCapture, or None for a text model (set by live_media)
+        self.media_capture: Callable[[Any, str, str, Any], "LiveCapture | None"] | None = None
 
     def choices(self) -> list[str]:
-        """Models the page offers: the app's model, MiniLM, and the zoo's trained text organisms."""
+        """Models the page offers: the app's model, MiniLM, the zoo's trained text, VLM and diffusion organisms."""
         names = [self.default] if self.default else []
         names.append("minilm")
         try:
             names += [f"zoo:{o['name']}" for o in zoo.list_organisms()
-                      if o.get("trained") and o.get("auto_class") in TEXT_ZOO_CLASSES]
+                      if o.get("trained") and o.get("auto_class") in TEXT_ZOO_CLASSES + MEDIA_ZOO_CLASSES]
         except Exception:  # noqa: BLE001 - a broken zoo folder must not break the page
             pass
         return list(dict.fromkeys(names))
@@ -132,13 +145,18 @@ class LiveSession:
             self._captures.move_to_end(key)
             return self._captures[key]
 
-    def capture(self, name: str | None, raw: str, mode: str = "text") -> LiveCapture:
-        """Run the model on ``raw`` (text, or ids with ``mode="ids"``) and keep what the views need."""
+    def capture(self, name: str | None, raw: str, mode: str = "text", media: Any = None) -> LiveCapture:
+        """Run the model on ``raw`` (text, or ids with ``mode="ids"``) and keep what the views need. ``media``:
+        the image / diffusion controls, for ``media_capture`` (VLMs and diffusion pipelines)."""
         handle = self.model(name)
-        inputs = _inputs(handle, raw, mode)
+        name = name or self.default or "minilm"
         start = time.perf_counter()
-        with MODEL_LOCK:
-            cap = _capture(handle, inputs, name or self.default or "minilm")
+        cap = self.media_capture(handle, name, raw, media) if self.media_capture is not None else None
+        if cap is None:
+            inputs = _inputs(handle, raw, mode)
+            start = time.perf_counter()
+            with MODEL_LOCK:
+                cap = _capture(handle, inputs, name)
         cap.seconds = time.perf_counter() - start
         with self._lock:
             cap.key = f"c{next(self._ids)}"
@@ -147,13 +165,16 @@ class LiveSession:
                 self._captures.popitem(last=False)
         return cap
 
-    def layer_inputs(self, cap: LiveCapture, layer: int) -> LayerInputs:
-        """Queries and keys of ``layer`` for ``cap`` (one forward up to that layer, then cached)."""
+    def layer_inputs(self, cap: LiveCapture, layer: int) -> LayerInputs | None:
+        """Queries and keys of ``layer`` for ``cap`` (one forward up to that layer, then cached); None for a
+        diffusion capture (its views say what they show instead)."""
+        if cap.kind == "diffusion":
+            return None
         if layer not in cap.layers:
             handle = self.model(cap.model_name)
             with MODEL_LOCK:
                 start = time.perf_counter()
-                cap.layers.update(collect_layer_inputs(handle, cap.inputs, [layer]))
+                cap.layers.update(collect_layer_inputs(handle, cap.inputs, [layer], tower=cap.tower))
                 cap.timings[f"forward to L{layer}"] = time.perf_counter() - start
         return cap.layers[layer]
 
@@ -176,16 +197,18 @@ def _inputs(handle: Any, raw: Any, mode: str) -> Any:
 
 def _capture(handle: Any, inputs: Any, name: str) -> LiveCapture:
     adapter = as_adapter(handle)
-    tower = adapter.info().tower()
-    causal = bool(adapter.causal_sites())
+    towers = [t.name for t in adapter.info().towers]
+    tower = adapter.info().tower("text" if "text" in towers else "encoder")  # what the tokens feed
+    causal = any(site.tower == tower.name for site in adapter.causal_sites())
     prepared = adapter.prepare(inputs)
     ids = prepared.kwargs["input_ids"][0].tolist()
     tokens = prepared.tokens.strings[0] if prepared.tokens.strings else [str(i) for i in ids]
     trace, layers = None, {}
     if len(tokens) <= DENSE_LIMIT:
         trace = capture(handle, inputs)
-        layers = collect_layer_inputs(handle, inputs, range(tower.n_layers))
-    return LiveCapture("", name, inputs, list(tokens), tower.n_layers, tower.n_heads, causal, trace, 0.0, layers)
+        layers = collect_layer_inputs(handle, inputs, range(tower.n_layers), tower=tower.name)
+    return LiveCapture("", name, inputs, list(tokens), tower.n_layers, tower.n_heads, causal, trace, 0.0, layers,
+                       tower=tower.name)
 
 
 __all__ = ["DENSE_LIMIT", "INPUT_MODES", "LiveCapture", "LiveSession", "MODEL_LOCK", "parse_ids"]

@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 import plotly.graph_objects as go
 
-from ..circuits.attention_rollout import rollout
 from ..results import ResultTable
 from ..viz.attribution import token_attribution
 from ..viz.embedding import qk_embedding
@@ -23,7 +22,9 @@ from ..viz.head_thumbnails import model_view
 from ..viz.heads import head_grid
 from ..viz.long_sequence import block_pattern, long_sequence_view
 from ..viz.pattern import attention_pattern
+from . import live_media_views as media
 from .live_ablation import LiveAblation
+from .live_analysis import attribution_values  # rollout, flow, relevance (re-exported: live_save uses it)
 from .live_state import DENSE_LIMIT, LiveCapture
 
 FOCUS_COLOUR = "#ff2d55"
@@ -53,6 +54,8 @@ def too_long_note(cap: LiveCapture) -> str:
 
 
 def model_view_figure(cap: LiveCapture, selected: tuple[int, int]) -> go.Figure:
+    if cap.kind != "text":  # image / diffusion captures: live_media_views
+        return media.model_view_figure(cap, selected)
     return tag(model_view(cap.trace, selected=selected,
                           title=f"model view · {cap.n_layers} layers × {cap.n_heads} heads · {cap.n_tokens} tokens "
                                 "· click a thumbnail to select its head"), cap)
@@ -60,12 +63,16 @@ def model_view_figure(cap: LiveCapture, selected: tuple[int, int]) -> go.Figure:
 
 def head_view_figure(cap: LiveCapture, layer: int, head: int, scope: str,
                      highlight: tuple[str, int] | None) -> go.Figure:
+    if cap.kind != "text":
+        return media.head_view_figure(cap, layer, head, scope, highlight)
     heads = None if scope == "layer" else [head]
     threshold, top_k = HEAD_VIEW_LINES["layer" if heads is None else "head"]
     return tag(head_view(cap.trace, layer, heads, highlight=highlight, threshold=threshold, top_k=top_k), cap)
 
 
 def pattern_figure(cap: LiveCapture, layer: int, head: int, focus: tuple[str, int] | None) -> go.Figure:
+    if cap.kind == "diffusion":
+        return media.note(cap, "pattern", 300)
     fig = attention_pattern(cap.trace, layer, head)
     if cap.n_tokens > 40:  # every token keeps its label
         fig.update_layout(height=int(min(900, 220 + 10.5 * cap.n_tokens)))
@@ -83,10 +90,12 @@ def pattern_figure(cap: LiveCapture, layer: int, head: int, focus: tuple[str, in
         word = cap.tokens[index] if 0 <= index < n else "?"
         what = "row: what it attends to" if side == "query" else "column: what attends to it"
         fig.update_layout(title_text=f"{fig.layout.title.text}<br><sup>{side} {index} {word!r} · {what}</sup>")
-    return tag(fig, cap)
+    return tag(media.mark_image_span(fig, cap), cap)
 
 
 def qk_figure(cap: LiveCapture, layer: int, head: int, focus: tuple[str, int] | None) -> go.Figure:
+    if cap.kind == "diffusion":
+        return media.note(cap, "qk", 300)
     sample = cap.layers[layer].sample(head)
     fig = qk_embedding(sample, method="pca", title=f"query-key embedding L{layer} H{head} (PCA)<br><sup>click a "
                                                    "point: its row (query) or column (key) in the pattern</sup>")
@@ -103,17 +112,13 @@ def qk_figure(cap: LiveCapture, layer: int, head: int, focus: tuple[str, int] | 
     return tag(fig, cap)
 
 
-def attribution_values(cap: LiveCapture) -> tuple[np.ndarray, str]:
-    """Rollout (Abnar & Zuidema) after the last layer, read out at the last token (causal models: what the next
-    prediction traces back to) or averaged over tokens (encoders, which mean-pool as MiniLM does)."""
-    readout = cap.n_tokens - 1 if cap.causal else "mean"
-    values = np.asarray(rollout(cap.attn(), readout=readout))[-1]
-    where = f"the last token ({cap.tokens[-1]!r})" if cap.causal else "the mean over tokens"
-    return values, f"attention rollout to the input tokens, read out at {where}"
-
-
-def attribution_figure(cap: LiveCapture) -> go.Figure:
-    values, title = attribution_values(cap)
+def attribution_figure(cap: LiveCapture, method: str = "rollout", handle: Any = None,
+                       computed: tuple[np.ndarray, str] | None = None) -> go.Figure:
+    """Token attribution of ``method`` (rollout, flow, relevance: ``live_analysis.attribution_values``; relevance
+    needs the model ``handle``), or of ``computed`` (values, title) when already computed."""
+    if cap.kind == "diffusion" and computed is None:  # per-token cross-attention mass: live_media_views
+        computed = media.token_mass_values(cap)
+    values, title = computed if computed is not None else attribution_values(cap, method, handle)
     special = [t for t in cap.tokens if t.startswith(("[", "<")) and t.endswith(("]", ">"))]
     fig = token_attribution(values, cap.tokens, per_line=16, exclude=special,
                             title=f"{title}<br><sup>special tokens {sorted(set(special))[:4]} left grey so they do "
@@ -166,6 +171,8 @@ def pattern_change_figure(cap: LiveCapture, ab: LiveAblation, layer: int, head: 
 
 def long_figure(cap: LiveCapture, inputs: Any, head: int, how: str,
                 ranges: tuple[tuple[int, int], tuple[int, int]] | None) -> go.Figure:
+    if cap.kind == "diffusion":
+        return media.note(cap, "long")
     query_range, key_range = ranges if ranges is not None else (None, None)
     start = time.perf_counter()
     bp = block_pattern(inputs, head, how=how, query_range=query_range, key_range=key_range)

@@ -9,6 +9,7 @@ Example:
     6
 """
 
+from ..errors import ReferenceMismatchError
 from . import adapters  # noqa: F401  (registers the built-in adapters)
 from .adapter import ModelAdapter, ModelLike, adapter_for, as_adapter, module_of, registered_adapters, tokenizer_of
 from .adapters.hf_route import attention_modules, eager_reference, edit_attention
@@ -19,9 +20,11 @@ from .head_slices import output_projections
 from .heads import Head, HeadSet
 from .interventions import InterventionPlan, apply_plan, mean_plan, resample_plan
 from .site import Site
+from .tower_heads import describe_towers, layer_label, resolve_heads
 from .trace import AttentionTrace, SiteRecord
 
-__all__ = ["AttentionTrace", "Capture", "Head", "HeadSet", "InterventionPlan", "ModelAdapter", "ModelLike", "Site",
-           "SiteRecord", "ValidationReport", "adapter_for", "apply_plan", "as_adapter", "attention_modules", "capture",
-           "eager_reference", "edit_attention", "hf_sites", "mean_plan",
-           "module_of", "output_projections", "registered_adapters", "resample_plan", "tokenizer_of", "validate"]
+__all__ = ["AttentionTrace", "Capture", "Head", "HeadSet", "InterventionPlan", "ModelAdapter", "ModelLike",
+           "ReferenceMismatchError", "Site", "SiteRecord", "ValidationReport", "adapter_for", "apply_plan", "as_adapter",
+           "attention_modules", "capture", "describe_towers", "eager_reference", "edit_attention", "hf_sites",
+           "layer_label", "mean_plan", "module_of", "output_projections", "registered_adapters", "resample_plan",
+           "resolve_heads", "tokenizer_of", "validate"]

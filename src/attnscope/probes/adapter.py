@@ -149,6 +149,6 @@ def _why_unmatched(module: Any) -> str:
     attention = sorted({type(m).__name__ for m in module.modules() if type(m).__name__.endswith("Attention")})
     if attention:
         return (f"{name}, whose attention modules ({', '.join(attention[:3])}) compute their scores inline instead of "
-                "calling transformers' ALL_ATTENTION_FUNCTIONS, so attnscope cannot observe or edit them (e.g. BLOOM's "
-                "ALiBi, DeBERTa's disentangled attention)")
+                "calling transformers' ALL_ATTENTION_FUNCTIONS, so attnscope cannot observe or edit them (e.g. DeBERTa "
+                "v1's disentangled attention, XLNet's relative attention)")
     return f"{name} (no attention module found)"

@@ -22,6 +22,7 @@ from .adapter import ModelAdapter, ModelLike, as_adapter
 from .heads import HeadSet
 from .recorder import Recorder
 from .request import CaptureRequest, RowSelection
+from .shared_layers import numbered, shared_layers
 from .site import Site
 from .trace import AttentionTrace
 
@@ -40,6 +41,9 @@ class Capture:
         self._stack = contextlib.ExitStack()
         try:
             self._stack.enter_context(self.adapter.instrument(self.recorder, implementation=self.implementation))
+            counter = self._stack.enter_context(numbered(shared_layers(self.adapter.module)))
+            if counter is not None:  # ALBERT: each application of the shared module is its own layer
+                self.recorder.rename = counter.site
         except BaseException:
             self._stack.close()
             raise

@@ -8,13 +8,18 @@ slice). Two ways in, one layout:
   DistilBERT, ModernBERT, CLIP, T5, BART, Whisper, ViT ...): the edit runs inside the routed attention function
   (``hf_route.edit_attention``), on its output ``[batch, query, head, d_head]`` before the output projection, the
   same place capture reads. Self-attention layers are numbered in forward order (encoder-decoders: the encoder's,
-  then the decoder's); cross-attention is not a layer here. Where a model applies something between the attention
+  then the decoder's); their cross-attention is not a layer here. Where a model applies something between the attention
   function and its projection (Qwen3-Next's output gate), the edit acts before it.
 - **a pre-hook on the projection input** for GPT-2 (``attn.c_proj``), the Llama class incl. Qwen2/Mistral
   (``self_attn.o_proj``) and the BERT class (``attention.output.dense``): the same slices, and what structural
   pruning and the zoo's weight edits need. Head counts are read from the weights, so a structurally pruned model
-  (fewer heads in some layers) is described correctly. Under GQA the slices are per *query* head; ``kv_head_of`` and
-``query_heads_of`` map between query heads and the KV head they share.
+  (fewer heads in some layers) is described correctly. Cross-attention layers found this way (Mllama's text
+  ``cross_attn``) come after the self-attention ones: Mllama's layers are vision, text self, then text cross.
+  Under GQA the slices are per *query* head; ``kv_head_of`` and ``query_heads_of`` map between query heads and the
+  KV head they share.
+
+These *global* layer numbers are what ``HeadSet`` and the editors take; ``tower_heads`` maps them to and from
+per-tower names (``vision.L0``, ``text.cross.L0``).
 
 Example:
     >>> import torch, transformers
@@ -40,6 +45,7 @@ from .adapters.diffusers_edits import attention_layers, edit_denoiser, head_layo
 from .adapters.hf_route import attention_modules, edit_attention
 from .adapters.hf_text import encoder_decoder_tower, is_cross_attention, is_encoder_decoder
 from .heads import HeadSet
+from .shared_layers import call_modules, numbered, per_application, shared_layers
 
 HeadEditor = Callable[[Tensor], Tensor]  # [batch, seq, head, d_head] -> same shape
 
@@ -62,6 +68,7 @@ class OutputProjection:
     attention: nn.Module | None = None
     block: nn.Module | None = None
     family: str = ""
+    application: int | None = None  # layers sharing one module (ALBERT): which call of ``attention`` this layer is
 
     @property
     def group_size(self) -> int:
@@ -136,7 +143,21 @@ def _routed_projections(model: nn.Module) -> list[OutputProjection]:
                                         got=f"{name} ({type(module).__name__})",
                                         fix="register an adapter for this family (attnscope.probes.adapter)")
         out.append(OutputProjection(len(out), name, None, layout[0], layout[1], layout[2], module, module, "routed"))
+    shared = shared_layers(model)
+    if shared is not None:  # one layer per application of a shared module (ALBERT), in call order
+        by_id = {id(p.attention): p for p in out}
+        out = [OutputProjection(k, by_id[id(m)].name, None, by_id[id(m)].n_heads, by_id[id(m)].d_head,
+                                by_id[id(m)].n_kv_heads, m, m, "routed", k)
+               for k, m in enumerate(call_modules(shared))]
     return out
+
+
+def _self_before_cross(found: list[OutputProjection]) -> list[OutputProjection]:
+    """Projections found by layout whose attention is cross-attention (Mllama's text ``cross_attn``) go after the
+    self-attention layers, so every tower's layers are contiguous: vision, text self, text cross."""
+    order = sorted(found, key=lambda p: is_cross_attention(p.name, p.attention))
+    return [OutputProjection(k, p.name, p.module, p.n_heads, p.d_head, p.n_kv_heads, p.attention, p.block, p.family,
+                             p.application) for k, p in enumerate(order)]
 
 
 def _diffusers_projections(denoiser: nn.Module) -> list[OutputProjection]:
@@ -175,6 +196,7 @@ def output_projections(model: nn.Module) -> list[OutputProjection]:
             found.append(OutputProjection(len(found), name, described.module, described.n_heads, described.d_head,
                                           described.n_kv_heads, described.attention, described.block,
                                           described.family))
+    found = _self_before_cross(found)
     if not found and isinstance(model, nn.Module):
         found = _routed_projections(model)
     if not found and isinstance(model, nn.Module) and type(model).__module__.startswith("diffusers"):
@@ -265,11 +287,18 @@ def edit_attention_layers(model: ModelLike, editors: Mapping[int, Callable[..., 
     """Route editors (``editor(module, q, k, v, mask, *, scaling, is_causal, softcap, output)``, see
     ``hf_route.edit_attention``) by layer: transformers attention through ``hf_route``, diffusers attention through
     its SDPA side channel (``diffusers_edits``). The one place where attention is written."""
-    diffusers, transformers_side = {}, {}
+    diffusers, transformers_side, shared = {}, {}, {}
     for layer, editor in editors.items():
-        side = diffusers if projections[layer].family == "diffusers" else transformers_side
-        side[id(projections[layer].attention)] = editor
+        proj = projections[layer]
+        if proj.application is not None:
+            shared.setdefault(id(proj.attention), {})[proj.application] = editor
+            continue
+        side = diffusers if proj.family == "diffusers" else transformers_side
+        side[id(proj.attention)] = editor
     with ExitStack() as stack:
+        if shared:  # an edit of layer k acts on the k-th application of the shared module only
+            counter = stack.enter_context(numbered(shared_layers(module_of(model))))
+            transformers_side.update({mid: per_application(counter, by_call) for mid, by_call in shared.items()})
         if transformers_side:
             stack.enter_context(edit_attention(module_of(model), transformers_side))
         if diffusers:

@@ -1,6 +1,11 @@
 """``Head`` (one attention head: layer, head) and ``HeadSet`` (a typed set of them), with the ``L3H5,L7H*`` parser
 the CLI uses. Strings appear only at the edges (CLI, JSON, tables' labels); inside, heads are these types.
 
+A ``HeadSet`` holds *global* layer numbers: a model's editable attention layers in forward order
+(``head_slices.output_projections``). A spec token may instead name a tower and kind, ``vision.L0H3``,
+``text.L3H*``, ``decoder.cross.L1H0`` (kind ``self`` when left out): ``TowerHead`` tokens, read by ``parse_tokens``
+and mapped to global layers against a model by ``attnscope.probes.tower_heads.resolve_heads``.
+
 Example:
     >>> from attnscope.probes.heads import Head, HeadSet
     >>> Head.parse("L3H5"), str(Head(3, 5)), Head(3, 5) == (3, 5)
@@ -13,6 +18,10 @@ Example:
     'L0H1,L1H0,L1H1,L1H2'
     >>> hs.heads_in_layer(1)
     [0, 1, 2]
+    >>> [str(t) for t in parse_tokens("vision.L0H3,decoder.cross.L1H*,L2H0")]
+    ['vision.L0H3', 'decoder.cross.L1H*', 'L2H0']
+    >>> is_tower_spec("text.L3H*"), is_tower_spec("L3H*")
+    (True, False)
 """
 
 import re
@@ -22,6 +31,49 @@ from typing import NamedTuple
 from ..errors import HeadSpecError
 
 _TOKEN = re.compile(r"^L(\d+|\*)H(\d+|\*)$", re.IGNORECASE)
+_TOWER_TOKEN = re.compile(r"^(?:(?P<prefix>[A-Za-z_][\w.]*)\.)?L(?P<layer>\d+|\*)H(?P<head>\d+|\*)$", re.IGNORECASE)
+KINDS = ("self", "cross", "joint")
+TOKEN_HELP = "L<layer>H<head> or TOWER[.KIND].L<layer>H<head> ('*' wildcard), comma separated"
+
+
+class TowerHead(NamedTuple):
+    """One spec token: ``tower`` (None: global numbering), ``kind``, ``layer`` and ``head`` (None: ``*``)."""
+
+    tower: str | None
+    kind: str
+    layer: int | None
+    head: int | None
+
+    def __str__(self) -> str:
+        star = lambda v: "*" if v is None else str(v)  # noqa: E731
+        where = "" if self.tower is None else f"{self.tower}." + ("" if self.kind == "self" else f"{self.kind}.")
+        return f"{where}L{star(self.layer)}H{star(self.head)}"
+
+
+def parse_tokens(spec: str) -> list[TowerHead]:
+    """The tokens of ``spec`` (``vision.L0H3,text.L1H*,L2H0``); HeadSpecError when one is malformed."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise HeadSpecError("empty head spec", expected="e.g. 'L3H5,L7H*' or 'text.L3H5'", got=repr(spec))
+    out = []
+    for raw in spec.split(","):
+        match = _TOWER_TOKEN.match(raw.strip())
+        if not match:
+            raise HeadSpecError("malformed head spec", expected=TOKEN_HELP, got=repr(raw.strip()),
+                                fix="write e.g. 'L3H5,L7H*', 'vision.L0H3' or 'decoder.cross.L1H0'")
+        tower, kind = match["prefix"], "self"
+        if tower is not None and "." in tower and tower.rsplit(".", 1)[1].lower() in KINDS:
+            tower, kind = tower.rsplit(".", 1)[0], tower.rsplit(".", 1)[1].lower()
+        if tower is not None and tower.lower() in KINDS:
+            raise HeadSpecError("a kind without a tower", expected=TOKEN_HELP, got=repr(raw.strip()),
+                                fix="name the tower first, e.g. decoder.cross.L1H0")
+        value = lambda part: None if part == "*" else int(part)  # noqa: E731
+        out.append(TowerHead(tower, kind, value(match["layer"]), value(match["head"])))
+    return out
+
+
+def is_tower_spec(spec: str) -> bool:
+    """Whether any token of ``spec`` names a tower (then only a model can resolve it)."""
+    return any(token.tower is not None for token in parse_tokens(spec))
 
 
 class Head(NamedTuple):
@@ -69,8 +121,9 @@ class HeadSet:
     @classmethod
     def check_spec(cls, spec: str) -> str:
         """``spec`` unchanged when it is well formed (wildcards allowed: no model size needed), else
-        HeadSpecError; for specs read before the model is known (a sweep spec)."""
-        cls._tokens(spec)
+        HeadSpecError; for specs read before the model is known (a sweep spec). Tower-qualified tokens
+        (``vision.L0H3``) are accepted: they are resolved against the model later."""
+        parse_tokens(spec)
         return spec
 
     @classmethod
@@ -92,6 +145,11 @@ class HeadSet:
         for raw in spec.split(","):
             token = raw.strip()
             match = _TOKEN.match(token)
+            if not match and _TOWER_TOKEN.match(token):
+                raise HeadSpecError(
+                    "a tower-qualified head needs the model to be resolved", expected="L<layer>H<head> here",
+                    got=repr(token), fix="write L<layer>H<head> here (per-tower names are taken by head edits: "
+                    "`attnscope ablate`, sweeps, plans; in Python attnscope.probes.tower_heads.resolve_heads)")
             if not match:
                 raise HeadSpecError(
                     "malformed head spec", expected="L<layer>H<head> with '*' as wildcard, comma separated",

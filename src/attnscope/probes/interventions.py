@@ -9,18 +9,33 @@ Modes (every one edits the head's output ``Att_h(x)``, the head's slice of the o
   (``per_position=False``, default) or per position (``per_position=True``; positions past the longest reference
   get the mean of the per-position means). ``mean_plan`` computes the means once and stores them in the plan.
 - ``resample``: ``Att_h(x)`` at every position taken from the same head on another input of the reference set
-  (drawn per row with ``seed``, among reference inputs at least as long as the row, else the longest, and not
-  identical to the row when possible). Inputs are right-padded, positions are aligned from the start; positions
-  past the drawn reference's length get that reference's token mean.
+  (drawn per row: ``numpy.random.default_rng([seed, row])`` picks uniformly among the reference rows at least as
+  long as the row, else the longest, and not identical to the row when possible). Inputs are right-padded,
+  positions are aligned from the start; positions past the drawn reference's length get that reference's token
+  mean.
+
+Reference sets: token ids (``reference_ids``) or, for any modality, ``reference_inputs``: what the model's
+adapter ``prepare`` accepts (a dict of tensors, e.g. other images, audio features, latents + timestep + text
+embeddings, ids + images; or a list of such dicts). Layers without a text mask (patches, frames, latents) need as
+many positions on the reference as on the input (``attnscope.probes.reference_inputs``); inputs that do not fit
+raise ``ReferenceMismatchError``.
 - ``uniform``: the head attends uniformly over the keys its mask allows (causal, padding, sliding window): the
-  retrieval-head paper's "masking" (Wu et al. 2024). Runs through the attention route (``hf_route``).
+  retrieval-head paper's "masking" (Wu et al. 2024). Runs through the attention route (``hf_route``). With learned
+  attention sinks (GPT-OSS ``s_aux``) each row keeps the sink's probability mass as the model computes it,
+  ``p_sink = softmax([q k^T * scaling + mask, s_h])[-1]``, and spreads the rest, ``1 - p_sink``, evenly over the
+  allowed keys: ``out = (1 - p_sink) * mean(V over allowed keys)``.
 - ``steer``: ``Att_h(x) += scale * vector`` at every position (``vectors["L1H0"] = [d_head]``; ``scale`` defaults
   to 1). With ``select="kv"`` the keys name KV heads and each vector is added to every query head of the group.
+
+Heads are numbered globally (``HeadSet``: the editable layers in forward order, ``head_slices``) or per tower:
+``tower_heads="vision.L0H3,text.L1H*"`` (``attnscope.probes.tower_heads``) is kept as written in the plan and its
+JSON, and resolved against the model by ``apply_plan``; when it is set it decides, ``heads`` only records what it
+resolved to on the model the plan was built for.
 
 ``select="kv"`` reads the head set as KV heads and expands each to all of its query heads (GQA). Supported: every
 family ``head_slices.output_projections`` describes (GPT-2, Llama and BERT classes by their projections; every other
 transformers family through the attention route; diffusers denoisers through their SDPA side channel, where
-``resample`` and ``mean`` without ``mean_values`` are refused: they need token inputs). Hooks are removed in
+``resample`` and ``mean`` take ``reference_inputs``, the denoiser's forward kwargs). Hooks are removed in
 ``finally``, also after an error.
 
 Example:
@@ -39,21 +54,24 @@ Example:
     True
 """
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..errors import InputError, UnsupportedModelError
-from .adapter import ModelLike, adapter_for, module_of
+from ..errors import InputError, ReferenceMismatchError, UnsupportedModelError
+from .adapter import ModelLike, module_of
 from .head_slices import (OutputProjection, check_heads, edit_attention_layers, edit_head_outputs, expand_kv_selection,
-                          kv_head_of, output_projections, record_head_outputs, zeros_mask)
-from .heads import Head, HeadSet
+                          kv_head_of, output_projections, zeros_mask)
+from .heads import Head, HeadSet, parse_tokens
+from .reference_inputs import (as_sequences, decode_inputs, denoiser_of, encode_inputs, is_token_lists,
+                               reference_head_outputs, reference_outputs)
+from .resampling import Draw, input_hook
 from .statistics import attention_from_qk
+from .tower_heads import resolve_heads
 
 MODES = ("zero", "mean", "resample", "uniform", "rescale", "steer")
 PLAN_FORMAT = "attnscope.intervention/1"
@@ -82,9 +100,13 @@ class InterventionPlan:
         mean_values: ``Head(1, 0) -> [d_head]`` (or ``[position][d_head]`` with ``per_position``) for ``mean``
             (``"L1H0"`` keys are accepted and parsed; ``to_dict`` writes them as strings).
         reference_ids: token-id lists of the reference inputs (``resample``; ``mean`` when no ``mean_values``).
+        reference_inputs: reference inputs of any modality instead: what the adapter's ``prepare`` accepts (a dict
+            of tensors, or a list of such dicts); ``to_dict`` writes tensors as ``{"__tensor__": dtype, ...}``.
         per_position: ``mean`` over tokens (False) or per position (True).
         seed: the draw of reference inputs for ``resample``.
         vectors: ``Head(1, 0) -> [d_head]`` added to the head's output by ``steer`` (times ``scale``, default 1).
+        tower_heads: per-tower heads as written (``vision.L0H3,text.L1H*``); when set, ``apply_plan`` acts on
+            what they resolve to on the model (``heads`` then records the resolution the plan was built with).
     """
 
     heads: HeadSet
@@ -97,11 +119,28 @@ class InterventionPlan:
     seed: int = 0
     metadata: dict[str, Any] = field(default_factory=dict)
     vectors: "dict[Head, Any] | None" = None
+    reference_inputs: Any = None
+    tower_heads: str | None = None
+
+    def __eq__(self, other: object) -> bool:  # tensors in reference_inputs: compare the serialised values
+        if not isinstance(other, InterventionPlan):
+            return NotImplemented
+        try:
+            return self.to_dict() == other.to_dict()
+        except InputError:  # reference inputs JSON cannot hold (e.g. images): only the same plan is equal
+            return self is other
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def has_references(self) -> bool:
+        return bool(self.reference_ids) or self.reference_inputs is not None
 
     def __post_init__(self) -> None:
         if not isinstance(self.heads, HeadSet):
             self.heads = HeadSet(self.heads)
         self.mean_values, self.vectors = _by_head(self.mean_values), _by_head(self.vectors)
+        if self.tower_heads is not None:
+            parse_tokens(self.tower_heads)  # HeadSpecError when malformed; resolved against the model later
         if self.mode not in MODES:
             raise InputError("unknown intervention mode", expected=", ".join(MODES), got=self.mode)
         if self.select not in ("query", "kv"):
@@ -109,9 +148,13 @@ class InterventionPlan:
         if self.mode == "rescale" and self.scale is None:
             raise InputError("rescale needs a scale", expected="scale=<float>", got=None,
                              fix="pass scale (1 is the identity, 0 equals zero ablation)")
-        if self.mode == "resample" and not self.reference_ids:
-            raise InputError("resample needs reference inputs", expected="reference_ids=[[...], ...]", got=None,
-                             fix="build the plan with resample_plan(heads, reference_ids)")
+        if self.reference_ids and self.reference_inputs is not None:
+            raise InputError("two reference sets", expected="reference_ids or reference_inputs", got="both",
+                             fix="give token ids as reference_ids, any other inputs as reference_inputs")
+        if self.mode == "resample" and not self.has_references():
+            raise InputError("resample needs reference inputs", expected="reference_ids=[[...], ...] or "
+                             "reference_inputs={...}", got=None,
+                             fix="build the plan with resample_plan(heads, references)")
         if self.mode == "steer":
             missing = [str(head) for head in self.heads if head not in (self.vectors or {})]
             if missing:
@@ -119,16 +162,18 @@ class InterventionPlan:
                                  got=f"no vector for {', '.join(missing[:4])}", fix="pass vectors=... (see mode steer)")
             self.vectors = {head: [float(v) for v in torch.as_tensor(vec).flatten().tolist()]
                             for head, vec in self.vectors.items()}
-        if self.mode == "mean" and self.mean_values is None and not self.reference_ids:
+        if self.mode == "mean" and self.mean_values is None and not self.has_references():
             raise InputError("mean ablation needs means or reference inputs",
-                             expected="mean_values or reference_ids", got=None,
-                             fix="build the plan with mean_plan(model, heads, reference_ids)")
+                             expected="mean_values, reference_ids or reference_inputs", got=None,
+                             fix="build the plan with mean_plan(model, heads, references)")
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": PLAN_FORMAT, "heads": str(self.heads), "mode": self.mode, "scale": self.scale,
                 "select": self.select, "mean_values": _json_keys(self.mean_values),
                 "reference_ids": self.reference_ids, "per_position": self.per_position, "seed": self.seed,
-                "metadata": dict(self.metadata), "vectors": _json_keys(self.vectors)}
+                "metadata": dict(self.metadata), "vectors": _json_keys(self.vectors),
+                "reference_inputs": encode_inputs(self.reference_inputs),
+                **({"tower_heads": self.tower_heads} if self.tower_heads is not None else {})}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "InterventionPlan":
@@ -138,110 +183,78 @@ class InterventionPlan:
         return cls(heads=heads, mode=data["mode"], scale=data.get("scale"), select=data.get("select", "query"),
                    mean_values=data.get("mean_values"), reference_ids=data.get("reference_ids"),
                    per_position=bool(data.get("per_position", False)), seed=int(data.get("seed", 0)),
-                   metadata=dict(data.get("metadata") or {}), vectors=data.get("vectors"))
+                   metadata=dict(data.get("metadata") or {}), vectors=data.get("vectors"),
+                   reference_inputs=decode_inputs(data.get("reference_inputs")), tower_heads=data.get("tower_heads"))
 
-    def query_heads(self, projections: list[OutputProjection]) -> HeadSet:
-        """The query heads the plan acts on (KV selections expanded), validated against the model."""
+    def resolved(self, model: ModelLike, projections: "list[OutputProjection] | None" = None) -> "InterventionPlan":
+        """The plan with ``tower_heads`` resolved on ``model`` into ``heads`` (itself when it has none)."""
+        if self.tower_heads is None:
+            return self
+        heads = resolve_heads(self.tower_heads, model, select=self.select, projections=projections)
+        return InterventionPlan(**{**self.__dict__, "heads": heads, "tower_heads": None})
+
+    def query_heads(self, projections: list[OutputProjection], model: ModelLike = None) -> HeadSet:
+        """The query heads the plan acts on (KV selections expanded), validated against the model (``model``:
+        needed to resolve ``tower_heads``)."""
+        if self.tower_heads is not None:
+            if model is None:
+                raise InputError("per-tower heads need the model", expected="query_heads(projections, model)",
+                                 got=self.tower_heads, fix="pass the model the plan is applied to")
+            return self.resolved(model, projections).query_heads(projections)
         if self.select == "kv":
             return expand_kv_selection(self.heads, projections)
         return check_heads(self.heads, projections)
 
 
-# ---- reference activations ----------------------------------------------------------------------------------------
+# ---- reference sets (``reference_inputs``: token ids or any modality) ------------------------------------------------
 
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _pad(sequences: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[Tensor, Tensor]:
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), int(pad_id), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, seq in enumerate(sequences):
-        ids[i, :len(seq)] = torch.as_tensor(list(seq), dtype=torch.long)
-        mask[i, :len(seq)] = 1
-    return ids, mask
+def _references(plan: InterventionPlan) -> Any:
+    return plan.reference_ids if plan.reference_ids else plan.reference_inputs
 
 
-@torch.no_grad()
-def reference_head_outputs(model: nn.Module, reference_ids: Sequence[Sequence[int]], layers: list[int],
-                           batch_size: int = 16, pad_id: int = 0) -> tuple[dict[int, Tensor], Tensor]:
-    """Clean head outputs of the reference inputs: ``layer -> [n_ref, max_len, head, d_head]`` and the mask.
-
-    Inputs are right-padded; padded positions hold the model's values there (mask them with the returned mask).
-    """
-    model = module_of(model)
-    if not reference_ids:
-        raise InputError("no reference inputs", expected="at least one token-id list", got=0)
-    if getattr(model, "main_input_name", "input_ids") != "input_ids":
-        raise UnsupportedModelError("mean and resample need reference token inputs, which this model does not take",
-                                    expected="a model fed input_ids", got=f"{type(model).__name__} takes "
-                                    f"{model.main_input_name}", fix="use zero, rescale or uniform, or pass "
-                                    "mean_values computed with record_head_outputs")
-    adapter = adapter_for(model)  # e.g. encoder-decoders get their decoder ids the same way as in a capture
-    if not adapter.runs_on_text_alone:
-        raise UnsupportedModelError("mean and resample need reference runs on token ids alone", expected="a model "
-                                    "that runs on text alone", got=f"{type(model).__name__} needs images as well",
-                                    fix="use zero, rescale or uniform, or pass mean_values")
-    width = max(len(s) for s in reference_ids)
-    outs: dict[int, list[Tensor]] = {layer: [] for layer in layers}
-    masks = []
-    for start in range(0, len(reference_ids), batch_size):
-        ids, mask = _pad(reference_ids[start:start + batch_size], pad_id)
-        ids = torch.nn.functional.pad(ids, (0, width - ids.shape[1]), value=pad_id)
-        mask = torch.nn.functional.pad(mask, (0, width - mask.shape[1]))
-        kwargs = adapter.prepare({"input_ids": ids.to(_device(model)), "attention_mask": mask.to(_device(model))})
-        with record_head_outputs(model, layers) as seen:
-            model(**kwargs.kwargs)
-        silent = [layer for layer in layers if not seen[layer]]
-        if silent:
-            raise UnsupportedModelError("a layer did not run on the reference token inputs",
-                                        expected="every edited layer to run on text alone",
-                                        got=f"layers {silent} (e.g. cross-attention to images)",
-                                        fix="use zero, rescale or uniform on these layers, or give mean_values")
-        for layer in layers:
-            outs[layer].append(seen[layer][-1])
-        masks.append(mask)
-    return {layer: torch.cat(parts) for layer, parts in outs.items()}, torch.cat(masks)
-
-
-def mean_head_outputs(model: nn.Module, heads: HeadSet, reference_ids: Sequence[Sequence[int]], *,
-                      per_position: bool = False, batch_size: int = 16) -> "dict[Head, Any]":
+def mean_head_outputs(model: nn.Module, heads: HeadSet, references: Any, *, per_position: bool = False,
+                      batch_size: int = 16) -> "dict[Head, Any]":
     """Mean output of each head over the reference inputs' non-padding tokens (or per position).
 
-    Returns ``Head(1, 0) -> [d_head]`` (``per_position``: ``[position][d_head]``) for ``mean_values``.
+    ``references``: token-id lists, or reference inputs of any modality (see ``reference_inputs``). Returns
+    ``Head(1, 0) -> [d_head]`` (``per_position``: ``[position][d_head]``) for ``mean_values``.
     """
-    outs, mask = reference_head_outputs(model, reference_ids, heads.layers, batch_size)
-    weights = mask.to(torch.float64)  # [ref, pos]
+    refs = reference_outputs(model, references, heads.layers, batch_size)
     values: dict[Head, Any] = {}
     for layer, head in heads:
-        x = outs[layer][:, :, head, :].to(torch.float64)  # [ref, pos, d]
+        x = refs.outs[layer][:, :, head, :].to(torch.float64)  # [ref, pos, d]
+        valid = refs.valid[layer]
+        weights = (valid if valid is not None else torch.ones(x.shape[:2], dtype=torch.bool)).to(x)  # [ref, pos]
         if per_position:
-            mean = (x * weights[..., None].to(x.device)).sum(0) / weights.sum(0).clamp_min(1)[:, None].to(x.device)
+            mean = (x * weights[..., None]).sum(0) / weights.sum(0).clamp_min(1)[:, None]
         else:
-            mean = (x * weights[..., None].to(x.device)).sum((0, 1)) / weights.sum().clamp_min(1).to(x.device)
+            mean = (x * weights[..., None]).sum((0, 1)) / weights.sum().clamp_min(1)
         values[Head(layer, head)] = mean.float().cpu().tolist()
     return values
 
 
-def mean_plan(model: nn.Module, heads: HeadSet, reference_ids: Sequence[Sequence[int]], *,
-              per_position: bool = False, select: str = "query", batch_size: int = 16) -> InterventionPlan:
-    """A ``mean`` plan with the means computed now over ``reference_ids`` (stored in the plan)."""
+def _reference_fields(references: Any) -> dict[str, Any]:
+    if is_token_lists(references):
+        return {"reference_ids": as_sequences(references)}
+    return {"reference_inputs": references}
+
+
+def mean_plan(model: nn.Module, heads: HeadSet, references: Any, *, per_position: bool = False,
+              select: str = "query", batch_size: int = 16) -> InterventionPlan:
+    """A ``mean`` plan with the means computed now over ``references`` (token-id lists or reference inputs of
+    any modality; the means are stored in the plan)."""
     projections = output_projections(model)
-    plan = InterventionPlan(heads, "mean", select=select, reference_ids=[list(map(int, r)) for r in reference_ids],
-                            per_position=per_position)
-    query = plan.query_heads(projections)
-    plan.mean_values = mean_head_outputs(model, query, reference_ids, per_position=per_position,
-                                         batch_size=batch_size)
-    plan.reference_ids = None
+    plan = InterventionPlan(heads, "mean", select=select, per_position=per_position, **_reference_fields(references))
+    query = plan.query_heads(projections, model)
+    plan.mean_values = mean_head_outputs(model, query, references, per_position=per_position, batch_size=batch_size)
+    plan.reference_ids = plan.reference_inputs = None
     return plan
 
 
-def resample_plan(heads: HeadSet, reference_ids: Sequence[Sequence[int]], *, seed: int = 0,
-                  select: str = "query") -> InterventionPlan:
-    """A ``resample`` plan drawing head outputs from ``reference_ids``."""
-    return InterventionPlan(heads, "resample", select=select, seed=seed,
-                            reference_ids=[list(map(int, r)) for r in reference_ids])
+def resample_plan(heads: HeadSet, references: Any, *, seed: int = 0, select: str = "query") -> InterventionPlan:
+    """A ``resample`` plan drawing head outputs from ``references``: token-id lists, or reference inputs of any
+    modality (a dict of forward tensors such as ``{"pixel_values": ...}``, or a list of such dicts)."""
+    return InterventionPlan(heads, "resample", select=select, seed=seed, **_reference_fields(references))
 
 
 # ---- editors -----------------------------------------------------------------------------------------------------
@@ -314,72 +327,34 @@ def _mean_editor(plan: InterventionPlan, layer: int, heads: list[int], d_head: i
 
 
 class _Resampler:
-    """Draws, per input row, a reference row and serves its head outputs."""
+    """Draws, per input row, a reference row (``resampling.Draw``) and serves its head outputs."""
 
     def __init__(self, model: nn.Module, plan: InterventionPlan, query: HeadSet):
-        self.plan = plan
-        self.outs, mask = reference_head_outputs(model, plan.reference_ids, query.layers)
-        self.mask = mask.bool()
-        self.lengths = mask.sum(1).tolist()
-        self.ids = [list(r) for r in plan.reference_ids]
-        self.rows: Tensor | None = None
-
-    def choose(self, input_ids: Tensor | None, attention_mask: Tensor | None, batch: int) -> None:
-        lengths = attention_mask.sum(1).tolist() if attention_mask is not None else \
-            [input_ids.shape[1] if input_ids is not None else 0] * batch
-        rows = []
-        for b, length in enumerate(lengths):
-            rng = np.random.default_rng([int(self.plan.seed), b])
-            own = input_ids[b, :int(length)].tolist() if input_ids is not None else None
-            ok = [i for i, n in enumerate(self.lengths) if n >= length]
-            if not ok:  # no reference is long enough: the longest ones (later positions get their token mean)
-                ok = [i for i, n in enumerate(self.lengths) if n == max(self.lengths)]
-            distinct = [i for i in ok if self.ids[i][:int(length)] != own] or ok
-            rows.append(distinct[int(rng.integers(len(distinct)))])
-        self.rows = torch.tensor(rows, dtype=torch.long)
+        self.draw = Draw(reference_outputs(model, _references(plan), query.layers), int(plan.seed))
 
     def editor(self, layer: int, heads: list[int]):
-        source = self.outs[layer][:, :, heads]  # [ref, P, h, d]
-        weights = self.mask[..., None, None].to(source.dtype).to(source.device)
-        token_mean = (source * weights).sum(1) / weights.sum(1).clamp_min(1)  # [ref, h, d]
-
-        def values_of(x: Tensor) -> Tensor:
-            rows = self.rows.to(source.device)
-            picked, valid = source.index_select(0, rows), self.mask.to(source.device).index_select(0, rows)
-            seq = x.shape[1]
-            if seq > picked.shape[1]:
-                extra = seq - picked.shape[1]
-                picked = torch.cat([picked, picked.new_zeros(len(rows), extra, *picked.shape[2:])], 1)
-                valid = torch.cat([valid, valid.new_zeros(len(rows), extra)], 1)
-            picked, valid = picked[:, :seq], valid[:, :seq]
-            return torch.where(valid[..., None, None], picked, token_mean.index_select(0, rows)[:, None])
-        return _replace_editor(heads, values_of)
-
-
-def _input_hook(resampler: _Resampler):
-    def hook(module: nn.Module, args: tuple, kwargs: dict):
-        ids = kwargs.get("input_ids", args[0] if args and torch.is_tensor(args[0]) else None)
-        mask = kwargs.get("attention_mask")  # positional order differs per family: keyword only
-        ref = ids if ids is not None else kwargs.get("inputs_embeds")
-        batch = ref.shape[0] if ref is not None else 1
-        resampler.choose(ids, mask, batch)
-    return hook
+        return _replace_editor(heads, self.draw.values_of(layer, heads))
 
 
 def _uniform_editor(heads: list[int]):
     index = torch.tensor(heads, dtype=torch.long)
 
-    def edit(module, query, key, value, mask, *, scaling, is_causal, softcap, output):
+    def edit(module, query, key, value, mask, *, scaling, is_causal, softcap, output, sinks=None):
         idx = index.to(query.device)
         zeros = torch.zeros_like(query)  # zero logits: softmax = uniform over the allowed keys
         probs = attention_from_qk(zeros, key, mask, scaling=1.0, is_causal=is_causal, heads=idx,
                                   want_probs=True, budget_mb=256.0)["probs"]  # [batch, h, query, key]
+        if sinks is not None:  # learned sinks (GPT-OSS): each row keeps the key mass 1 - p_sink the model computes
+            kept = attention_from_qk(query, key, mask, scaling=scaling, is_causal=is_causal, softcap=softcap,
+                                     heads=idx, want_probs=True, budget_mb=256.0, sinks=sinks)["probs"].sum(-1)
+            probs = probs * kept[..., None]
         groups = query.shape[1] // value.shape[1]
         v = value.repeat_interleave(groups, dim=1) if groups > 1 else value
         z = torch.matmul(probs, v.index_select(1, idx).float())  # [batch, h, query, d]
         out = output.clone()
         out[:, :, idx] = z.transpose(1, 2).to(output.dtype)
         return out
+    edit.accepts_sinks = True
     return edit
 
 
@@ -393,16 +368,19 @@ def apply_plan(model: ModelLike, plan: InterventionPlan) -> Iterator[HeadSet]:
     """
     module = module_of(model)
     projections = output_projections(module)
+    plan = plan.resolved(model, projections)
     query = plan.query_heads(projections)
     token_free = any(p.family == "diffusers" for p in projections)
-    if token_free and (plan.mode == "resample" or (plan.mode == "mean" and plan.mean_values is None)):
-        raise UnsupportedModelError("this mode needs reference token inputs, which a diffusion denoiser does not "
-                                    "take", expected="zero, rescale, uniform, or mean with mean_values",
-                                    got=plan.mode, fix="give mean_values ('L3H1' -> [d_head]) computed with "
-                                    "record_head_outputs")
+    needs_runs = plan.mode == "resample" or (plan.mode == "mean" and plan.mean_values is None)
+    if token_free and plan.reference_ids and needs_runs:
+        raise UnsupportedModelError("resample / mean reference token inputs cannot run a diffusion denoiser",
+                                    expected="reference_inputs: the denoiser's forward kwargs (latents, timestep, "
+                                    "text embeddings)", got=f"{plan.mode} with reference_ids",
+                                    fix="build the plan with reference_inputs={'hidden_states': ..., 'timestep': "
+                                    "..., ...} (another batch of the denoiser's inputs), or give mean_values")
     if plan.mode == "mean" and plan.mean_values is None:
         plan = InterventionPlan(**{**plan.__dict__, "mean_values": mean_head_outputs(
-            module, query, plan.reference_ids, per_position=plan.per_position)})
+            module, query, _references(plan), per_position=plan.per_position)})
     with ExitStack() as stack:
         if plan.mode == "uniform":
             editors = {layer: _uniform_editor(query.heads_in_layer(layer)) for layer in query.layers}
@@ -419,7 +397,8 @@ def _editors(module: nn.Module, plan: InterventionPlan, query: HeadSet, projecti
     resampler = None
     if plan.mode == "resample":
         resampler = _Resampler(module, plan, query)
-        handle = module.register_forward_pre_hook(_input_hook(resampler), with_kwargs=True)
+        target = denoiser_of(module)
+        handle = target.register_forward_pre_hook(input_hook(target, resampler.draw), with_kwargs=True)
         stack.callback(handle.remove)
     for layer in query.layers:
         heads, proj = query.heads_in_layer(layer), projections[layer]
@@ -440,5 +419,5 @@ def zero_mask_plan(heads: HeadSet) -> InterventionPlan:
     return InterventionPlan(heads, "zero")
 
 
-__all__ = ["MODES", "InterventionPlan", "apply_plan", "mean_head_outputs", "mean_plan", "reference_head_outputs",
-           "resample_plan", "zero_mask_plan", "zeros_mask"]
+__all__ = ["MODES", "InterventionPlan", "ReferenceMismatchError", "apply_plan", "mean_head_outputs", "mean_plan",
+           "reference_head_outputs", "resample_plan", "zero_mask_plan", "zeros_mask"]

@@ -4,6 +4,8 @@ Adapters call ``observe_qk`` (they have queries and keys, e.g. under SDPA) or ``
 already computed probabilities, e.g. eager attention or a TransformerLens ``hook_pattern``).
 """
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -18,7 +20,8 @@ class Recorder:
 
     ``step`` defaults to the number of earlier calls of the same site in this capture (decode steps, repeated
     forwards); diffusion adapters pass the denoising step. ``batch_index`` keeps only some batch items (e.g. the
-    conditional half of a classifier-free-guidance batch).
+    conditional half of a classifier-free-guidance batch). ``rename`` (set by ``capture`` for models whose layers
+    share one attention module, ``shared_layers``) turns the module's site into the current application's.
     """
 
     def __init__(self, request: CaptureRequest):
@@ -26,6 +29,7 @@ class Recorder:
         self.records: list[SiteRecord] = []
         self._calls: dict[Site, int] = {}
         self.enabled = True
+        self.rename: "Callable[[Site], Site] | None" = None
 
     def wants(self, site: Site) -> bool:
         return self.enabled and self.request.wants(site)
@@ -55,6 +59,7 @@ class Recorder:
         sinks: learned sink logits ``[head]`` (GPT-OSS): an extra softmax column that takes mass and is dropped, so
         the recorded rows sum to ``1 - sink mass`` as in the model's own eager attention.
         """
+        site = self.rename(site) if self.rename is not None else site
         if not self.wants(site):
             return
         step = self._next_step(site, step)
@@ -79,6 +84,7 @@ class Recorder:
     def observe_probs(self, site: Site, probs: Tensor, *, step: int | None = None,
                       batch_index: Tensor | None = None, meta: dict | None = None) -> None:
         """Record from probabilities ``[batch, head, query, key]`` the model computed itself."""
+        site = self.rename(site) if self.rename is not None else site
         if not self.wants(site):
             return
         step = self._next_step(site, step)

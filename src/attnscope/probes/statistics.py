@@ -134,9 +134,10 @@ def attention_from_qk(query: Float[Tensor, "batch head query d_head"], key: Floa
         m = _mask_rows(mask, ids, heads)
         if m is not None:
             logits = logits.masked_fill_(~m, -math.inf) if m.dtype == torch.bool else logits.add_(m.float())
-        if is_causal:
-            allowed = torch.arange(n_key, device=ids.device)[None, :] <= (ids + n_key - n_query)[:, None]
-            logits.masked_fill_(~allowed, -math.inf)
+        if is_causal:  # on CPU only the columns some row of the chunk must not see are touched
+            first = max(0, int(ids.min()) + n_key - n_query + 1) if ids.device.type == "cpu" else 0
+            allowed = torch.arange(first, n_key, device=ids.device)[None, :] <= (ids + n_key - n_query)[:, None]
+            logits[..., first:].masked_fill_(~allowed, -math.inf)
         if uniform_if_empty:  # a fully masked row attends uniformly to every key, as eager attention does
             logits.masked_fill_(torch.isinf(logits).all(-1, keepdim=True), 0.0)
         if sinks is not None:

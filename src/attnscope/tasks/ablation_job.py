@@ -5,6 +5,10 @@
 ``reference_seed``, default the suite's seed + 1: ``tasks.task_eval.reference_inputs``), evaluates before and
 under the plan, and writes the plan (``save_plan``) and the before / after / delta table (``out``).
 
+Heads are global layer numbers (``L3H1``) or per tower (``encoder.L1H2``, ``vision.L0H*``). On a model with more
+than one editable tower the summary also prints the heads per tower with the global numbering used, and the
+table gains a ``tower_heads`` column (the same heads, per tower); ``layer`` / ``head`` stay -1 (model-level rows).
+
 Example:
     >>> from attnscope.tasks.ablation_job import AblationRequest, run_ablation_job
     >>> from attnscope.tasks.references import ModelRef
@@ -22,11 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .._progress import stage
 from .._atomic import atomic_write_text, check_output
+from .._progress import stage
 from ..circuits.task_metrics import evaluate
 from ..probes.heads import HeadSet
 from ..probes.interventions import InterventionPlan, apply_plan
+from ..probes.tower_heads import describe_towers, editable_sites, is_multi_tower, tower_names
 from ..results import ResultTable
 from .plans import build_plan
 from .task_eval import EvalSpec, Evaluation, prepare_evaluation, reference_inputs
@@ -63,14 +68,17 @@ class AblationResult:
     after: float
     table: ResultTable
     path: Path | None = field(default=None)
+    tower_heads: str | None = None  # the heads per tower, on models with several editable towers
+    numbering: str | None = None  # the towers' global layer ranges, on those models
 
     def summary(self) -> str:
         """What ``attnscope ablate`` prints."""
         mode, scale = self.request.mode, self.request.scale
         lines = [f"model {self.model}, suite {self.suite} ({self.n_items} items), metric {self.metric}",
-                 f"heads {self.heads} ({mode}{'' if scale is None else f' x{scale}'})",
-                 f"before: {self.before:.4f}",
-                 f"after:  {self.after:.4f}  (delta {self.after - self.before:+.4f})"]
+                 f"heads {self.heads} ({mode}{'' if scale is None else f' x{scale}'})"]
+        if self.tower_heads is not None:
+            lines += [f"per tower: {self.tower_heads} (global layers: {self.numbering})"]
+        lines += [f"before: {self.before:.4f}", f"after:  {self.after:.4f}  (delta {self.after - self.before:+.4f})"]
         return "\n".join(lines + ([f"wrote {self.path}"] if self.path is not None else []))
 
 
@@ -89,12 +97,14 @@ def run_ablation_job(request: AblationRequest) -> AblationResult:
     stage(f"evaluating {metric.name} with {request.heads} {request.mode}-ablated")
     with apply_plan(model, plan) as query:
         after = evaluate(model, batches, metric)
-    table = ablation_table(request, evaluation, query, before, after)
+    names = tower_names(query, model) if is_multi_tower(model) else None
+    table = ablation_table(request, evaluation, query, before, after, names)
     if plan_path is not None:
         atomic_write_text(plan_path, json.dumps(plan.to_dict(), indent=1))
     path = table.save(out) if out is not None else None
     return AblationResult(request, model.name, evaluation.suite.name, len(evaluation.suite), metric.name, plan,
-                          query, before, after, table, path)
+                          query, before, after, table, path, names,
+                          describe_towers(editable_sites(model)) if names is not None else None)
 
 
 def plan_options(request: AblationRequest) -> dict[str, Any]:
@@ -107,16 +117,17 @@ def plan_options(request: AblationRequest) -> dict[str, Any]:
 
 
 def ablation_table(request: AblationRequest, evaluation: Evaluation, heads: HeadSet, before: float,
-                   after: float) -> ResultTable:
+                   after: float, tower_heads: str | None = None) -> ResultTable:
     """The metric before and after the intervention (and their difference) as a ResultTable: model-level rows
-    (``layer = head = -1``) with a ``setting`` column (before, after, delta)."""
+    (``layer = head = -1``) with a ``setting`` column (before, after, delta); ``heads`` in global numbering, and
+    ``tower_heads`` (the same heads per tower) when given (models with several editable towers)."""
     metric = evaluation.metric.name
     common = {"analysis": "ablate", "layer": -1, "head": -1, "metric": metric, "mode": request.mode,
-              "heads": str(heads)}
+              "heads": str(heads), **({"tower_heads": tower_heads} if tower_heads is not None else {})}
     records = [{**common, "setting": setting, "value": float(value)}
                for setting, value in (("before", before), ("after", after), ("delta", after - before))]
     provenance = {"model": evaluation.model.name, "suite": evaluation.suite.name, "n_items": len(evaluation.suite),
                   "metric": metric, "heads": str(heads), "mode": request.mode, "scale": request.scale,
                   "select": request.select, "per_position": request.per_position, "seed": request.evaluation.seed,
-                  "main_metric": metric}
+                  "main_metric": metric, **({"tower_heads": tower_heads} if tower_heads is not None else {})}
     return ResultTable.from_records(records, provenance)

@@ -1,7 +1,8 @@
 """``attnscope attribute``: how much each input token of one text contributes to one output token.
 
-Methods (``METHODS``): ``rollout`` (Abnar & Zuidema), ``flow`` (exact max-flow), ``relevance`` (Chefer et al.)
-and ``attention`` (raw attention, heads fused like rollout). ``run_attribution_job`` checks the output path
+Methods (``METHODS``): ``rollout`` (Abnar & Zuidema), ``flow`` (exact max-flow), ``relevance`` (Chefer et al.;
+encoder-decoders get the paper's encoder-decoder rules, ``--position`` then counts decoder tokens) and
+``attention`` (raw attention, heads fused like rollout). ``run_attribution_job`` checks the output path
 (before any work), loads the model, attributes and writes the table.
 
 Example:
@@ -22,9 +23,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .._progress import stage
 from .._atomic import check_output
+from .._progress import stage
 from ..circuits.attention_rollout import rollout
+from ..circuits.encoder_decoder_relevance import enc_dec_relevance_table
 from ..circuits.flow import attention_flow
 from ..circuits.relevance_propagation import relevance_table
 from ..circuits.token_attribution import attribution_table
@@ -70,8 +72,13 @@ class AttributionResult:
         last = df[df["layer"] == df["layer"].max()]
         rows = last.sort_values("value", ascending=False).head(top)
         layer = f" at layer {int(last['layer'].iloc[0])}" if self.method != "relevance" else ""
+        if self.table.provenance.get("position_of") == "decoder":  # encoder-decoder relevance
+            layer = f" (encoder-decoder rule, decoder position {self.table.provenance['position']})"
         lines = [f"{self.method} attribution ({self.model}), top tokens{layer}:"]
         lines += [f"  {row.token_index:4d} {str(row.token):>15s} {row.value:.4f}" for row in rows.itertuples()]
+        if self.table.provenance.get("zeroed_cross_layers"):  # Chefer's eq. 9 divided by a zero row
+            lines.append(f"note: decoder layers {self.table.provenance['zeroed_cross_layers']} added no cross "
+                         "relevance (a token without positive relevance makes the reference's eq. 9 NaN)")
         return "\n".join([*lines, f"wrote {self.path}"])
 
 
@@ -83,7 +90,10 @@ def run_attribution_job(request: AttributionRequest) -> AttributionResult:
     out = check_output(request.out)
     model = load_ref(request.model)
     stage(f"computing {request.method}")
-    if request.method == "relevance":
+    if request.method == "relevance" and model.info().family == "encoder-decoder":  # Chefer's enc-dec rules
+        table = enc_dec_relevance_table(model, [request.text], target=request.target, position=request.position)
+        table.provenance.update({"model": model.name, "text": request.text})
+    elif request.method == "relevance":
         table = relevance_table(model, [request.text], target=request.target, position=request.position)
     else:
         table = _attention_table(request, model)

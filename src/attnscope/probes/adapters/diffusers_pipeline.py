@@ -8,6 +8,12 @@ of the batch is recorded (diffusers concatenates ``[unconditional, conditional]`
 same timestep (e.g. SD3 skip-layer guidance) is not recorded. ``generator`` is snapshotted at ``prepare`` so that
 repeated runs (``validate``) draw the same noise; the caller's generator is never advanced.
 
+Token spans: for UNet, DiT and SD3 pipelines they are predicted from the prompt (SD3: ``[latent; CLIP; T5]``).
+Sequence denoisers (Flux, Wan, CogVideoX, HunyuanVideo) order and size their joint sequence themselves (Flux and
+CogVideoX put the text first), so their spans and grid come from the denoiser's first call during the run
+(``inner.token_info``); the text positions are named by the one tokenizer whose text encoder is as wide as the
+denoiser's text input, and stay unnamed when that is ambiguous or the lengths differ.
+
 Example:
     >>> import attnscope, tempfile
     >>> from attnscope.probes.adapters.diffusers_pipeline import PipelineAdapter, tiny_sd_pipeline
@@ -106,6 +112,7 @@ class PipelineAdapter(ModelAdapter):
         self.inner: DiffusersAdapter = inner
         self._call_kwargs: dict[str, Any] = {}
         self._state: DenoiserState | None = None
+        self._first_call: dict[str, Any] | None = None  # the denoiser's first forward kwargs of a run
 
     def info(self) -> ModelInfo:
         info = self.inner.info()
@@ -132,19 +139,70 @@ class PipelineAdapter(ModelAdapter):
         with torch.no_grad():
             output = self.module(**kwargs)
         measured = self._state.base_hw if self._state is not None else None
-        if measured is not None and measured != prepared.tokens.grid:  # e.g. resolution binning changed the size
+        if self._sequence_denoiser():
+            if self._first_call is not None:
+                prepared.tokens.__dict__.update(self._sequence_tokens(kwargs, self._first_call).__dict__)
+        elif measured is not None and measured != prepared.tokens.grid:  # e.g. resolution binning changed the size
             prepared.tokens.__dict__.update(self._tokens(kwargs, measured).__dict__)
         return output
 
     @contextlib.contextmanager
     def instrument(self, recorder: Recorder, implementation: str = "auto") -> Iterator[None]:
         self._state = DenoiserState(track_steps=True, cfg=self._cfg_active)
+        self._first_call = None
+        remember = self.inner.module.register_forward_pre_hook(self._remember_call, with_kwargs=True)
         try:
             with self.inner.instrument(recorder, implementation, state=self._state):
                 self.attention_path = self.inner.attention_path
                 yield
         finally:
+            remember.remove()
             self._state = None
+
+    def _remember_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self._first_call is None and not args:
+            self._first_call = dict(kwargs)
+
+    def _sequence_denoiser(self) -> bool:
+        return hasattr(self.inner, "joint_order")
+
+    def _sequence_tokens(self, kwargs: dict, call: dict) -> TokenInfo:
+        """Spans and grid of the denoiser's own sequence; text strings where one tokenizer reproduces its text."""
+        info = self.inner.token_info(call)
+        context = call.get("encoder_hidden_states")
+        text = [s for s in info.spans if s.modality == "text"]
+        if not torch.is_tensor(context) or len(text) != 1 or text[0].end - text[0].start != context.shape[1]:
+            return info
+        named = self._sequence_text(kwargs, int(context.shape[1]), int(context.shape[-1]))
+        if named is None:
+            return info
+        n_total = max(s.end for s in info.spans)
+        offset = text[0].start
+        strings = [""] * n_total
+        strings[offset:offset + len(named.strings[0])] = named.strings[0]
+        spans = [s for s in info.spans if s.modality != "text"]
+        spans += [Span(s.modality, s.start + offset, s.end + offset, s.label) for s in named.spans]
+        info.strings, info.spans = [strings], sorted(spans, key=lambda s: s.start)
+        return info
+
+    def _sequence_text(self, kwargs: dict, length: int, width: int) -> TokenInfo | None:
+        """Token strings of the prompt from the one tokenizer whose text encoder is ``width`` wide, padded to
+        ``length`` as the pipeline pads it; None when that tokenizer is not unique or a prompt template applies."""
+        prompt = kwargs.get("prompt")
+        if not isinstance(prompt, str) or _call_default(self.module, "prompt_template") is not None:
+            return None
+        found = []
+        for suffix in ("", "_2", "_3"):
+            tok, enc = getattr(self.module, "tokenizer" + suffix, None), getattr(self.module, "text_encoder" + suffix,
+                                                                                  None)
+            cfg = getattr(getattr(enc, "config", None), "text_config", None) or getattr(enc, "config", None)
+            if tok is not None and (getattr(cfg, "d_model", None) or getattr(cfg, "hidden_size", None)) == width:
+                found.append(tok)
+        if len(found) != 1:
+            return None
+        ids = found[0](prompt, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
+        return token_info(ids["input_ids"][:, :length], found[0], None) if ids["input_ids"].shape[1] >= length \
+            else None
 
     def _cfg_active(self) -> bool:
         if isinstance(getattr(type(self.module), "do_classifier_free_guidance", None), property):
@@ -182,7 +240,10 @@ class PipelineAdapter(ModelAdapter):
         return info
 
     def _tokens(self, kwargs: dict, grid: tuple[int, int] | None) -> TokenInfo:
-        """Text tokens (cross/joint keys), the latent grid of the queries; joint spans are ``[latent; text]``."""
+        """Text tokens (cross/joint keys), the latent grid of the queries; joint spans are ``[latent; text]``.
+        Sequence denoisers: nothing is predicted (their run measures it, ``_sequence_tokens``)."""
+        if self._sequence_denoiser():
+            return TokenInfo()
         info = self._text_tokens(kwargs)
         info.grid = grid
         if any(s.kind == "joint" for s in self.inner.info().sites):

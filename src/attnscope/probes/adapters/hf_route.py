@@ -19,6 +19,7 @@ from torch import nn
 from ...errors import UnsupportedAttentionError
 from ..recorder import Recorder
 from ..site import Site
+from .inline_attention import inline_spec, swapped_forwards
 from .source_check import method_mentions
 
 PREFIX = "attnscope|"
@@ -40,8 +41,9 @@ AttentionEditor = Callable[..., torch.Tensor]
 
 
 def uses_attention_interface(module: nn.Module) -> bool:
-    """True when the module's forward dispatches through ``ALL_ATTENTION_FUNCTIONS``."""
-    return method_mentions(type(module), "forward", ("ALL_ATTENTION_FUNCTIONS",))
+    """True when the module's forward dispatches through ``ALL_ATTENTION_FUNCTIONS``, or when it computes its scores
+    inline and ``inline_attention`` holds a faithful re-implementation that routes it (BLOOM, GPT-Neo, DeBERTa-v2)."""
+    return method_mentions(type(module), "forward", ("ALL_ATTENTION_FUNCTIONS",)) or inline_spec(module) is not None
 
 
 def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -50,13 +52,16 @@ def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def _module_eager(module: nn.Module):
+    spec = inline_spec(module)  # an inline family: its own arithmetic, whatever the config says
+    if spec is not None:
+        return spec.kernel
     return getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
 
 
 def _base_function(impl: str, module: nn.Module):
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    if impl == "eager":
+    if impl == "eager" or inline_spec(module) is not None:
         return _module_eager(module)
     return ALL_ATTENTION_FUNCTIONS[impl]
 
@@ -114,25 +119,29 @@ def extra_terms(owner: str, mask: torch.Tensor | None, kwargs: dict) -> tuple[to
 
 
 def _attnscope_attention(module, query, key, value, attention_mask, *args, **kwargs):
-    impl = module.config._attn_implementation.removeprefix(PREFIX)
+    impl = "eager" if inline_spec(module) is not None else module.config._attn_implementation.removeprefix(PREFIX)
     entry = _ACTIVE.get(id(module))
     if entry is not None:  # the structural mask (editors: "uniform over allowed keys"); the scores' full bias
         structural, scaling, is_causal, softcap = _attention_args(module, query, attention_mask, args, kwargs)
         mask, sinks = extra_terms(type(module).__name__, structural, kwargs)
+    if entry is not None and entry.recorder is not None:  # before the kernel: a recorder may stop the forward here
+        entry.recorder.observe_qk(entry.site, query, key, mask, scaling=scaling, is_causal=is_causal,
+                                  softcap=softcap, sinks=sinks)
     out = _base_function(impl, module)(module, query, key, value, attention_mask, *args, **kwargs)
     if entry is not None and entry.weights is not None and len(out) > 1 and torch.is_tensor(out[1]):
         entry.weights(module, out[1])
     if entry is not None:
-        if entry.recorder is not None:
-            entry.recorder.observe_qk(entry.site, query, key, mask, scaling=scaling, is_causal=is_causal,
-                                      softcap=softcap, sinks=sinks)
         if entry.editor is not None:
-            if sinks is not None:
-                raise UnsupportedAttentionError("attention edits do not model learned attention sinks yet",
-                                                expected="a model without s_aux sinks", got=type(module).__name__,
-                                                fix="capture works; edit another family")
+            extra = {}
+            if sinks is not None:  # only editors that define their edit with learned sinks (``accepts_sinks``)
+                if not getattr(entry.editor, "accepts_sinks", False):
+                    raise UnsupportedAttentionError("this attention edit does not model learned attention sinks",
+                                                    expected="a model without s_aux sinks", got=type(module).__name__,
+                                                    fix="capture works; use a head-output edit (zero, rescale, "
+                                                    "mean, resample, steer) or uniform")
+                extra["sinks"] = sinks
             edited = entry.editor(module, query, key, value, structural, scaling=scaling, is_causal=is_causal,
-                                  softcap=softcap, output=out[0])
+                                  softcap=softcap, output=out[0], **extra)
             out = (edited,) + tuple(out[1:])
     return out
 
@@ -190,7 +199,8 @@ def route_attention(model: nn.Module, recorder: Recorder, sites: dict[int, Site]
         for m in modules:
             old = previous[id(m)]
             _ACTIVE[id(m)] = _Entry(recorder, sites[id(m)], old.editor if old is not None else None)
-        yield ", ".join(sorted(set(paths)))
+        with swapped_forwards(modules, _attnscope_attention):
+            yield ", ".join(sorted(set(paths)))
     finally:
         _restore_entries(previous)
         for cfg, impl in originals:
@@ -229,7 +239,8 @@ def edit_attention(model: nn.Module, editors: dict[int, AttentionEditor]) -> Ite
         for m in modules:
             old = previous[id(m)]
             _ACTIVE[id(m)] = _Entry(old.recorder if old else None, old.site if old else None, editors[id(m)])
-        yield
+        with swapped_forwards(modules, _attnscope_attention):
+            yield
     finally:
         _restore_entries(previous)
         for cfg, impl in originals:
@@ -268,7 +279,8 @@ def eager_reference(model: nn.Module, sites: dict[int, Site],
             cfg._attn_implementation = _ensure_registered("eager")
         for m in modules:
             _ACTIVE[id(m)] = _Entry(None, sites[id(m)], weights=keep)
-        yield collected
+        with swapped_forwards(modules, _attnscope_attention):
+            yield collected
     finally:
         _restore_entries(previous)
         for cfg, impl in originals:

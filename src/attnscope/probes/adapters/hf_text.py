@@ -26,6 +26,7 @@ from ..adapter import ModelAdapter, Prepared, register_adapter
 from ..device_map import input_device
 from ..model_info import ModelInfo, TowerInfo
 from ..recorder import Recorder
+from ..shared_layers import expand_sites, split_calls
 from ..site import Site
 from ..tokens import Span, TokenInfo
 from .hf_route import attention_modules, eager_reference, route_attention
@@ -170,7 +171,7 @@ class HFTextAdapter(ModelAdapter):
         return hf_sites(self.module)
 
     def info(self) -> ModelInfo:
-        sites = sorted(self._sites().values())
+        sites = expand_sites(self.module, sorted(self._sites().values()))  # ALBERT: one site per application
         cfg = self.module.config
         towers = []
         for tower in dict.fromkeys(s.tower for s in sites):
@@ -208,7 +209,7 @@ class HFTextAdapter(ModelAdapter):
     def reference_patterns(self, prepared: Prepared) -> dict[Site, list[torch.Tensor]]:
         with eager_reference(self.module, self._sites()) as collected:
             self.run(prepared)
-        return collected
+        return split_calls(self.module, collected)
 
     def causal_sites(self) -> set[Site]:
         return {site for mid, site in self._sites().items()

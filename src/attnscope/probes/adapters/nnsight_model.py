@@ -35,6 +35,7 @@ from ..recorder import Recorder
 from ..site import Site
 from ..statistics import attention_from_qk
 from .hf_route import PREFIX, attention_modules, extra_terms
+from .inline_attention import inline_spec
 
 _CALL = "attention_interface("
 
@@ -130,7 +131,9 @@ class NNsightAdapter(ModelAdapter):
         from transformers import PreTrainedModel
 
         hf = _wrapped(module)
-        return _is_nnsight(module) and isinstance(hf, PreTrainedModel) and bool(attention_modules(hf))
+        found = attention_modules(hf) if _is_nnsight(module) and isinstance(hf, PreTrainedModel) else []
+        # inline attention (BLOOM, GPT-Neo, DeBERTa-v2; hf_inline) is not read through nnsight yet: refused (no adapter)
+        return bool(found) and not any(inline_spec(m) is not None for _, m in found)
 
     # -- delegated structure ----------------------------------------------------------------------------------------
 

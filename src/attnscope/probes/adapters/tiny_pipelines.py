@@ -1,10 +1,11 @@
-"""Tiny random-init PixArt-alpha and Stable Diffusion 3 pipelines for tests, built offline from configs.
+"""Tiny random-init PixArt-alpha, Stable Diffusion 3 and Flux pipelines for tests, built offline from configs.
 
 Everything is built in memory: the T5 tokenizer is a word-level ``PreTrainedTokenizerFast`` (``tokenizers``
 ``WordLevel`` + ``Metaspace``, so tokens look like SentencePiece ``▁red``, with ``</s>`` appended), the CLIP
 tokenizers are ``tiny_clip_tokenizer`` (character level). Images are 16x16 (VAE factor 2, latent 8x8); both
 denoisers use patch 2, so the attention grid is 4x4. Pass ``height=16, width=16`` (the pipelines' defaults follow
-the tiny configs) and ``max_sequence_length`` <= 16.
+the tiny configs) and ``max_sequence_length`` <= 16. The Flux pipeline packs 2x2 latent patches: at 32x32 pixels
+its joint sequence is ``[T5 tokens (max_sequence_length); 8x8 latent tokens]``.
 
 Example:
     >>> import torch
@@ -23,6 +24,7 @@ import torch
 
 from ..._extras import require
 from .diffusers_dit import tiny_pixart
+from .diffusers_flux import tiny_flux
 from .diffusers_pipeline import tiny_clip_tokenizer
 from .diffusers_sd3 import tiny_sd3
 
@@ -99,5 +101,24 @@ def tiny_sd3_pipeline(seed: int = 0) -> Any:
         transformer=tiny_sd3(seed), scheduler=FlowMatchEulerDiscreteScheduler(), vae=_tiny_vae(),
         text_encoder=_tiny_clip(seed + 1), tokenizer=tiny_clip_tokenizer(), text_encoder_2=_tiny_clip(seed + 2),
         tokenizer_2=tiny_clip_tokenizer(), text_encoder_3=_tiny_t5(len(tok)), tokenizer_3=tok)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_flux_pipeline(seed: int = 0) -> Any:
+    """A random-init FluxPipeline: tiny CLIP text encoder (pooled, width 6), tiny T5 (sequence, width 12),
+    ``tiny_flux`` transformer (one double- and one single-stream block), VAE, flow-matching Euler scheduler."""
+    require("diffusers", "diffusion")
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    tok = tiny_t5_tokenizer()
+    clip = CLIPTextModel(CLIPTextConfig(vocab_size=56, hidden_size=6, intermediate_size=12, num_hidden_layers=1,
+                                        num_attention_heads=2, max_position_embeddings=16, bos_token_id=0,
+                                        eos_token_id=1, pad_token_id=1)).eval()
+    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=_tiny_vae(), text_encoder=clip,
+                        tokenizer=tiny_clip_tokenizer(), text_encoder_2=_tiny_t5(len(tok)), tokenizer_2=tok,
+                        transformer=tiny_flux(seed, layers=1, single_layers=1))
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -187,8 +187,8 @@ def check_capture(subject: Subject) -> None:
         raise fail(f"sites missing {missing[:3]}, unexpected {extra[:3]}")
     for (site, step), rec in sorted(trace.records.items()):
         if step:
-            raise fail(f"one forward recorded {len(trace.steps(site))} calls of {site} (layers sharing a module "
-                       "are one site)")
+            raise fail(f"one forward recorded {len(trace.steps(site))} calls of {site} (each application of a "
+                       "shared module must be its own layer)")
         if rec.probs is None or rec.probs.ndim != 4:
             raise fail(f"no [batch, head, query, key] probabilities at {site}")
         if not bool(torch.isfinite(rec.probs).all()):

@@ -5,7 +5,9 @@ The reference is a test-only attention function registered with ``transformers.A
 ``eager_attention_forward`` and then edits the chosen heads' slices ``out[:, :, h]`` of its
 ``[batch, query, head, d_head]`` output: zero, scale, set to a given mean vector, set to the same head's output
 recorded (by the same function) on a reference input, add a steering vector, or, for ``uniform``, recompute the head as
-``softmax(0 + mask) @ V`` (uniform over the keys the additive mask allows). The model runs with every config's
+``softmax(0 + mask) @ V`` (uniform over the keys the additive mask allows; a module with learned ``sinks``, GPT-OSS,
+keeps the sink's probability ``p_sink`` of its own softmax: ``(1 - p_sink) softmax(0 + mask) @ V``). A module shared
+by several layers (ALBERT) is edited per call: ``per_call`` counts the module's calls in the run. The model runs with every config's
 ``_attn_implementation`` set to ``"coverage_ref"`` and its outputs are compared with those under ``apply_plan``.
 
 diffusers models have no attention function to register: there the edited modules' first
@@ -24,6 +26,7 @@ import torch
 from torch import nn
 
 from .checks import attention_configs, switched
+from .inline_reference import inline_attention, run_inline_reference
 
 REFERENCE = "coverage_ref"
 ATOL = RTOL = 1e-5
@@ -60,6 +63,8 @@ def run_reference(model: nn.Module, inputs: dict[str, Any], edits: dict[int, Edi
     """The model's output with ``edits`` (id(attention module) -> edit) applied by the reference function, and
     how often each attention module called it. transformers models switch to the ``coverage_ref`` attention
     function; diffusers models (no attention config) go through ``_definition_sdpa`` instead."""
+    if inline_attention(model):  # scores computed inline (BLOOM, GPT-Neo, DeBERTa-v2): plain hooks, inline_reference
+        return run_inline_reference(model, inputs, edits)
     _EDITS.clear()
     _CALLS.clear()
     _EDITS.update(edits)
@@ -173,6 +178,15 @@ def replace_edit(values: dict[int, torch.Tensor]) -> Edit:
     return edit
 
 
+def per_call(edits: dict[int, Edit]) -> Edit:
+    """Layers sharing one module (ALBERT): ``edits[k]`` acts on the module's k-th call of the forward only (the
+    reference function counts each module's calls per run, one forward per run)."""
+    def edit(module, out, query, key, value, mask):
+        chosen = edits.get(_CALLS[id(module)] - 1)
+        return out if chosen is None else chosen(module, out, query, key, value, mask)
+    return edit
+
+
 def record_edit(heads: list[int], store: dict[int, torch.Tensor]) -> Edit:
     def edit(module, out, query, key, value, mask):
         for head in heads:
@@ -182,7 +196,9 @@ def record_edit(heads: list[int], store: dict[int, torch.Tensor]) -> Edit:
 
 
 def uniform_edit(heads: list[int]) -> Edit:
-    """Each head in ``heads`` attends uniformly to the keys the mask allows: ``softmax(0 + mask) @ V``."""
+    """Each head in ``heads`` attends uniformly to the keys the mask allows: ``softmax(0 + mask) @ V``; with a
+    learned sink (a module ``sinks`` parameter, GPT-OSS) times ``1 - p_sink``, the sink's probability in the
+    model's own softmax over ``[q k^T * scaling + mask, sink]``."""
     def edit(module, out, query, key, value, mask):
         out = out.clone()
         batch, n_heads, n_query, _ = query.shape
@@ -197,7 +213,13 @@ def uniform_edit(heads: list[int]) -> Edit:
         for head in heads:
             row = logits[:, head if logits.shape[1] > 1 else 0]
             probs = torch.softmax(row, -1)  # [batch, query, key]
-            v = value[:, head // (n_heads // value.shape[1])].float()  # GQA: the KV head this query head reads
-            out[:, :, head] = (probs @ v).to(out.dtype)
+            kv = head // (n_heads // value.shape[1])  # GQA: the KV head this query head reads
+            sinks = getattr(module, "sinks", None)
+            if sinks is not None:  # GPT-OSS: keep the sink's mass as the model computes it, 1 - p_sink on the keys
+                scores = query[:, head].float() @ key[:, kv].float().transpose(-1, -2) * module.scaling + row
+                column = sinks[head].float().expand(*scores.shape[:-1], 1)
+                p_sink = torch.softmax(torch.cat([scores, column], -1), -1)[..., -1]  # [batch, query]
+                probs = probs * (1 - p_sink)[..., None]
+            out[:, :, head] = (probs @ value[:, kv].float()).to(out.dtype)
         return out
     return edit

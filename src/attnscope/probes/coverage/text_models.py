@@ -113,7 +113,10 @@ TEXT_ENCODERS: dict[str, Callable[[], nn.Module]] = {
                      n_heads=4, max_position_embeddings=64, pad_token_id=0),
     "modernbert": hf("ModernBertConfig", "ModernBertModel", **ENCODER, global_attn_every_n_layers=2,
                      local_attention=4, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2),
-    "deberta_v2": hf("DebertaV2Config", "DebertaV2Model", **ENCODER),
+    # DeBERTa-v3's attention: relative c2p and p2c terms over log buckets, shared keys (the defaults turn them off)
+    "deberta_v2": hf("DebertaV2Config", "DebertaV2Model", **ENCODER, relative_attention=True,
+                     pos_att_type=["p2c", "c2p"], position_buckets=8, max_relative_positions=16, share_att_key=True,
+                     norm_rel_ebd="layer_norm"),
     "mobilebert": hf("MobileBertConfig", "MobileBertModel", **ENCODER, embedding_size=16, intra_bottleneck_size=32,
                      true_hidden_size=32, num_feedforward_networks=1),
     "clip_text": hf("CLIPTextConfig", "CLIPTextModel", vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
