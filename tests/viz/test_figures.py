@@ -210,3 +210,21 @@ def test_latent_self_attention_pattern_ignores_the_prompt_tokens():
     pattern = trace_pattern(AttentionTrace([record], tokens=tokens), 0, 1, tower="unet.down.0")
     assert torch.equal(torch.from_numpy(pattern.matrix), probs[0, 1])  # not cut to the prompt's 2 real tokens
     assert pattern.query_tokens is None and pattern.key_tokens is None
+
+
+def test_trace_show_long_draws_numpy_block_means_of_the_captured_head():
+    """``trace.show("long", layer=, heads=)`` on a real capture: the drawn cells are the block means of that head's
+    pattern (numpy), coloured on a log scale."""
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=16, vocab_size=64, n_positions=128)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    trace = attnscope.capture(model, torch.randint(0, 64, (1, 96), generator=torch.Generator().manual_seed(1)))
+    fig = trace.show("long", layer=1, heads=1, max_cells=24)
+    probs = trace.get(attnscope.Site("text", 1)).probs[0, 1].double().numpy()
+    want = probs.reshape(24, 4, 24, 4).mean(axis=(1, 3))
+    drawn = np.asarray(fig.data[0].z, dtype=np.float64)
+    np.testing.assert_allclose(np.where(np.isnan(drawn), 0.0, 10.0 ** drawn), want, rtol=1e-5, atol=1e-12)
+    with pytest.raises(attnscope.InputError, match="head not in this record"):
+        trace.show("long", layer=1, heads=7)

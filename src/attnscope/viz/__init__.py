@@ -32,13 +32,13 @@ from .head_thumbnails import model_view
 from .heads import head_grid, head_grid_diff, head_values
 from .images import GridMap, attention_map, image_overlay
 from .long_sequence import BlockPattern, block_pattern, long_sequence_view
-from .notebook import figure_size, show_table, show_trace, trace_head_table
+from .notebook import figure_size, long_trace_view, show_table, show_trace, trace_head_table
 from .pattern import Pattern, attention_pattern, pool_pattern, top_attended, topk_sparsify, trace_pattern
 
 __all__ = [
     "BlockPattern", "GridMap", "LayerInputs", "Pattern", "QueryKeySample", "attention_map", "attention_pattern",
     "attribution_by_layer", "attribution_values", "block_pattern", "collect_layer_inputs", "head_view",
-    "long_sequence_view", "model_view",
+    "long_sequence_view", "long_trace_view", "model_view",
     "collect_queries_keys", "context_profile", "figure_size", "head_grid", "head_grid_diff", "head_values",
     "image_overlay", "joint_embedding", "normalize_queries_keys", "pool_pattern", "pruning_curves", "qk_embedding",
     "retrieval_profile", "show_table", "show_trace", "sink_profile", "token_attribution", "top_attended",

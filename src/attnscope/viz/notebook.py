@@ -21,6 +21,7 @@ import plotly.graph_objects as go
 import torch
 
 from ..errors import InputError
+from ..probes.site import Site
 from ..probes.trace import AttentionTrace
 from ..results import ResultTable
 from .attribution import token_attribution
@@ -29,9 +30,10 @@ from .head_lines import head_view
 from .head_thumbnails import model_view
 from .heads import head_grid
 from .images import image_overlay
+from .long_sequence import block_pattern, long_sequence_view
 from .pattern import attention_pattern
 
-TRACE_VIEWS = ("pattern", "heads", "image", "model_view", "head_view")
+TRACE_VIEWS = ("pattern", "heads", "image", "model_view", "head_view", "long")
 TABLE_VIEWS = ("heads", "attribution", "pruning", "profile")
 
 
@@ -72,7 +74,8 @@ def _default_trace_view(trace: AttentionTrace) -> str:
 def show_trace(trace: AttentionTrace, view: str | None = None, layer: int = 0, heads: Any = None,
                **options: Any) -> go.Figure:
     """A figure of ``trace``: ``pattern`` (``attention_pattern``), ``heads`` (entropy or sink grid), ``image``,
-    ``model_view`` (every layer x head as thumbnails) or ``head_view`` (token-to-token lines of ``layer``'s heads).
+    ``model_view`` (every layer x head as thumbnails), ``head_view`` (token-to-token lines of ``layer``'s heads) or
+    ``long`` (block means of one head's pattern with arcs of its strongest links: ``long_trace_view``).
 
     ``view`` defaults to ``image`` for latent/cross-attention traces, ``heads`` for statistics-only traces, else
     ``pattern``. ``options`` go to the figure function (``batch``, ``tower``, ``kind``, ``mode``, ``metric`` ...).
@@ -84,6 +87,8 @@ def show_trace(trace: AttentionTrace, view: str | None = None, layer: int = 0, h
         return model_view(trace, **options)
     if view == "head_view":
         return head_view(trace, layer, heads, **options)
+    if view == "long":
+        return long_trace_view(trace, layer, heads, **options)
     if view == "heads":
         metric = options.pop("metric", "entropy")
         table = trace_head_table(trace, metric, options.pop("tower", "text"), options.pop("kind", "self"))
@@ -96,6 +101,24 @@ def show_trace(trace: AttentionTrace, view: str | None = None, layer: int = 0, h
     if "tower" not in options and "text" not in trace.towers():
         options["tower"] = trace.towers()[0]
     return attention_pattern(trace, layer, heads, **options)
+
+
+def long_trace_view(trace: AttentionTrace, layer: int = 0, head: Any = None, *, tower: str | None = None,
+                    kind: str = "self", batch: int = 0, how: str = "mean", max_cells: int = 512,
+                    step: int | None = None) -> go.Figure:
+    """The long-sequence view of a captured pattern: ``how`` (``mean``/``max``) of blocks of ``head`` (default 0)
+    at ``layer``, at most ``max_cells`` blocks a side, with arcs of the strongest links (``block_pattern``).
+    For inputs too long to capture in full, ``block_pattern`` takes ``collect_layer_inputs`` instead."""
+    tower = tower or ("text" if "text" in trace.towers() else trace.towers()[0])
+    record = trace.get(Site(tower, int(layer), kind), step)
+    if record.probs is None:
+        raise InputError("the long view needs a full pattern", expected="a capture with patterns",
+                         got="statistics only", fix="capture with patterns, or use collect_layer_inputs")
+    head = 0 if head is None else int(head)
+    if head not in record.heads():
+        raise InputError("head not in this record", expected=record.heads(), got=head, fix="pick a captured head")
+    matrix = record.probs[batch, record.heads().index(head)].float()
+    return long_sequence_view(block_pattern(matrix, how=how, max_cells=max_cells))
 
 
 def _default_table_view(table: ResultTable) -> str:
@@ -135,4 +158,4 @@ def figure_size(fig: go.Figure) -> int:
     return total
 
 
-__all__ = ["figure_size", "show_table", "show_trace", "trace_head_table"]
+__all__ = ["figure_size", "long_trace_view", "show_table", "show_trace", "trace_head_table"]
