@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import AttnscopeError, InputError
+from ..viz.heads import head_grid
 from . import live_views as views
 from .files import ResultsRoot
 from .live_analysis import LiveResult, attribute, patch, save_analysis, score
@@ -49,8 +50,6 @@ def _selected(cap: LiveCapture, head: Any) -> tuple[int, int] | None:
 
 def score_figure(cap: LiveCapture, result: LiveResult, metric: str | None, head: Any = None) -> Any:
     """The score grid (one metric of the analysis' table), the selected head outlined."""
-    from ..viz.heads import head_grid
-
     metric = metric if metric in result.metrics() else result.metrics()[0]
     fig = head_grid(result.table, metric, selected=_selected(cap, head),
                     title=f"{result.name}: {metric} (capture {cap.key}) · click a cell to select its head")
@@ -59,8 +58,6 @@ def score_figure(cap: LiveCapture, result: LiveResult, metric: str | None, head:
 
 def patch_figure(cap: LiveCapture, result: LiveResult, head: Any = None) -> Any:
     """The patching grid: signed effects centred on 0 (exact, atp); atp* magnitudes on a sequential scale."""
-    from ..viz.heads import head_grid
-
     signed = result.name != "atp*"
     fig = head_grid(result.table, "logit_diff", title=result.title, selected=_selected(cap, head),
                     colorscale="RdBu_r" if signed else "Viridis")
