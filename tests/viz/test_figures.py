@@ -228,3 +228,21 @@ def test_trace_show_long_draws_numpy_block_means_of_the_captured_head():
     np.testing.assert_allclose(np.where(np.isnan(drawn), 0.0, 10.0 ** drawn), want, rtol=1e-5, atol=1e-12)
     with pytest.raises(attnscope.InputError, match="head not in this record"):
         trace.show("long", layer=1, heads=7)
+
+
+def test_topk_of_a_small_pattern_names_its_tokens():
+    """Top-k on a short input: the axes carry the token strings, each point's hover names its query and key token,
+    and the points are the k largest keys per row (numpy); a long input keeps small unlabelled points."""
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(6), size=6).astype(np.float32)
+    tokens = ["[CLS]", "the", "cat", "sat", "down", "[SEP]"]
+    fig = viz.attention_pattern(probs, mode="topk", k=2, tokens=tokens)
+    point = fig.data[0]
+    assert list(fig.layout.xaxis.ticktext) == tokens and list(fig.layout.yaxis.ticktext) == tokens
+    want = {(q, int(c)) for q in range(6) for c in np.argsort(-probs[q])[:2]}
+    assert {(int(y), int(x)) for x, y in zip(point.x, point.y)} == want
+    assert all(t == f"{tokens[int(y)]} → {tokens[int(x)]}" for t, x, y in zip(point.text, point.x, point.y))
+    assert point.marker.size > 3
+    long = viz.attention_pattern(rng.dirichlet(np.ones(100), size=100), mode="topk", k=2, tokens=[str(i) for i in
+                                                                                               range(100)])
+    assert long.data[0].text is None and long.data[0].marker.size == 3

@@ -183,12 +183,20 @@ def _pooled_trace(p: Pattern, max_side: int, pool: str, colorscale: str, zmax: f
 
 
 def _topk_trace(p: Pattern, k: int, colorscale: str, zmax: float | None) -> tuple[go.Scattergl, str]:
+    """The ``k`` largest keys of each query as square points; on a small pattern (both axes within
+    ``LABEL_LIMIT``) the squares fill their cells and the hover names the tokens (the axes get token labels)."""
     rows, cols, values = topk_sparsify(p.matrix, k)
     positions = np.asarray(p.query_positions)[rows]
-    marker = dict(color=values, colorscale=colorscale, cmin=0.0, cmax=zmax, size=3, symbol="square",
+    n_q, n_k = p.matrix.shape
+    size = 3 if max(n_q, n_k) > LABEL_LIMIT else int(max(4, min(18, 420 // max(n_q, n_k))))
+    marker = dict(color=values, colorscale=colorscale, cmin=0.0, cmax=zmax, size=size, symbol="square",
                   colorbar=dict(title=dict(text="attention")))
-    scatter = go.Scattergl(x=cols, y=positions, mode="markers", marker=marker,
-                           hovertemplate="query %{y}<br>key %{x}<br>p=%{marker.color:.4f}<extra></extra>")
+    hover = "query %{y}<br>key %{x}<br>p=%{marker.color:.4f}<extra></extra>"
+    text = None
+    if p.query_tokens and p.key_tokens and max(n_q, n_k) <= LABEL_LIMIT:
+        text = [f"{p.query_tokens[r]} → {p.key_tokens[c]}" for r, c in zip(rows.tolist(), cols.tolist())]
+        hover = "%{text}<br>query %{y}, key %{x}<br>p=%{marker.color:.4f}<extra></extra>"
+    scatter = go.Scattergl(x=cols, y=positions, mode="markers", marker=marker, text=text, hovertemplate=hover)
     return scatter, f"top-{k} keys per query ({len(values)} points)"
 
 
@@ -221,7 +229,7 @@ def attention_pattern(source: "AttentionTrace | Pattern | torch.Tensor | np.ndar
     fig = new_figure(trace_)
     fig.update_xaxes(title_text="key", showgrid=False, zeroline=False, range=[-0.5, n_k - 0.5])
     fig.update_yaxes(title_text="query", showgrid=False, zeroline=False, autorange="reversed")
-    if mode == "dense":
+    if mode in ("dense", "topk"):
         _label_axes(fig, p)
     heading = title if title is not None else p.title + (f"<br><sup>{note}</sup>" if note else "")
     return base_layout(fig, heading, height=560, margin=dict(l=90, r=20, t=70, b=90))
