@@ -168,7 +168,8 @@ def test_long_and_media_captures_are_refused_with_one_line(cap, minilm):
 
     import transformers
 
-    from attnscope.dashboards.live_analysis_callbacks import _error, grid_cell
+    from attnscope.dashboards.live_analysis_callbacks import grid_cell
+    from attnscope.dashboards.live_messages import error_line
     from attnscope.dashboards.live_state import DENSE_LIMIT
 
     torch.manual_seed(0)
@@ -178,7 +179,7 @@ def test_long_and_media_captures_are_refused_with_one_line(cap, minilm):
     long = tiny.capture("tiny", " ".join(str(i % 64) for i in range(DENSE_LIMIT + 8)), "ids")
     with pytest.raises(InputError, match="needs the dense capture") as info:
         la.score(tiny.model("tiny"), long, "head-stats")
-    assert "\n" not in _error(info.value) and _error(info.value).startswith("error: scoring needs")
+    assert "\n" not in error_line(info.value) and error_line(info.value).startswith("error: scoring needs")
     media = dataclasses.replace(cap)
     media.media = SimpleNamespace(kind="vlm")
     with pytest.raises(InputError, match="works on text captures"):

@@ -18,7 +18,8 @@ from ..viz._common import base_layout, new_figure
 from ..viz.attribution import attribution_by_layer, token_attribution
 from ..viz.heads import head_grid, head_grid_diff
 from ..viz.pattern import attention_pattern, top_attended, trace_pattern
-from .data import load_site, load_table, read_json, trace_header
+from .ablation import run_ablation
+from .data import load_site, load_table, read_json, sweep_cell, trace_header
 from .estimates import estimate_grid, has_estimate_flags, split_rows
 from .files import PathRefused, ResultsRoot
 from .layout import MAP_MODE, PATTERN_MODES
@@ -216,8 +217,6 @@ def _one_kind(df: Any, metric: str | None) -> tuple[Any, str]:
 
 def _table_name(root: ResultsRoot, path: str, other: str) -> str:
     """A sweep cell's labels (``minilm · sentences · sinks · zero:L1H*``) for a sweep result, else ``_short``."""
-    from .data import sweep_cell
-
     cell = sweep_cell(root.resolve(path, ("table",)))
     return cell.label if cell is not None and cell.label else _short(path, other)
 
@@ -478,8 +477,6 @@ def register_callbacks(app: Any, root: ResultsRoot, model: Any = None, offered: 
                   State("abl-mode", "value"), State("abl-scale", "value"), State("abl-text", "value"),
                   State("abl-answer", "value"), State("trace", "value"), prevent_initial_call=True)
     def _ablate(_n, heads, mode, scale, text, answer, trace):
-        from .ablation import run_ablation
-
         try:
             handle = ablation_model(root, trace, model, offered)
             result = run_ablation(handle, heads or "", mode, text or "", scale=scale, answer=answer or None)

@@ -16,29 +16,18 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import AttnscopeError, InputError
+from ..errors import InputError
 from ..viz.heads import head_grid
 from . import live_views as views
 from .files import ResultsRoot
 from .live_analysis import LiveResult, attribute, patch, save_analysis, score
+from .live_messages import error_line, note_figure
 from .live_state import LiveCapture, LiveSession
 
 KINDS = ("score", "attribute", "patch")
 HIDDEN, SHOWN = {"display": "none"}, {"display": "block"}
 PATCH_HINT = ("causal LMs: effect of each head's corrupted output on logit(answer) − logit(foil) at the last token; "
               "answer / foil: a token, or #id")
-
-
-def _error(exc: BaseException) -> str:
-    """One line: ``error: ...`` for bad input, ``internal error: ...`` (cut at 400 characters) for anything else."""
-    text = f"error: {exc}" if isinstance(exc, AttnscopeError) else f"internal error: {type(exc).__name__}: {exc}"[:400]
-    return " ".join(text.split())
-
-
-def _message(text: str) -> Any:
-    from .callbacks import message_figure
-
-    return message_figure(text, height=200, color="#555")
 
 
 def _selected(cap: LiveCapture, head: Any) -> tuple[int, int] | None:
@@ -116,7 +105,7 @@ def register_run_callback(app: Any, session: LiveSession, results: dict[str, Liv
             result = _run(session, kind, key, {"analysis": analysis, "method": method, "corrupt": corrupt,
                                                "answer": answer, "foil": foil, "patch_method": patch_method})
         except Exception as exc:  # noqa: BLE001 - one line in the page
-            return no_update, _error(exc), no_update, no_update, no_update
+            return no_update, error_line(exc), no_update, no_update, no_update
         results[kind] = result
         data = {"kind": kind, "key": key, "n": (n_score or 0) + (n_attr or 0) + (n_patch or 0)}
         if kind != "score":
@@ -132,11 +121,11 @@ def register_figure_callbacks(app: Any, session: LiveSession, results: dict[str,
     def draw(kind: str, key: str | None, render) -> tuple[Any, dict]:
         result = results.get(kind)
         if not key or result is None or result.key != key:
-            return _message(""), HIDDEN
+            return note_figure("", 200), HIDDEN
         try:
             return render(session.get(key), result), SHOWN
         except Exception as exc:  # noqa: BLE001
-            return _message(_error(exc)), SHOWN
+            return note_figure(error_line(exc), 200), SHOWN
 
     @app.callback(Output("live-an-grid", "figure"), Output("live-an-grid-box", "style"),
                   Input("live-an-result", "data"), Input("live-an-metric", "value"), Input("live-head", "data"),
@@ -194,7 +183,7 @@ def register_select_and_save(app: Any, session: LiveSession, root: ResultsRoot,
                                  fix="press Score, Attribute or Patch first")
             paths = [save_analysis(result, cap, root) for result in mine]
         except Exception as exc:  # noqa: BLE001
-            return _error(exc)
+            return error_line(exc)
         return "saved: " + ", ".join(paths) + " (the results tab lists them after a reload)"
 
 

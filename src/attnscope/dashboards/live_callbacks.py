@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ..errors import AttnscopeError, InputError
+from ..errors import InputError
 from ..probes.heads import HeadSet
 from ..viz.head_inputs import LayerInputs
 from ..viz.head_lines import hovered_token
@@ -34,22 +34,11 @@ from .live_ablation import LiveAblation, ablate
 from .live_analysis_callbacks import register_analysis_callbacks
 from .live_media_callbacks import register_media_callbacks
 from .live_media_layout import MEDIA_STATES
+from .live_messages import error_line, note_figure
 from .live_save import save_capture
 from .live_state import LiveCapture, LiveSession
 
 PRESS = "press Capture to see this view"
-
-
-def _message(text: str, height: int = 300) -> Any:
-    from .callbacks import message_figure
-
-    return message_figure(text, height=height, color="#555")
-
-
-def _error(exc: BaseException) -> str:
-    if isinstance(exc, AttnscopeError):
-        return f"error: {exc}"
-    return f"internal error: {type(exc).__name__}: {exc}"[:400]
 
 
 def _head(cap: LiveCapture, head: Any) -> tuple[int, int]:
@@ -68,6 +57,17 @@ def _parse_one_head(text: str, cap: LiveCapture) -> tuple[int, int]:
     return heads[0]
 
 
+_WARMED: list[threading.Thread] = []
+
+
+def _start_warm_up() -> None:
+    """Run ``_warm_up`` once per process in a thread. Not a daemon: the interpreter waits the second it takes at
+    exit instead of tearing torch down under it (which aborts the process)."""
+    if not _WARMED:
+        _WARMED.append(threading.Thread(target=_warm_up, name="attnscope-warm-up"))
+        _WARMED[0].start()
+
+
 def _warm_up() -> None:
     """Import and run once what the first capture would otherwise wait for: scikit-learn's PCA (about a second)
     and one small long-sequence figure (torch's first kernels, plotly's validators)."""
@@ -82,19 +82,19 @@ def _warm_up() -> None:
 def _view(session: LiveSession, key: str | None, render, height: int = 300) -> Any:
     """``render(cap)`` for capture ``key``; a note without a capture or for a long input; errors as one line."""
     if not key:
-        return _message(PRESS, height)
+        return note_figure(PRESS, height)
     try:
         cap = session.get(key)
         if not cap.dense:
-            return views.tag(_message(views.too_long_note(cap), min(height, 200)), cap)
+            return views.tag(note_figure(views.too_long_note(cap), min(height, 200)), cap)
         return render(cap)
     except Exception as exc:  # noqa: BLE001 - one line in the page instead of a dead view
-        return _message(_error(exc), height)
+        return note_figure(error_line(exc), height)
 
 
 def register_live_callbacks(app: Any, session: LiveSession, root: ResultsRoot) -> None:
     """Wire the live page's components to ``session`` (models, captures) and ``root`` (where Save writes)."""
-    threading.Thread(target=_warm_up, daemon=True).start()
+    _start_warm_up()
     ablations: dict[str, LiveAblation] = {}
     # ``?tab=live`` (and the tab written back into the URL) is handled with the rest of the URL by url_state
     register_capture_callbacks(app, session)
@@ -119,7 +119,7 @@ def register_capture_callbacks(app: Any, session: LiveSession) -> None:
         try:
             cap = session.capture(model, text, mode, media)
         except Exception as exc:  # noqa: BLE001
-            return no_update, no_update, _error(exc)
+            return no_update, no_update, error_line(exc)
         dense = "" if cap.dense else f" · {views.too_long_note(cap)}"
         return cap.key, (f"capture {cap.key} · {cap.model_name} · {cap.n_tokens} tokens · "
                          f"{cap.seconds * 1000:.0f} ms{dense}"), ""
@@ -136,7 +136,7 @@ def register_capture_callbacks(app: Any, session: LiveSession) -> None:
             else:
                 layer, head = _parse_one_head(typed or "", cap)
         except Exception as exc:  # noqa: BLE001
-            return no_update, _error(exc), no_update
+            return no_update, error_line(exc), no_update
         return [layer, head], "", f"L{layer}H{head}"
 
 
@@ -185,7 +185,7 @@ def register_save_callback(app: Any, session: LiveSession, root: ResultsRoot,
             cap = session.get(key)
             paths = save_capture(session.model(cap.model_name), cap, root, ablations.get(key))
         except Exception as exc:  # noqa: BLE001
-            return _error(exc)
+            return error_line(exc)
         return "saved: " + ", ".join(paths) + " (the results tab lists them after a reload)"
 
 
@@ -203,7 +203,7 @@ def register_ablation_callbacks(app: Any, session: LiveSession, ablations: dict[
                                  got="diffusion", fix="see the image card's per-head maps")
             result = ablate(session.model(cap.model_name), cap, heads, mode)
         except Exception as exc:  # noqa: BLE001
-            return no_update, _error(exc), {"display": "none"}
+            return no_update, error_line(exc), {"display": "none"}
         ablations.clear()  # one ablation kept: the last
         ablations[key] = result
         text = (f"ablated {result.heads} ({result.mode}) on capture {key} in {result.seconds * 1000:.0f} ms\n"
@@ -257,7 +257,7 @@ def register_long_callbacks(app: Any, session: LiveSession) -> None:
                   running=[(Output("live-long-busy", "children"), "computing the block pattern …", "")])
     def _long(key, head, how, relayout, _reset, shown):
         if not key:
-            return _message(PRESS), "", None
+            return note_figure(PRESS), "", None
         try:
             cap = session.get(key)
             layer, h = _head(cap, head)
@@ -272,7 +272,7 @@ def register_long_callbacks(app: Any, session: LiveSession) -> None:
                          lambda: views.long_figure(cap, session.layer_inputs(cap, layer), h, how or "mean", ranges))
             return fig, "", state
         except Exception as exc:  # noqa: BLE001
-            return (no_update if shown else _message(_error(exc))), _error(exc), no_update
+            return (no_update if shown else note_figure(error_line(exc))), error_line(exc), no_update
 
 
 __all__ = ["register_live_callbacks"]

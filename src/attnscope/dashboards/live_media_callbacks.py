@@ -22,6 +22,7 @@ from .live_layout import EXAMPLE_TEXT
 from .live_media import Uploads, capture_media, decode_upload, example_images, model_kind, zoo_kind
 from .live_media_layout import HIDDEN
 from .live_media_views import daam_figure, diffusion_heads_figure, image_figure, note, vlm_heads_figure, vlm_map_figure
+from .live_messages import error_line
 from .live_state import LiveCapture, LiveSession
 
 EXAMPLES = {"vlm": "what color is the square ?", "diffusion": "red circle left blue square right"}
@@ -34,12 +35,6 @@ ABOUT = {"vlm": "left: the input image · middle: a map over the image grid (pic
          "diffusion": "left: the generated image · middle: the DAAM map of the chosen word at the chosen step · "
                       "right: the same map per head of the chosen site"}
 SHOWN = {"display": "flex", "alignItems": "flex-end"}
-
-
-def _error(exc: BaseException) -> str:
-    if isinstance(exc, AttnscopeError):
-        return f"error: {exc}"
-    return f"internal error: {type(exc).__name__}: {exc}"[:400]
 
 
 def kind_of(session: LiveSession, name: str | None) -> str:
@@ -63,7 +58,7 @@ def _media_view(session: LiveSession, key: str | None, render, height: int = 340
             return note(cap, "no image in a text capture", height)
         return render(cap)
     except Exception as exc:  # noqa: BLE001 - one line in the page instead of a dead view
-        return note(None, _error(exc), height)
+        return note(None, error_line(exc), height)
 
 
 def _layer_head(cap: LiveCapture, head: Any) -> tuple[int, int]:
@@ -92,7 +87,7 @@ def register_input_callbacks(app: Any, session: LiveSession, uploads: Uploads) -
         try:
             kind = kind_of(session, model)
         except Exception as exc:  # noqa: BLE001
-            return HIDDEN, HIDDEN, _error(exc), no_update
+            return HIDDEN, HIDDEN, error_line(exc), no_update
         picked = ctx.triggered_id == "live-model"
         text = EXAMPLES.get(kind, EXAMPLE_TEXT if picked else no_update)
         return (SHOWN if kind == "vlm" else HIDDEN, SHOWN if kind == "diffusion" else HIDDEN, HINTS[kind],
@@ -105,7 +100,7 @@ def register_input_callbacks(app: Any, session: LiveSession, uploads: Uploads) -
         try:
             image = decode_upload(contents, filename)
         except Exception as exc:  # noqa: BLE001
-            return no_update, no_update, _error(exc)
+            return no_update, no_update, error_line(exc)
         key = uploads.add(image, str(filename or "upload")[:60])
         option = {"label": f"upload: {filename} ({image.shape[1]}×{image.shape[0]})", "value": key}
         kept = [o for o in (options or example_images()) if not str(o.get("value", "")).startswith("upload:")]

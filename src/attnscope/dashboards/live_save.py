@@ -30,6 +30,7 @@ from ..probes.capturing import capture
 from ..results import ResultTable
 from .files import ResultsRoot
 from .live_ablation import LiveAblation
+from .live_analysis import attribution_values
 from .live_state import MODEL_LOCK, LiveCapture
 
 FOLDER = "live"
@@ -41,8 +42,6 @@ def _stem(cap: LiveCapture) -> str:
 
 
 def _rollout_table(cap: LiveCapture) -> ResultTable:
-    from .live_views import attribution_values
-
     values, title = attribution_values(cap)
     records = [{"analysis": "rollout", "layer": cap.n_layers - 1, "head": -1, "metric": "rollout", "value": float(v),
                 "token_index": i, "token": t} for i, (t, v) in enumerate(zip(cap.tokens, values))]

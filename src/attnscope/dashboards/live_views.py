@@ -24,7 +24,7 @@ from ..viz.long_sequence import block_pattern, long_sequence_view
 from ..viz.pattern import attention_pattern
 from . import live_media_views as media
 from .live_ablation import LiveAblation
-from .live_analysis import attribution_values  # rollout, flow, relevance (re-exported: live_save uses it)
+from .live_analysis import attribution_values  # rollout, flow, relevance
 from .live_state import DENSE_LIMIT, LiveCapture
 
 FOCUS_COLOUR = "#ff2d55"

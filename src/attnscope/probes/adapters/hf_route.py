@@ -119,7 +119,8 @@ def extra_terms(owner: str, mask: torch.Tensor | None, kwargs: dict) -> tuple[to
 
 
 def _attnscope_attention(module, query, key, value, attention_mask, *args, **kwargs):
-    impl = "eager" if inline_spec(module) is not None else module.config._attn_implementation.removeprefix(PREFIX)
+    inline = inline_spec(module)  # an inline family runs its own arithmetic, whatever the config says
+    impl = "eager" if inline is not None else module.config._attn_implementation.removeprefix(PREFIX)
     entry = _ACTIVE.get(id(module))
     if entry is not None:  # the structural mask (editors: "uniform over allowed keys"); the scores' full bias
         structural, scaling, is_causal, softcap = _attention_args(module, query, attention_mask, args, kwargs)
@@ -127,7 +128,8 @@ def _attnscope_attention(module, query, key, value, attention_mask, *args, **kwa
     if entry is not None and entry.recorder is not None:  # before the kernel: a recorder may stop the forward here
         entry.recorder.observe_qk(entry.site, query, key, mask, scaling=scaling, is_causal=is_causal,
                                   softcap=softcap, sinks=sinks)
-    out = _base_function(impl, module)(module, query, key, value, attention_mask, *args, **kwargs)
+    kernel = inline.kernel if inline is not None else _base_function(impl, module)
+    out = kernel(module, query, key, value, attention_mask, *args, **kwargs)
     if entry is not None and entry.weights is not None and len(out) > 1 and torch.is_tensor(out[1]):
         entry.weights(module, out[1])
     if entry is not None:
