@@ -4,8 +4,10 @@ a vision encoder (ViT), an encoder-decoder (BART), a modern VLM (Idefics3) and F
 Token-suite analyses (detectors, head-stats, sinks, importance, the ablation sweep, pruning, sweep cells) run on
 the families that read token ids and are checked against references written here: numpy over the model's own
 eager attentions, plain forward pre-hooks that zero one head's slice of the output-projection input, and
-autograd through gates of those slices. On the families that cannot read token ids they raise one
-``InputError`` with expected / got / fix before anything runs.
+autograd through gates of those slices. Given a token suite, the families that cannot read token ids raise one
+``InputError`` with expected / got / fix before anything runs; the same analyses on their own inputs (the
+``images`` and ``latents`` suites) are checked in ``test_analyses_on_images_and_latents.py``, and the dashboard's
+ablation of a ViT and a Flux pipeline in ``test_live_ablation_media.py``.
 """
 
 import copy
@@ -20,7 +22,7 @@ import attnscope
 from attnscope.circuits.structural import prune_heads_structurally
 from attnscope.circuits.task_metrics import AnswerLoss, eval_batches, evaluate, metric_for
 from attnscope.datasets import induction
-from attnscope.errors import AnalysisError, AttnscopeError, InputError, UnsupportedModelError
+from attnscope.errors import AnalysisError, InputError, UnsupportedModelError
 from attnscope.probes.coverage import ARCHITECTURES
 from attnscope.probes.heads import HeadSet
 from attnscope.sweeps.cells import run_cell
@@ -298,23 +300,6 @@ def test_dashboard_live_ablation_on_the_vlm_equals_hook_ablation(models):
     np.testing.assert_allclose(result.attn_after, after, atol=1e-5)
     np.testing.assert_allclose(result.change, total_variation(clean, after), atol=1e-5)
     assert not result.change[0].any() and result.change[1].max() > 1e-4  # only later layers move
-
-
-def test_dashboard_refuses_a_vision_encoder_and_a_flux_pipeline_capture(models):
-    from attnscope.dashboards import live_media
-    from attnscope.dashboards.live_ablation import ablate
-    from attnscope.dashboards.live_state import LiveSession
-    from attnscope.probes.adapters.tiny_pipelines import tiny_flux_pipeline
-
-    with pytest.raises(InputError) as info:
-        LiveSession(attnscope.load(models["vit"]), "tiny-vit").capture(None, "5 6 7", mode="ids")
-    check_error(info.value)
-    flux = attnscope.load(tiny_flux_pipeline())
-    cap = live_media.capture_media(live_media.Uploads(), flux, "tiny-flux", "a red cat", (None, 1, 0))
-    assert cap.kind == "diffusion"
-    with pytest.raises(AttnscopeError) as info:
-        ablate(flux, cap, "L0H1", "zero")
-    check_error(info.value)
 
 
 @pytest.mark.parametrize("family", ["bart", "t5"])

@@ -41,3 +41,15 @@ def test_flux_pipeline_spans_are_the_denoisers_own_blocks(flux_trace):
     assert trace.tokens.strings[0][:MAX_SEQ] == want
     assert want[:3] == ["▁a", "▁red", "▁cat"] and trace.tokens.strings[0].index("▁red") == 1  # text first
     assert all(s == "" for s in trace.tokens.strings[0][MAX_SEQ:])  # latent positions carry no text
+
+
+def test_flux_word_positions_are_the_t5_keys_daam_reads(flux_trace):
+    """DAAM and the live page find a word's text keys with ``word_positions``: on Flux they are the T5 tokens of the
+    joint sequence (text first), where the captured strings hold the word, not CLIP positions (CLIP only makes
+    the pooled vector; its positions of ``red`` are 2..4, T5's is 1)."""
+    from attnscope.circuits._diffusion import word_positions
+
+    pipe, trace = flux_trace
+    strings = trace.tokens.strings[0][:MAX_SEQ]
+    for word in PROMPT.split():
+        assert word_positions(pipe, PROMPT, word) == [i for i, s in enumerate(strings) if s == f"▁{word}"]

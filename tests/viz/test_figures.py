@@ -181,6 +181,29 @@ def test_image_overlay_vlm_row_over_image_tokens():
                                .reshape(4, 4).numpy(), rtol=1e-6)
 
 
+@pytest.mark.parametrize("name, prefix", [("vit", 1), ("dinov2_registers", 5)])
+def test_image_map_of_a_vision_encoder_reads_the_patches_after_its_prefix_tokens(name, prefix):
+    """[CLS] (and register tokens) come before the patches: the map is the [CLS] row over the last 16 keys, as the
+    model's own eager attention gives it."""
+    import torch
+
+    from attnscope.probes.coverage import ARCHITECTURES
+
+    model = ARCHITECTURES[name].builder()
+    size = model.config.image_size
+    pixels = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    trace = attnscope.capture(attnscope.load(model), {"pixel_values": pixels})
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            eager = model(pixel_values=pixels, output_attentions=True).attentions[1][0, 2]
+    finally:
+        model.set_attn_implementation("sdpa")
+    assert eager.shape[-1] == prefix + 16
+    m = viz.attention_map(trace, 1, 2, tower="vision")
+    np.testing.assert_allclose(m.values, eager[0, prefix:].reshape(4, 4).numpy(), atol=1e-6)
+
+
 def test_show_dispatches_on_columns_and_content():
     trace, _ = _trace()
     assert viz.show_trace(trace).layout.yaxis.title.text == "query"

@@ -51,7 +51,11 @@ def _word_ids(tokenizer: Any, word: str) -> list[int]:
 
 
 def word_positions(pipe: Any, prompt: str, word: str) -> list[int]:
-    """Text-key positions of ``word`` in ``prompt`` (every occurrence; SD3: CLIP and T5 parts of the block)."""
+    """Text-key positions of ``word`` in ``prompt`` (every occurrence; SD3: CLIP and T5 parts of the block; Flux:
+    its T5 tokens, the only text in its joint attention: CLIP gives the pooled vector alone)."""
+    if type(getattr(pipe, "transformer", None)).__name__ == "FluxTransformer2DModel":
+        tok2 = pipe.tokenizer_2
+        return find_subsequence(tok2(prompt)["input_ids"], _word_ids(tok2, word))
     tok = pipe.tokenizer
     positions = find_subsequence(tok(prompt)["input_ids"], _word_ids(tok, word))
     tok3 = getattr(pipe, "tokenizer_3", None)

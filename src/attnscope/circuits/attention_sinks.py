@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..datasets.input_suite import InputSuite
 from ..datasets.suite import PromptSuite
 from ..errors import AnalysisError, InputError
 from ..probes import attention_modules, hf_sites
@@ -310,6 +311,10 @@ def sinks(model: ModelLike, suite: PromptSuite, *, positions: Sequence[int] = (0
     """Everything above in one table (``analysis`` column: sinks, massive_activations, value_norms).
 
     ``options`` are ``massive_activations``' own (``top``, ``abs_threshold`` ...); anything else is refused."""
+    if isinstance(suite, InputSuite):
+        raise InputError("sinks scores token prompt suites (special tokens, per-token activations)",
+                         expected="a token prompt suite", got=suite.name, fix="head-stats gives each head's sink "
+                         "mass (attention on position 0) on images and latents")
     require_token_model(model, "sinks")
     unknown = sorted(set(options) - set(_MASSIVE_OPTIONS))
     if unknown:

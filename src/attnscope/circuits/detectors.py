@@ -48,6 +48,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from ..datasets.input_suite import InputSuite
 from ..datasets.suite import PromptItem, PromptSuite, pad_ids
 from ..errors import AnalysisError, InputError
 from ..probes.adapter import ModelLike, as_adapter
@@ -56,7 +57,7 @@ from ..probes.heads import HeadSet
 from ..probes.site import Site
 from ..results import ResultTable
 from .registry import register_analysis
-from .task_metrics import require_token_model
+from .task_metrics import require_suite_fits
 
 NORMALISE = ("rows", "tl")
 Template = Callable[[list[int], PromptItem], Tensor]
@@ -208,6 +209,9 @@ def previous_token_template(ids: Sequence[int], item: PromptItem | None = None) 
     return out
 
 
+previous_token_template.positional = True  # depends on positions only: defined on images and latents too
+
+
 def duplicate_token_template(ids: Sequence[int], item: PromptItem | None = None) -> Tensor:
     """``P[i, j] = 1`` where ``ids[j] == ids[i]`` and ``j < i`` (TransformerLens duplicate-token pattern)."""
     t = torch.as_tensor(list(ids))
@@ -263,6 +267,7 @@ def fixed_template(template: Any) -> Template:
             raise InputError("template shorter than an item", expected=f">= {n} rows", got=array.shape[0],
                              fix="pass a larger template or a function of the item's ids")
         return array[:n, :n]
+    make.positional = True
     return make
 
 
@@ -308,16 +313,21 @@ def _row_selection(templates: list[Tensor], normalise: str) -> tuple[int, int] |
     return int(min(a.min() for a in active)), int(max(a.max() for a in active)) + 1
 
 
-def suite_template_scores(model: ModelLike, suite: PromptSuite, template: "Template | Any", *, analysis: str = "pattern",
-                          normalise: str = "tl", exclude_bos: bool = False, exclude_current_token: bool = False,
+def suite_template_scores(model: ModelLike, suite: "PromptSuite | InputSuite", template: "Template | Any", *,
+                          analysis: str = "pattern", normalise: str = "tl", exclude_bos: bool = False, exclude_current_token: bool = False,
                           heads: "HeadSet | str | None" = None, batch_size: int = 8, add_special_tokens: bool = True,
-                          progress: bool = True, tower: str = "text") -> ResultTable:
+                          progress: bool = True, tower: str | None = None) -> ResultTable:
     """Mean over the suite's items of each head's template score (metric ``score``; ``n_items`` = items with rows).
 
-    template: a function ``(ids, item) -> [n, n]`` tensor, or one fixed ``[query, key]`` array.
+    template: a function ``(ids, item) -> [n, n]`` tensor, or one fixed ``[query, key]`` array. tower: the
+    self-attention tower scored (default ``text``; on an images / latents suite the model's only one).
     """
     make = template if callable(template) else fixed_template(template)
-    require_token_model(model, analysis)
+    require_suite_fits(model, suite, analysis)
+    if isinstance(suite, InputSuite):
+        return input_template_scores(model, suite, make, analysis=analysis, normalise=normalise,
+                                     exclude_bos=exclude_bos, exclude_current_token=exclude_current_token,
+                                     heads=heads, batch_size=batch_size, tower=tower)
     adapter = as_adapter(model)
     head_set = parse_heads(model, heads)
     encoded = encode_suite(suite, adapter.tokenizer, add_special_tokens)
@@ -331,7 +341,7 @@ def suite_template_scores(model: ModelLike, suite: PromptSuite, template: "Templ
         rows = None if span is None else f"{span[0]}:{span[1]}"
         trace = capture(adapter, inputs, patterns=True, heads=head_set, rows=rows)
         provenance = dict(trace.provenance)
-        for site in self_sites(trace, tower):
+        for site in self_sites(trace, tower or "text"):
             rec = trace.get(site)
             row_ids = torch.as_tensor(rec.rows())
             for b, (enc, tmpl) in enumerate(zip(chunk, templates)):
@@ -348,6 +358,48 @@ def suite_template_scores(model: ModelLike, suite: PromptSuite, template: "Templ
         raise AnalysisError("no item had a row for this template", expected="items where the head type applies",
                             got=f"{len(suite)} items of suite {suite.name!r}",
                             fix="use a suite with repeats (induction) or another detector")
+    provenance.update({"analysis": analysis, "suite": suite.name, "suite_params": suite.params,
+                       "normalise": normalise, "exclude_bos": exclude_bos,
+                       "exclude_current_token": exclude_current_token, "main_metric": "score"})
+    return ResultTable.from_records(records, provenance=provenance)
+
+
+def attention_sites(trace: Any, tower: str | None) -> list[tuple[int, Site]]:
+    """(layer, site) of the self-attention of ``tower`` (default: the only self-attention tower); a model without
+    self-attention (an MMDiT such as Flux: joint attention) gives every site, numbered in forward order."""
+    if tower is not None or len({s.tower for s in trace.sites if s.kind == "self"}) == 1:
+        kinds = [s for s in trace.sites if s.kind == "self"]
+        return [(site.layer, site) for site in self_sites(trace, tower or kinds[0].tower)]
+    return list(enumerate(trace.sites))
+
+
+def input_template_scores(model: ModelLike, suite: InputSuite, make: Template, *, analysis: str, normalise: str,
+                          exclude_bos: bool, exclude_current_token: bool, heads: "HeadSet | str | None",
+                          batch_size: int, tower: str | None) -> ResultTable:
+    """Template scores over an images / latents suite: positional templates only, on the sequence the model's
+    attention sees (a ViT: ``[CLS]`` then patches in raster order, so ``t - 1`` is the patch to the left; Flux:
+    text tokens then image tokens)."""
+    if not getattr(make, "positional", False):
+        raise InputError(f"{analysis} compares token ids, which a suite of {suite.kind} does not have",
+                         expected="a positional template (prev-token, or pattern with a fixed array)",
+                         got=f"{analysis} on {suite.name}", fix="run prev-token, head-stats, importance or the "
+                         "ablation sweep on images and latents; token-identity detectors need a token suite")
+    head_set = parse_heads(model, heads)
+    sums: dict[tuple[int, int], list[float]] = {}
+    provenance: dict = {}
+    for batch in suite.batches(batch_size):
+        trace = capture(model, batch.inputs, patterns=True, heads=head_set)
+        provenance = dict(trace.provenance)
+        for layer, site in attention_sites(trace, tower):
+            rec = trace.get(site)
+            template = make(list(range(rec.probs.shape[-1])), None)
+            for probs in rec.probs:
+                scores = template_scores(probs, template, normalise=normalise, exclude_bos=exclude_bos,
+                                         exclude_current_token=exclude_current_token)
+                for h, value in zip(rec.heads(), scores.tolist()):
+                    sums.setdefault((layer, h), []).append(value)
+    records = [{"analysis": analysis, "layer": l, "head": h, "metric": "score", "value": float(np.mean(v)),
+                "n_items": len(v)} for (l, h), v in sorted(sums.items())]
     provenance.update({"analysis": analysis, "suite": suite.name, "suite_params": suite.params,
                        "normalise": normalise, "exclude_bos": exclude_bos,
                        "exclude_current_token": exclude_current_token, "main_metric": "score"})

@@ -59,10 +59,10 @@ DEFAULT_PASS_MB = {"cpu": 8.0, "cuda": 1024.0}  # CPU: a pass that stays in cach
 
 def _heads_per_pass(model: nn.Module, batch: EvalBatch, memory_mb: float | None, n_heads: int) -> int:
     if memory_mb is None:
-        memory_mb = DEFAULT_PASS_MB.get(batch.input_ids.device.type, DEFAULT_PASS_MB["cpu"])
+        memory_mb = DEFAULT_PASS_MB.get(batch.device.type, DEFAULT_PASS_MB["cpu"])
     kept = int((batch.targets != IGNORE).any(0).sum())
     takes_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
-    per_row = row_bytes(model, batch.input_ids.shape[1], kept if takes_keep and kept else None)
+    per_row = row_bytes(model, batch.seq_len, kept if takes_keep and kept else None)
     return max(1, min(n_heads, int(memory_mb * 2**20 // max(per_row * len(batch), 1))))
 
 
@@ -156,7 +156,7 @@ def _run(module: nn.Module, batch: EvalBatch) -> tuple[Any, EvalBatch]:
     keep = (batch.targets != IGNORE).any(0).nonzero().flatten()
     if "logits_to_keep" in params and 0 < len(keep) < batch.targets.shape[1]:
         kwargs["logits_to_keep"] = keep
-        batch = EvalBatch(batch.input_ids, batch.attention_mask, batch.targets[:, keep], batch.labels, batch.indices)
+        batch = batch.keep_positions(keep)
     return module(**kwargs), batch
 
 

@@ -103,7 +103,10 @@ def _gate_shape(variant: str, batch: EvalBatch, n_heads: int) -> tuple[int, ...]
     if variant == "abs_per_example":
         return (len(batch), n_heads)
     if variant == "abs_per_token":
-        return (len(batch), batch.input_ids.shape[1], n_heads)
+        if batch.input_ids is None:
+            raise InputError("per-token importance needs token inputs", expected="a token prompt suite",
+                             got="an images / latents suite", fix="use variant='abs_per_example' or 'abs_of_sum'")
+        return (len(batch), batch.seq_len, n_heads)
     return (n_heads,)
 
 

@@ -19,22 +19,32 @@ from typing import Any
 
 import torch
 
+from ..datasets.input_suite import InputSuite
 from ..datasets.suite import PromptSuite
 from ..probes.adapter import ModelLike, as_adapter
 from ..probes.capturing import capture
 from ..probes.remote import remote_adapter
 from ..results import ResultTable
 from .registry import register_analysis
-from .task_metrics import require_token_model
+from .task_metrics import require_suite_fits
+
+
+def _stat(trace: Any, name: str, tower: str | None) -> torch.Tensor:
+    """``[layer, batch, head, query, ...]`` of a tower's self-attention; without self-attention and a tower (an
+    MMDiT such as Flux: joint attention only), of every site in forward order (the layers interventions number)."""
+    if tower is not None or any(site.kind == "self" for site in trace.sites):
+        return trace.stat(name, tower)
+    return torch.stack([trace.get(site).stats[name] for site in trace.sites])
 
 
 @register_analysis("head-stats", description="per head: mean attention mass on position 0 (sink) and mean "
                    "entropy over a suite, from streaming statistics (runs locally or on an nnsight backend)")
-def head_stats(model: ModelLike, suite: PromptSuite, *, batch_size: int = 8, remote: "bool | str" = False,
+def head_stats(model: ModelLike, suite: "PromptSuite | InputSuite", *, batch_size: int = 8,
+               remote: "bool | str" = False,
                plan: Any = None, tower: str | None = None, **_: Any) -> ResultTable:
     """Per-head sink mass and entropy, averaged over every non-padding query of the suite. ``tower``: which
     tower's self-attention (default ``text``; e.g. ``encoder`` of an encoder-decoder)."""
-    require_token_model(model, "head-stats")
+    require_suite_fits(model, suite, "head-stats")
     target = remote_adapter(model, remote=remote, plan=plan) if remote else model
     tokenizer = as_adapter(model).tokenizer
     sums: dict[str, torch.Tensor] = {}
@@ -42,12 +52,14 @@ def head_stats(model: ModelLike, suite: PromptSuite, *, batch_size: int = 8, rem
     provenance: dict = {}
     for batch in suite.batches(batch_size, tokenizer=tokenizer):
         trace = capture(target, batch.inputs, stats=("mass", "entropy"), mass_spans=[(0, 1)])
-        valid = batch.attention_mask.to(torch.float64)[None, :, None, :]  # [1, batch, 1, query]
-        for name, value in (("sink_mass", trace.stat("mass", tower)[..., 0]),
-                            ("entropy", trace.stat("entropy", tower))):
+        stats = (("sink_mass", _stat(trace, "mass", tower)[..., 0]), ("entropy", _stat(trace, "entropy", tower)))
+        mask = batch.attention_mask  # None: images / latents, every query is real
+        valid = (torch.ones(stats[1][1].shape[1], stats[1][1].shape[-1]) if mask is None else mask)
+        valid = valid.to(torch.float64)[None, :, None, :]  # [1, batch, 1, query]
+        for name, value in stats:
             weighted = (value.to(torch.float64) * valid).sum((1, 3))  # [layer, head]
             sums[name] = sums[name] + weighted if name in sums else weighted
-        count = count + batch.attention_mask.sum()
+        count = count + valid.sum()
         provenance = dict(trace.provenance)
     records = [{"analysis": "head_stats", "layer": layer, "head": head, "metric": name,
                 "value": float(total[layer, head] / count.clamp_min(1))}

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..errors import UnsupportedModelError
 from ..models.pruned_checkpoint import plan_layer  # (re-exported)
 from ..models.pruned_checkpoint import (PRUNING_KEY, LayerPlan, apply_layer_plans, head_rows, load_pruned,  # noqa: F401
                                         save_pruned, zero_input_columns)
@@ -95,11 +96,35 @@ def bake_mask(model: ModelLike, heads: HeadSet) -> None:
     module = module_of(model)
     projections = output_projections(module)
     check_heads(heads, projections)
+    targets = {layer: head_output_linears(module, projections[layer]) for layer in heads.layers}  # all or nothing
     for layer in heads.layers:
-        proj = projections[layer]
-        cols = head_rows(heads.heads_in_layer(layer), proj.d_head)
-        zero_input_columns(proj.module.weight, cols, conv=not isinstance(proj.module, nn.Linear))
+        cols = head_rows(heads.heads_in_layer(layer), projections[layer].d_head)
+        for linear in targets[layer]:
+            zero_input_columns(linear.weight, cols, conv=not isinstance(linear, nn.Linear))
     module.config.__dict__["attnscope_masked_heads"] = str(heads)
+
+
+def head_output_linears(module: nn.Module, proj: Any) -> list[nn.Module]:
+    """The layers that read one attention layer's concatenated head outputs (heads first in their input): the
+    output projection; on families edited through the attention route, BLOOM's ``dense``, GPT-Neo's ``out_proj``,
+    a diffusers attention's ``to_out[0]`` and ``to_add_out`` (joint attention: both streams), or the block's
+    ``proj_out`` of a Flux single-stream block (it reads ``concat(attention, mlp)``)."""
+    if proj.module is not None:
+        return [proj.module]
+    attn = proj.attention
+    names = ("dense", "out_proj", "to_add_out")
+    found = [getattr(attn, name) for name in names if isinstance(getattr(attn, name, None), nn.Linear)]
+    to_out = getattr(attn, "to_out", None)
+    if isinstance(to_out, nn.ModuleList) and isinstance(to_out[0], nn.Linear):
+        found.insert(0, to_out[0])
+    if not found:
+        found = [parent.proj_out for _, parent in module.named_modules()
+                 if getattr(parent, "attn", None) is attn and isinstance(getattr(parent, "proj_out", None), nn.Linear)]
+    if not found:
+        raise UnsupportedModelError("no layer reading this attention's head outputs", expected="an output "
+                                    "projection (or dense / out_proj / to_out / proj_out)", got=proj.name,
+                                    fix="save the mask with the plan instead (attnscope ablate --save-plan)")
+    return found
 
 
 @torch.no_grad()

@@ -28,7 +28,7 @@ Example:
 
 import inspect
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
+from ..datasets.input_suite import InputSuite
 from ..datasets.suite import PromptItem, PromptSuite
 from ..errors import AnalysisError, InputError
 from ..probes.adapter import ModelLike, module_of, tokenizer_of
@@ -47,29 +48,60 @@ IGNORE = -100
 class EvalBatch:
     """``input_ids``/``attention_mask`` ``[batch, seq]`` (right-padded), ``targets`` ``[batch, seq]`` (the token
     each position should predict, ``-100`` where nothing is scored), ``labels`` ``[batch]`` (``-100``: none),
-    ``indices`` ``[batch]`` (item index in the suite)."""
+    ``indices`` ``[batch]`` (item index in the suite).
 
-    input_ids: Tensor
-    attention_mask: Tensor
+    A batch of an ``InputSuite`` (images, latents) has no token ids: ``input_ids`` and ``attention_mask`` are None,
+    ``targets`` is ``[batch, 0]``, ``extra`` holds its forward tensors (batch first), ``shared`` those without a
+    batch dimension, ``values`` its regression targets ``[batch, ...]`` (or None) and ``n_tokens`` the length of
+    the sequence the model's attention sees."""
+
+    input_ids: Tensor | None
+    attention_mask: Tensor | None
     targets: Tensor
     labels: Tensor
     indices: Tensor
+    extra: dict[str, Tensor] = field(default_factory=dict)
+    shared: dict[str, Tensor] = field(default_factory=dict)
+    values: Tensor | None = None
+    n_tokens: int = 0
 
     @property
     def inputs(self) -> dict[str, Tensor]:
+        if self.input_ids is None:
+            return {**self.extra, **self.shared}
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
 
+    @property
+    def seq_len(self) -> int:
+        """Tokens per row: the padded width of the ids, else the attention sequence of the suite's inputs."""
+        return int(self.input_ids.shape[1]) if self.input_ids is not None else int(self.n_tokens)
+
+    @property
+    def device(self) -> torch.device:
+        return self.targets.device
+
     def __len__(self) -> int:
-        return int(self.input_ids.shape[0])
+        return int(self.targets.shape[0])
+
+    def _map(self, fn: Any) -> "EvalBatch":
+        def each(t: Tensor | None) -> Tensor | None:
+            return None if t is None else fn(t)
+        return replace(self, input_ids=each(self.input_ids), attention_mask=each(self.attention_mask),
+                       targets=fn(self.targets), labels=fn(self.labels), indices=fn(self.indices),
+                       extra={k: fn(v) for k, v in self.extra.items()}, values=each(self.values))
 
     def replicate(self, n: int) -> "EvalBatch":
-        """``n`` copies stacked along the batch (block ``i`` = rows ``[i*B, (i+1)*B)``)."""
-        return EvalBatch(*(t.repeat(n, *([1] * (t.ndim - 1))) for t in
-                           (self.input_ids, self.attention_mask, self.targets, self.labels, self.indices)))
+        """``n`` copies stacked along the batch (block ``i`` = rows ``[i*B, (i+1)*B)``); ``shared`` stays."""
+        return self._map(lambda t: t.repeat(n, *([1] * (t.ndim - 1))))
 
     def to(self, device: Any) -> "EvalBatch":
-        return EvalBatch(*(t.to(device) for t in
-                           (self.input_ids, self.attention_mask, self.targets, self.labels, self.indices)))
+        out = self._map(lambda t: t.to(device))
+        out.shared = {k: v.to(device) for k, v in self.shared.items()}
+        return out
+
+    def keep_positions(self, keep: Tensor) -> "EvalBatch":
+        """The batch scoring only positions ``keep`` (logits computed there only)."""
+        return replace(self, targets=self.targets[:, keep])
 
 
 def _encode(tokenizer: Any, text: str, special: bool) -> list[int]:
@@ -106,9 +138,22 @@ def _pad_id(suite: PromptSuite, tokenizer: Any, pad_id: int | None) -> int:
     return int(suite.params.get("pad_id") or suite.metadata.get("pad_id") or 0)
 
 
-def eval_batches(suite: PromptSuite, tokenizer: Any = None, batch_size: int = 16,
+def input_batches(suite: InputSuite, batch_size: int = 16) -> list[EvalBatch]:
+    """``EvalBatch`` es of an ``InputSuite`` (images, latents): forward tensors, labels, regression targets."""
+    out = []
+    for batch in suite.batches(batch_size):
+        n = len(batch.indices)
+        extra = {k: v for k, v in batch.inputs.items() if k not in suite.shared}
+        out.append(EvalBatch(None, None, torch.full((n, 0), IGNORE, dtype=torch.long), batch.labels,
+                             torch.tensor(batch.indices), extra, dict(suite.shared), batch.targets, suite.n_tokens))
+    return out
+
+
+def eval_batches(suite: "PromptSuite | InputSuite", tokenizer: Any = None, batch_size: int = 16,
                  pad_id: int | None = None) -> list[EvalBatch]:
     """Right-padded ``EvalBatch`` es of the suite (see the module docstring for what is scored)."""
+    if isinstance(suite, InputSuite):
+        return input_batches(suite, batch_size)
     if len(suite) == 0:
         raise InputError("empty suite", expected="at least one item", got=0)
     pad = _pad_id(suite, tokenizer, pad_id)
@@ -131,8 +176,11 @@ def eval_batches(suite: PromptSuite, tokenizer: Any = None, batch_size: int = 16
     return out
 
 
-def reference_ids(batches: Sequence[EvalBatch]) -> list[list[int]]:
-    """The unpadded token ids of every item (e.g. the reference inputs of mean / resample ablation)."""
+def reference_ids(batches: Sequence[EvalBatch]) -> "list[list[int]] | list[dict[str, Tensor]]":
+    """The reference inputs of mean / resample ablation: the unpadded token ids of every item, or (batches of an
+    ``InputSuite``) each batch's forward tensors."""
+    if batches and batches[0].input_ids is None:
+        return [dict(b.inputs) for b in batches]
     return [row[m.bool()].tolist() for b in batches for row, m in zip(b.input_ids, b.attention_mask)]
 
 
@@ -231,14 +279,17 @@ class ClassificationAccuracy(TaskMetric):
         return F.cross_entropy(_upcast(_logits(output)), batch.labels, ignore_index=IGNORE, reduction="none")
 
 
-def mean_pool(output: Any, attention_mask: Int[Tensor, "batch seq"]) -> Float[Tensor, "batch hidden"]:
-    """Mean of the last hidden state over non-padding tokens ``[batch, hidden]`` (sentence-transformers pooling)."""
+def mean_pool(output: Any, attention_mask: Int[Tensor, "batch seq"] | None) -> Float[Tensor, "batch hidden"]:
+    """Mean of the last hidden state over non-padding tokens ``[batch, hidden]`` (sentence-transformers pooling;
+    every token when ``attention_mask`` is None: image patches)."""
     hidden = getattr(output, "last_hidden_state", None)
     if hidden is None:
         hidden = output[0] if isinstance(output, (tuple, list)) else None
     if hidden is None or hidden.ndim != 3:
         raise AnalysisError("no token embeddings to pool", expected="last_hidden_state [batch, seq, hidden]",
                             got=type(output).__name__, fix="use an encoder (BERT class) for the embedding metric")
+    if attention_mask is None:
+        return hidden.mean(1)
     weights = attention_mask[..., None].to(hidden.dtype)
     return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1)
 
@@ -268,6 +319,38 @@ class EmbeddingCosine(TaskMetric):
         ref = F.normalize(self.reference.to(device=emb.device, dtype=emb.dtype), dim=-1)
         logits = emb @ ref.T / self.temperature  # [batch, n_items]
         return F.cross_entropy(logits, batch.indices.to(emb.device), reduction="none")
+
+
+def _prediction(output: Any) -> Tensor:
+    sample = output if torch.is_tensor(output) else getattr(output, "sample", None)
+    if sample is None and isinstance(output, (tuple, list)):
+        sample = output[0]
+    if sample is None:
+        raise AnalysisError("the model returned no prediction", expected="a denoiser output (.sample)",
+                            got=type(output).__name__, fix="use the denoising loss with a diffusion denoiser")
+    return sample
+
+
+class DenoisingLoss(TaskMetric):
+    """Mean squared error of a denoiser's prediction against the items' targets (the velocity ``noise - x0`` of
+    ``attnscope.datasets.latent_suite``), per element, averaged per item (lower is better)."""
+
+    name = "denoising_loss"
+    higher_is_better = False
+
+    def _item_mse(self, output: Any, batch: EvalBatch, dtype: torch.dtype) -> Tensor:
+        if batch.values is None:
+            raise AnalysisError("no regression targets in the batch", expected="an input suite with targets "
+                                "(latents)", got="none", fix="build the suite with attnscope.datasets.latent_suite")
+        error = (_prediction(output).to(dtype) - batch.values.to(dtype)) ** 2
+        return error.flatten(1).mean(1)
+
+    def item_stats(self, output: Any, batch: EvalBatch) -> Tensor:
+        mse = self._item_mse(output, batch, torch.float64)
+        return torch.stack([mse, torch.ones_like(mse)], 1)
+
+    def loss(self, output: Any, batch: EvalBatch) -> Tensor:
+        return self._item_mse(output, batch, torch.promote_types(_prediction(output).dtype, torch.float32))
 
 
 # ---- evaluation ---------------------------------------------------------------------------------------------------
@@ -312,13 +395,14 @@ def sentence_embeddings(model: nn.Module, batches: Sequence[EvalBatch]) -> Tenso
     """Mean-pooled embeddings ``[n_items, hidden]`` in suite order."""
     rows: dict[int, Tensor] = {}
     for batch in batches:
-        emb = mean_pool(forward(model, batch), batch.attention_mask.to(next(
-            module_of(model).parameters()).device))
+        mask = batch.attention_mask
+        emb = mean_pool(forward(model, batch), None if mask is None else mask.to(
+            next(module_of(model).parameters()).device))
         rows.update({int(i): e.cpu() for i, e in zip(batch.indices, emb)})
     return torch.stack([rows[i] for i in sorted(rows)])
 
 
-METRICS = ("accuracy", "loss", "embedding_cosine", "classification_accuracy")
+METRICS = ("accuracy", "loss", "embedding_cosine", "classification_accuracy", "denoising_loss")
 
 
 @torch.no_grad()
@@ -329,10 +413,18 @@ def default_metric(model: nn.Module, batches: Sequence[EvalBatch], name: str | N
         raise InputError("unknown metric", expected=", ".join(METRICS), got=name)
     if name == "embedding_cosine":
         return EmbeddingCosine(sentence_embeddings(model, batches))
+    if name == "denoising_loss" or (name == "loss" and batches[0].values is not None):
+        return DenoisingLoss()
+    if name == "loss" and batches[0].input_ids is None:
+        raise InputError("no loss for this input suite", expected="a suite with targets (latents) or the metric "
+                         "classification_accuracy / embedding_cosine", got=name,
+                         fix="pass metric=classification_accuracy (a classifier) or embedding_cosine")
     if name == "loss":
         return AnswerLoss()
     if name in ("accuracy", "classification_accuracy"):
         return NextTokenAccuracy() if name == "accuracy" else ClassificationAccuracy()
+    if batches[0].values is not None:
+        return DenoisingLoss()
     output = forward(model, batches[0])
     logits = getattr(output, "logits", None)
     if logits is not None and logits.ndim == 3 and any(bool((b.targets != IGNORE).any()) for b in batches):
@@ -369,19 +461,33 @@ def require_token_model(model: ModelLike, analysis: str) -> None:
     raise InputError(f"{analysis} scores token prompt suites, which this model cannot read",
                      expected="a model fed token ids (text models, encoder-decoders, VLMs)",
                      got=f"{type(module).__name__} takes {reads}",
-                     fix="run it on a text model or a VLM; for vision encoders and diffusion models use the "
-                     "capture and intervention API with their own inputs")
+                     fix="score a vision encoder on the images suite and a Flux / SD3 denoiser on the latents "
+                     "suite (--suite images / --suite latents; attnscope.datasets.image_suite / latent_suite)")
 
 
-def metric_for(model: ModelLike, suite: PromptSuite, metric: str | None = None, batch_size: int = 16
+def require_suite_fits(model: ModelLike, suite: Any, analysis: str) -> None:
+    """``InputError`` (before any run) unless ``suite`` can feed ``model``: a token suite needs a model that reads
+    token ids, an ``InputSuite`` (images, latents) the model class it was built for."""
+    if not isinstance(suite, InputSuite):
+        require_token_model(model, analysis)
+        return
+    module = module_of(model)
+    if suite.model_class and type(module).__name__ != suite.model_class:
+        raise InputError(f"{analysis}: the {suite.kind} suite was built for another model",
+                         expected=suite.model_class, got=type(module).__name__,
+                         fix=f"build it for this model: attnscope.tasks.suites.build_suite({suite.kind!r}, model)")
+
+
+def metric_for(model: ModelLike, suite: "PromptSuite | InputSuite", metric: str | None = None, batch_size: int = 16
                ) -> tuple[list[EvalBatch], TaskMetric]:
     """Batches of ``suite`` for ``model`` (a ``model handle (``attnscope.load``)`` or module) and its task metric."""
-    require_token_model(model, "a task metric")
+    require_suite_fits(model, suite, "a task metric")
     batches = eval_batches(suite, tokenizer_of(model), batch_size)
     return batches, default_metric(model, batches, metric)
 
 
-__all__ = ["AnswerLoss", "ClassificationAccuracy", "EmbeddingCosine", "EvalBatch", "NextTokenAccuracy",
-           "TaskMetric", "decoder_reads_input", "default_metric", "eval_batches", "evaluate", "item_sequence",
-           "mean_pool", "metric_for", "metric_totals", "reference_ids", "require_token_model", "sentence_embeddings",
+__all__ = ["AnswerLoss", "ClassificationAccuracy", "DenoisingLoss", "EmbeddingCosine", "EvalBatch",
+           "NextTokenAccuracy", "TaskMetric", "decoder_reads_input", "default_metric", "eval_batches", "evaluate",
+           "input_batches", "item_sequence", "mean_pool", "metric_for", "metric_totals", "reference_ids",
+           "require_suite_fits", "require_token_model", "sentence_embeddings",
            "takes_token_ids"]

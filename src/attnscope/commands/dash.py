@@ -17,6 +17,7 @@ EXAMPLES = """examples:
   attnscope demo --out results/demo               # something to browse
   attnscope dash --results results/demo --model minilm   # Live tab: /?tab=live
   attnscope dash --results results/demo --port 8060
+  attnscope dash --results results/demo --model path/to/vit   # a saved vision encoder: image in, no text
 Open the printed address in a browser; Ctrl-C stops the server.
 """
 
@@ -31,7 +32,8 @@ def register(sub) -> None:
     p.add_argument("--results", required=True, help="results directory (e.g. results/demo); only its result "
                    "files (.parquet, .safetensors, .json) are read")
     p.add_argument("--model", help="model of the Live tab (type, capture, see) and the ablation panel, e.g. minilm "
-                   "or a model folder (default: the Live tab offers minilm and the zoo; no ablation panel)")
+                   "or a model folder (a saved vision encoder such as ViT / DINOv2 takes an image; default: the Live "
+                   "tab offers minilm and the zoo; no ablation panel)")
     p.add_argument("--host", default=DEFAULT_HOST, help=f"interface to bind (default {DEFAULT_HOST}: this machine "
                    "only)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="port to serve on")

@@ -67,8 +67,10 @@ def _prune(args: argparse.Namespace) -> int:
     return 0
 
 
-SUITE_HELP = ("suite name (induction, recall, needle_tokens, agreement, ioi, sentences, default = the zoo "
-              "organism's task) or a suite JSON file (default: default for zoo:NAME models, else sentences)")
+SUITE_HELP = ("suite name (induction, recall, needle_tokens, agreement, ioi, sentences, images = shapes scenes for a "
+              "vision encoder, latents = noisy latents for a Flux / SD3 denoiser, default = the zoo organism's task) "
+              "or a suite JSON file (default: default for zoo:NAME models, images / latents for vision encoders / "
+              "denoisers, else sentences)")
 
 ABLATE_EXAMPLES = """examples:
   attnscope ablate --model zoo:induction-2l --heads "L1H*" --suite induction
@@ -98,7 +100,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n", type=int, default=64, help="items in the suite")
     p.add_argument("--suite-args", help="generator arguments, e.g. seq_len=32,vocab_size=64")
     p.add_argument("--seed", type=int, default=None, help="suite seed (default: held-out seed of zoo cards, or 0)")
-    p.add_argument("--metric", choices=["accuracy", "loss", "embedding_cosine", "classification_accuracy"],
+    p.add_argument("--metric", choices=["accuracy", "loss", "embedding_cosine", "classification_accuracy",
+                                        "denoising_loss"],
                    help="task metric (default: picked from the model and suite)")
     p.add_argument("--batch-size", type=int, default=16, help="items per forward pass")
 

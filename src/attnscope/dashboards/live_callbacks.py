@@ -198,9 +198,6 @@ def register_ablation_callbacks(app: Any, session: LiveSession, ablations: dict[
     def _ablate(n, key, heads, mode):
         try:
             cap = session.get(key)
-            if cap.kind == "diffusion":  # ablate() would rerun the whole pipeline before failing
-                raise InputError("ablation is for text and VLM captures", expected="a text or VLM capture",
-                                 got="diffusion", fix="see the image card's per-head maps")
             result = ablate(session.model(cap.model_name), cap, heads, mode)
         except Exception as exc:  # noqa: BLE001
             return no_update, error_line(exc), {"display": "none"}
@@ -218,6 +215,10 @@ def register_ablation_callbacks(app: Any, session: LiveSession, ablations: dict[
         result = ablations.get(key)
         if result is None:
             return no_update, no_update, no_update
+        if result.image_after is not None:  # diffusion: clean vs ablated image, change per text key
+            return (_view(session, key, lambda cap: views.change_grid(cap, result)),
+                    _view(session, key, lambda cap: views.media.ablated_image_figure(cap, result)),
+                    _view(session, key, lambda cap: views.media.text_key_change_figure(cap, result), 260))
         return (_view(session, key, lambda cap: views.change_grid(cap, result)),
                 _view(session, key, lambda cap: views.pattern_change_figure(cap, result, *_head(cap, head))),
                 _view(session, key, lambda cap: views.token_change_figure(cap, result), 160))

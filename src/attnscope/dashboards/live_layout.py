@@ -80,8 +80,9 @@ def _ablation_card() -> Any:
     return html.Div([
         html.Div([html.B("Ablate "), html.Span("re-run this input with heads ablated and see what moved; mean / "
                                                "resample draw from what `attnscope ablate` uses: 64 inputs of the "
-                                               "model's default suite (zoo: its own task, else sentences), seed + 1",
-                                               className="hint")]),
+                                               "model's default suite (zoo: its own task, else sentences), seed + 1; "
+                                               "vision encoder: 64 shapes scenes; diffusion: the same prompt, steps "
+                                               "and seed rerun, zero / uniform only", className="hint")]),
         html.Div([
             _control("heads", dcc.Input(id="live-abl-heads", type="text", value="", placeholder="L2H3 or L2H*"),
                      "small"),

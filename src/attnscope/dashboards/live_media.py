@@ -1,16 +1,21 @@
 """Images and diffusion on the live page: what kind of model a name is, the input images (built-in shapes scenes
-or an uploaded PNG/JPEG, decoded with Pillow only), the captures of a VLM (image + question) and of a diffusion
-pipeline (prompt + steps + seed), and the maps the page draws from them.
+or an uploaded PNG/JPEG, decoded with Pillow only), the captures of a VLM (image + question), of a vision encoder
+(image only: ViT, DINOv2, CLIP/SigLIP vision towers) and of a diffusion pipeline (prompt + steps + seed), and the
+maps the page draws from them.
 
 A VLM capture is a ``LiveCapture`` of the language model's sequence (image tokens + question, so every text view
 works on it) with ``media`` telling where the image tokens are. A diffusion capture keeps the cross-attention of
 every step (``LiveCapture.trace``; layers = cross-attention sites) and the generated image; a word's map at a step
-is ``attnscope.circuits.daam.daam_from_trace`` of that trace, the DAAM aggregation ``daam_maps`` uses.
+is ``attnscope.circuits.daam.daam_from_trace`` of that trace, the DAAM aggregation ``daam_maps`` uses. A vision
+encoder capture is a ``LiveCapture`` of the ``vision`` tower: tokens ``[CLS]`` (when the model has one) and
+``patch r,c``, ``pixel_values`` made by the model's image processor (else a ViT image processor, mean / std 0.5).
 
 Example:
-    >>> from attnscope.dashboards.live_media import decode_upload, zoo_kind
+    >>> from attnscope.dashboards.live_media import decode_upload, patch_tokens, zoo_kind
     >>> zoo_kind("zoo:shapes-vlm"), zoo_kind("zoo:shapes-diffusion"), zoo_kind("minilm")
     ('vlm', 'diffusion', 'text')
+    >>> patch_tokens((2, 2), 1)
+    ['[CLS]', 'patch 0,0', 'patch 0,1', 'patch 1,0', 'patch 1,1']
     >>> decode_upload("data:image/png;base64,aGVsbG8=", "x.png")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     attnscope.errors.InputError: not a PNG or JPEG image: ...
@@ -32,18 +37,21 @@ from .. import zoo
 from ..circuits._diffusion import word_positions
 from ..circuits.attention_rollout import rollout
 from ..circuits.daam import daam_from_trace
+from ..datasets.image_suite import image_processor_for
 from ..datasets.shapes import make_scene
 from ..errors import InputError
 from ..probes.adapter import as_adapter
 from ..probes.adapters.diffusers_pipeline import PipelineAdapter
+from ..probes.adapters.hf_encoders import HFVisionEncoderAdapter
 from ..probes.adapters.hf_vlm import HFVisionLanguageAdapter
 from ..probes.capturing import capture
 from ..probes.site import Site
 from ..tasks.heatmap_job import image_of
-from ..viz.images import GridMap, attention_map
+from ..viz.head_inputs import collect_layer_inputs
+from ..viz.images import GridMap
 from .live_state import MODEL_LOCK, LiveCapture, _capture
 
-KINDS = ("text", "vlm", "diffusion")
+KINDS = ("text", "vlm", "vision", "diffusion")
 ZOO_KINDS = {"AutoModelForImageTextToText": "vlm", "DiffusionPipeline": "diffusion"}
 MAX_UPLOAD_BYTES = 5 * 2 ** 20
 MAX_UPLOAD_SIDE = 2048
@@ -59,10 +67,10 @@ MAX_TEXT_CHARS = 400     # question / prompt
 class MediaInfo:
     """What an image or diffusion capture adds to a ``LiveCapture``.
 
-    kind: ``vlm`` or ``diffusion``; image: ``[H, W, 3]`` uint8 (the input image, or the generated one); label: where
-    the image came from; image_positions: the VLM's image-token positions (row-major patch grid); grid: its
-    ``(rows, cols)``; words: word -> text-key positions of the prompt (diffusion); sites: the cross-attention sites
-    (the capture's "layers"); steps, seed: the diffusion run.
+    kind: ``vlm``, ``vision`` or ``diffusion``; image: ``[H, W, 3]`` uint8 (the input image, or the generated one);
+    label: where the image came from; image_positions: the image-token (patch) positions (row-major patch grid);
+    grid: its ``(rows, cols)``; words: word -> text-key positions of the prompt (diffusion); sites: the
+    cross-attention sites (the capture's "layers"); steps, seed: the diffusion run.
     """
 
     kind: str
@@ -88,10 +96,13 @@ def zoo_kind(name: str) -> str:
 
 
 def model_kind(handle: Any) -> str:
-    """``vlm``, ``diffusion`` or ``text`` for a loaded model handle."""
+    """``vlm``, ``vision`` (an encoder reading ``pixel_values`` only), ``diffusion`` or ``text`` for a loaded
+    model handle."""
     adapter = as_adapter(handle)
     if isinstance(adapter, HFVisionLanguageAdapter):
         return "vlm"
+    if isinstance(adapter, HFVisionEncoderAdapter) and getattr(adapter.module, "main_input_name", "") == "pixel_values":
+        return "vision"
     return "diffusion" if isinstance(adapter, PipelineAdapter) else "text"
 
 
@@ -172,27 +183,36 @@ def resolve_image(value: Any, uploads: Uploads) -> tuple[np.ndarray, str]:
     if value.startswith("example:") and value[8:].isdigit() and int(value[8:]) < N_EXAMPLES:
         index = int(value[8:])
         return make_scene(EXAMPLE_SEED, index).image, f"example scene {index}"
-    raise InputError("no image picked", expected="an example image or an upload", got=value[:40] or None,
+    raise InputError("no image picked", expected="an example image or an upload", got=value[:40] or "nothing picked",
                      fix="pick an image in the image list (or upload a PNG/JPEG)")
 
 
+def image_size(handle: Any) -> int:
+    """The square input size of a VLM's vision tower or a vision encoder (``config.image_size``; 0 if none)."""
+    config = getattr(getattr(as_adapter(handle), "module", None), "config", None)
+    size = getattr(getattr(config, "vision_config", None) or config, "image_size", 0) or 0
+    return int(size[0] if isinstance(size, (list, tuple)) else size)
+
+
 def fit_image(image: np.ndarray, handle: Any) -> np.ndarray:
-    """``image`` resized (Pillow, bilinear) to the VLM's input size when it differs."""
+    """``image`` resized (Pillow, bilinear) to the model's input size when it differs."""
     from PIL import Image
 
-    config = getattr(getattr(as_adapter(handle), "module", None), "config", None)
-    size = int(getattr(getattr(config, "vision_config", None), "image_size", 0) or 0)
+    size = image_size(handle)
     if not size or image.shape[:2] == (size, size):
         return image
     return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR), dtype=np.uint8)
 
 
 def capture_media(uploads: Uploads, handle: Any, name: str, raw: Any, media: Any) -> LiveCapture | None:
-    """The capture of a VLM (question ``raw`` on the picked image) or a diffusion pipeline (prompt ``raw``);
-    None for a text model. ``media``: (image dropdown value, steps, seed) from the page."""
+    """The capture of a VLM (question ``raw`` on the picked image), a vision encoder (the picked image; ``raw``
+    unused) or a diffusion pipeline (prompt ``raw``); None for a text model. ``media``: (image dropdown value,
+    steps, seed) from the page."""
     kind = model_kind(handle)
     if kind == "text":
         return None
+    if kind == "vision":
+        return capture_vision(uploads, handle, name, (list(media or []) + [None])[0])
     what = "question" if kind == "vlm" else "prompt"
     if not isinstance(raw, str) or not raw.strip() or len(raw) > MAX_TEXT_CHARS:
         raise InputError(f"no usable {what}", expected=f"a {what} of 1..{MAX_TEXT_CHARS} characters",
@@ -206,6 +226,41 @@ def capture_media(uploads: Uploads, handle: Any, name: str, raw: Any, media: Any
     with MODEL_LOCK:
         cap = _capture(handle, (raw.strip(), image), name)
     cap.media = vlm_media(cap, image, label)
+    return cap
+
+
+def pixel_values(handle: Any, image: np.ndarray) -> torch.Tensor:
+    """``[1, 3, s, s]`` pixel values of ``image`` for a vision encoder: its own image processor when the handle
+    has one, else ``transformers.ViTImageProcessor`` at the model's size (rescale, normalise with mean / std 0.5)."""
+    processor = image_processor_for(handle, image_size(handle) or image.shape[0])  # what the images suite uses
+    return processor(images=[image], return_tensors="pt")["pixel_values"].to(torch.float32)
+
+
+def patch_tokens(grid: tuple[int, int], n_prefix: int) -> list[str]:
+    """``[CLS]`` (and ``[REG i]`` for further prefix tokens) then ``patch r,c`` row-major."""
+    prefix = ["[CLS]"] + [f"[REG {i}]" for i in range(1, n_prefix)] if n_prefix else []
+    return prefix + [f"patch {r},{c}" for r in range(grid[0]) for c in range(grid[1])]
+
+
+def capture_vision(uploads: Uploads, handle: Any, name: str, image_value: Any) -> LiveCapture:
+    """The capture of a vision encoder on the picked image (no text): every layer of the ``vision`` tower."""
+    image, label = resolve_image(image_value, uploads)
+    image = fit_image(image, handle)
+    adapter = as_adapter(handle)
+    tower = adapter.info().tower("vision")
+    inputs = {"pixel_values": pixel_values(handle, image), "output_hidden_states": True}
+    with MODEL_LOCK:
+        trace = capture(handle, inputs)
+        layers = collect_layer_inputs(handle, inputs, range(tower.n_layers), tower="vision")
+    spans = {s.modality: s for s in trace.tokens.spans}
+    grid, patches = trace.tokens.grid, spans.get("image")
+    if not grid or patches is None or patches.end - patches.start != grid[0] * grid[1]:
+        raise InputError("the encoder's tokens do not form a patch grid", expected="[CLS] + rows x cols patches",
+                         got=trace.tokens.spans, fix="use a ViT-class encoder (ViT, DeiT, DINOv2, CLIP/SigLIP vision)")
+    tokens = patch_tokens(tuple(grid), patches.start)
+    cap = LiveCapture("", name, inputs, tokens, tower.n_layers, tower.n_heads, False, trace, 0.0, layers,
+                      tower="vision")
+    cap.media = MediaInfo("vision", image, label, list(range(patches.start, patches.end)), tuple(grid))
     return cap
 
 
@@ -259,25 +314,35 @@ def _uint8(image: np.ndarray) -> np.ndarray:
     return np.clip(np.round(array), 0, 255).astype(np.uint8)[..., :3]
 
 
+def readout_query(cap: LiveCapture) -> tuple[int, str]:
+    """(position, description) of the query the image maps read: the first token ([CLS]) of a vision encoder,
+    the last token of a VLM."""
+    if cap.kind == "vision":
+        return 0, f"the first token {cap.tokens[0]!r}"
+    return cap.n_tokens - 1, f"the last token {cap.tokens[-1]!r}"
+
+
 def vlm_image_map(cap: LiveCapture, how: str, layer: int, head: int) -> GridMap:
-    """The image-grid map of a VLM capture: ``rollout`` (Abnar & Zuidema, after the last layer, read out at the
-    last token) or ``head`` (the selected head's attention from the last token), on the image-token positions."""
+    """The image-grid map of a VLM or vision-encoder capture: ``rollout`` (Abnar & Zuidema, after the last layer,
+    read out at ``readout_query``) or ``head`` (the selected head's attention from that query), on the patches."""
     media = cap.media
+    query, what = readout_query(cap)
     if how == "rollout":
-        values = np.asarray(rollout(cap.attn(), readout=cap.n_tokens - 1))[-1]
+        values = np.asarray(rollout(cap.attn(), readout=query))[-1]
         grid = values[media.image_positions].reshape(media.grid)
-        return GridMap(grid, f"attention rollout from the last token {cap.tokens[-1]!r} to the image patches")
+        return GridMap(grid, f"attention rollout from {what} to the image patches")
     if how != "head":
         raise InputError("unknown image map", expected=MAP_KINDS, got=how)
-    found = attention_map(cap.trace, layer, head, query=cap.n_tokens - 1)
-    return GridMap(found.values, f"L{layer} H{head}: attention from the last token {cap.tokens[-1]!r} to the image "
-                                 "patches")
+    layer, head = cap.check_head(layer, head)
+    return GridMap(vlm_head_maps(cap, layer)[head], f"L{layer} H{head}: attention from {what} to the image patches")
 
 
 def vlm_head_maps(cap: LiveCapture, layer: int) -> np.ndarray:
-    """``[head, rows, cols]``: every head of ``layer``, last token -> image patches."""
-    return np.stack([attention_map(cap.trace, layer, h, query=cap.n_tokens - 1).values
-                     for h in range(cap.n_heads)])
+    """``[head, rows, cols]``: every head of ``layer``, readout query (last token; [CLS] of an encoder) ->
+    image patches (the query's pattern row at ``media.image_positions``, row-major)."""
+    query = readout_query(cap)[0]
+    rows = cap.attn()[int(layer), :, query][:, cap.media.image_positions]
+    return rows.reshape(len(rows), *cap.media.grid)
 
 
 def check_word_step(cap: LiveCapture, word: Any, step: Any) -> tuple[str, list[int] | None]:
@@ -320,6 +385,7 @@ def token_mass(cap: LiveCapture) -> np.ndarray:
 
 
 __all__ = ["GUIDANCE", "KINDS", "MAP_KINDS", "MAX_STEPS", "MAX_UPLOAD_BYTES", "MAX_UPLOAD_SIDE", "MediaInfo",
-           "Uploads", "capture_diffusion", "capture_media", "daam_head_maps", "daam_map", "decode_upload", "example_images",
-           "fit_image", "media_zoo_names", "model_kind", "resolve_image", "token_mass", "vlm_head_maps",
+           "Uploads", "capture_diffusion", "capture_media", "capture_vision", "daam_head_maps", "daam_map",
+           "decode_upload", "example_images", "fit_image", "image_size", "media_zoo_names", "model_kind",
+           "patch_tokens", "pixel_values", "readout_query", "resolve_image", "token_mass", "vlm_head_maps",
            "vlm_image_map", "vlm_media", "zoo_kind"]

@@ -1,7 +1,8 @@
-"""Callbacks of the live page for image (VLM) and diffusion input.
+"""Callbacks of the live page for image (VLM, vision encoder) and diffusion input.
 
-Picking a model shows the input controls of its kind (image picker and upload for a VLM; steps and seed for a
-diffusion pipeline; the text box holds the question or the prompt). An upload is decoded once (Pillow,
+Picking a model shows the input controls of its kind (image picker and upload for a VLM and a vision encoder;
+steps and seed for a diffusion pipeline; the text box holds the question or the prompt, and is not read for a
+vision encoder). An upload is decoded once (Pillow,
 ``live_media.decode_upload``) and kept in the app process; the image list then offers it. Capture goes through the
 text page's callback, which hands these controls to ``LiveSession.capture`` (``media_capture``, installed here).
 After a capture the image card shows the image, the map over it and the per-head maps; every error is one line.
@@ -25,20 +26,23 @@ from .live_media_views import daam_figure, diffusion_heads_figure, image_figure,
 from .live_messages import error_line
 from .live_state import LiveCapture, LiveSession
 
-EXAMPLES = {"vlm": "what color is the square ?", "diffusion": "red circle left blue square right"}
+EXAMPLES = {"vlm": "what color is the square ?", "diffusion": "red circle left blue square right", "vision": ""}
 HINTS = {"vlm": "VLM: the text box holds the question; pick an image (or upload one, resized to the model's input)",
+         "vision": "vision encoder: pick an image (or upload one, resized to the model's input); no text is read",
          "diffusion": "diffusion pipeline: the text box holds the prompt; Capture generates the image (CPU) and "
                       "records every step's cross-attention",
          "text": ""}
 ABOUT = {"vlm": "left: the input image · middle: a map over the image grid (pick rollout or the selected head) · "
                 "right: every head of the selected head's layer, last token → image patches",
+         "vision": "left: the input image · middle: a map over the patch grid (pick rollout or the selected head, "
+                   "read from [CLS]) · right: every head of the selected head's layer, [CLS] → image patches",
          "diffusion": "left: the generated image · middle: the DAAM map of the chosen word at the chosen step · "
                       "right: the same map per head of the chosen site"}
 SHOWN = {"display": "flex", "alignItems": "flex-end"}
 
 
 def kind_of(session: LiveSession, name: str | None) -> str:
-    """``text``, ``vlm`` or ``diffusion`` for a model of the page, without loading a zoo model."""
+    """``text``, ``vlm``, ``vision`` or ``diffusion`` for a model of the page, without loading a zoo model."""
     name = name or session.default or "minilm"
     if name == session.default:
         return model_kind(session.model(name))
@@ -90,7 +94,7 @@ def register_input_callbacks(app: Any, session: LiveSession, uploads: Uploads) -
             return HIDDEN, HIDDEN, error_line(exc), no_update
         picked = ctx.triggered_id == "live-model"
         text = EXAMPLES.get(kind, EXAMPLE_TEXT if picked else no_update)
-        return (SHOWN if kind == "vlm" else HIDDEN, SHOWN if kind == "diffusion" else HIDDEN, HINTS[kind],
+        return (SHOWN if kind in ("vlm", "vision") else HIDDEN, SHOWN if kind == "diffusion" else HIDDEN, HINTS[kind],
                 text if (picked or kind != "text") else no_update)
 
     @app.callback(Output("live-image", "options"), Output("live-image", "value"),
@@ -138,7 +142,7 @@ def register_card_callbacks(app: Any, session: LiveSession) -> None:
                   Input("live-media-step", "value"), prevent_initial_call=True)
     def _map(key, head, how, word, step):
         def render(cap):
-            if cap.kind == "vlm":
+            if cap.kind != "diffusion":
                 return vlm_map_figure(cap, how or "rollout", *_layer_head(cap, head))
             return daam_figure(cap, *_word_step(cap, word, step))
         return _media_view(session, key, render, 380)
@@ -148,7 +152,7 @@ def register_card_callbacks(app: Any, session: LiveSession) -> None:
                   Input("live-media-site", "value"), prevent_initial_call=True)
     def _heads(key, head, word, step, site):
         def render(cap):
-            if cap.kind == "vlm":
+            if cap.kind != "diffusion":
                 return vlm_heads_figure(cap, *_layer_head(cap, head))
             site_index = site if isinstance(site, int) and 0 <= site < len(cap.media.sites) else 0
             return diffusion_heads_figure(cap, site_index, *_word_step(cap, word, step))

@@ -1,7 +1,8 @@
-"""Figures of the live page for image (VLM) and diffusion captures: the image, its attribution / DAAM map over it,
-the per-head maps, the text views adapted (image span marked, head view on the question tokens) and one-line notes
-for views a diffusion capture has no data for. Plain functions of a ``LiveCapture``; every figure carries
-``layout.meta = {"capture": key}`` like the text views.
+"""Figures of the live page for image (VLM, vision encoder) and diffusion captures: the image, its attribution /
+DAAM map over it, the per-head maps, the text views adapted (image span marked, head view on the question tokens;
+a vision encoder's views over its [CLS] and patch tokens), one-line notes for views a diffusion capture has no
+data for, and a diffusion ablation's figures (clean vs ablated image, change of the attention to each text key).
+Plain functions of a ``LiveCapture``; every figure carries ``layout.meta = {"capture": key}`` like the text views.
 
 Example:
     >>> from attnscope.dashboards.live_media_views import NOTES
@@ -18,7 +19,8 @@ import plotly.graph_objects as go
 from ..viz.head_lines import head_view
 from ..viz.head_thumbnails import model_view
 from ..viz.images import GridMap, image_overlay
-from .live_media import daam_head_maps, daam_map, token_mass, vlm_head_maps, vlm_image_map
+from .live_ablation import LiveAblation
+from .live_media import daam_head_maps, daam_map, readout_query, token_mass, vlm_head_maps, vlm_image_map
 from .live_state import LiveCapture
 
 SPAN_COLOUR = "#00b3a4"
@@ -34,6 +36,12 @@ MAP_TEXT = {
     "rollout": "attention rollout (Abnar & Zuidema: layers chained, residual added) from the last token to each "
                "image patch: where the answer's evidence flows from",
     "head": "the selected head's attention from the last token to each image patch (one row of its pattern)",
+}
+VISION_MAP_TEXT = {
+    "rollout": "attention rollout (Abnar & Zuidema: layers chained, residual added) from the first token ([CLS]) "
+               "to each image patch: what the image embedding reads",
+    "head": "the selected head's attention from the first token ([CLS]) to each image patch (one row of its "
+            "pattern)",
 }
 
 
@@ -61,10 +69,11 @@ def _span_text(cap: LiveCapture) -> str:
 
 
 def model_view_figure(cap: LiveCapture, selected: tuple[int, int]) -> go.Figure:
-    """VLM: the language model's heads over all tokens (image patches + question); diffusion: a note."""
-    if cap.kind != "vlm":
+    """VLM: the language model's heads over all tokens (image patches + question); vision encoder: its heads over
+    [CLS] + patches; diffusion: a note."""
+    if cap.kind == "diffusion":
         return note(cap, "model view", 300)
-    return tag(model_view(cap.trace, selected=selected,
+    return tag(model_view(cap.trace, tower=cap.tower, selected=selected,
                           title=f"model view · {cap.n_layers} layers × {cap.n_heads} heads · {cap.n_tokens} tokens "
                                 f"· click a thumbnail<br><sup>{_span_text(cap)}</sup>"), cap)
 
@@ -85,7 +94,12 @@ def mark_image_span(fig: go.Figure, cap: LiveCapture) -> go.Figure:
 def head_view_figure(cap: LiveCapture, layer: int, head: int, scope: str,
                      highlight: tuple[str, int] | None) -> go.Figure:
     """VLM: lines between the question's tokens only (the image tokens' attention is in the pattern and the image
-    maps); diffusion: a note."""
+    maps); vision encoder: lines between all its tokens ([CLS], patches); diffusion: a note."""
+    if cap.kind == "vision":
+        heads = None if scope == "layer" else [head]
+        threshold, top_k = HEAD_VIEW_LINES["layer" if heads is None else "head"]
+        return tag(head_view(cap.attn()[layer], layer, heads, tokens=cap.tokens, highlight=highlight,
+                             threshold=threshold, top_k=top_k, title=f"head view L{layer} · [CLS] and patches"), cap)
     if cap.kind != "vlm":
         return note(cap, "head view", 300)
     text = [i for i in range(cap.n_tokens) if i not in set(cap.media.image_positions)]
@@ -108,7 +122,7 @@ def token_mass_values(cap: LiveCapture) -> tuple[np.ndarray, str]:
 def image_figure(cap: LiveCapture) -> go.Figure:
     """The capture's image: the VLM's input, or the generated one."""
     image = cap.media.image
-    what = "input image" if cap.kind == "vlm" else "generated image"
+    what = "generated image" if cap.kind == "diffusion" else "input image"
     fig = go.Figure(go.Image(z=image, hoverinfo="skip"))
     fig.update_xaxes(visible=False)
     fig.update_yaxes(visible=False, scaleanchor="x")
@@ -119,10 +133,10 @@ def image_figure(cap: LiveCapture) -> go.Figure:
 
 
 def vlm_map_figure(cap: LiveCapture, how: str, layer: int, head: int) -> go.Figure:
-    """The VLM's attribution over the image grid (``rollout`` or the selected ``head``), over the image."""
+    """The attribution over the image grid of a VLM or vision encoder (``rollout`` or the selected ``head``)."""
     grid = vlm_image_map(cap, how, layer, head)
-    fig = image_overlay(grid, image=cap.media.image,
-                        title=f"{grid.description}<br><sup>{MAP_TEXT[how]}</sup>")
+    text = (VISION_MAP_TEXT if cap.kind == "vision" else MAP_TEXT)[how]
+    fig = image_overlay(grid, image=cap.media.image, title=f"{grid.description}<br><sup>{text}</sup>")
     fig.update_layout(height=380, margin=dict(t=70))
     return tag(fig, cap)
 
@@ -162,9 +176,10 @@ def heads_figure(cap: LiveCapture, maps: np.ndarray, titles: Sequence[str], sele
 
 def vlm_heads_figure(cap: LiveCapture, layer: int, head: int) -> go.Figure:
     maps = vlm_head_maps(cap, layer)
+    query = "first token [CLS]" if readout_query(cap)[0] == 0 else "last token"
     return heads_figure(cap, maps, [f"L{layer} H{h}" for h in range(len(maps))], head,
-                        f"every head of layer {layer}: last token → image patches<br><sup>each panel is the head's "
-                        "pattern row of the last token over the image grid; ▶ the selected head</sup>")
+                        f"every head of layer {layer}: {query} → image patches<br><sup>each panel is the head's "
+                        f"pattern row of the {query} over the image grid; ▶ the selected head</sup>")
 
 
 def diffusion_heads_figure(cap: LiveCapture, site_index: int, word: str, step: Any) -> go.Figure:
@@ -176,6 +191,35 @@ def diffusion_heads_figure(cap: LiveCapture, site_index: int, word: str, step: A
                         "(the map above averages all of them)</sup>")
 
 
-__all__ = ["HEAD_VIEW_LINES", "MAP_TEXT", "NOTES", "daam_figure", "diffusion_heads_figure", "head_view_figure",
-           "heads_figure", "image_figure", "mark_image_span", "model_view_figure", "note", "tag",
-           "token_mass_values", "vlm_heads_figure", "vlm_map_figure"]
+def ablated_image_figure(cap: LiveCapture, ab: LiveAblation) -> go.Figure:
+    """A diffusion ablation: the clean and the ablated generated image side by side."""
+    from plotly.subplots import make_subplots
+
+    after = np.asarray(ab.image_after, np.float64)
+    after = np.clip(np.round(after * (255.0 if after.max() <= 1.0 else 1.0)), 0, 255).astype(np.uint8)[..., :3]
+    fig = make_subplots(rows=1, cols=2, subplot_titles=["clean", f"{ab.heads} {ab.mode}"], horizontal_spacing=0.03)
+    fig.add_trace(go.Image(z=cap.media.image, hoverinfo="skip"), row=1, col=1)
+    fig.add_trace(go.Image(z=after, hoverinfo="skip"), row=1, col=2)
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False)
+    fig.update_layout(title=dict(text=f"generated image, clean vs ablated<br><sup>{ab.summary.splitlines()[0]}"
+                                      "</sup>", font=dict(size=13)), height=360, margin=dict(l=10, r=10, t=80, b=10))
+    return tag(fig, cap)
+
+
+def text_key_change_figure(cap: LiveCapture, ab: LiveAblation, top: int = 24) -> go.Figure:
+    """A diffusion ablation: the text keys whose attention from the image moved most (bars, ablated − clean)."""
+    values = np.asarray(ab.token_change, np.float64)
+    keys = np.sort(np.argsort(-np.abs(values))[:top])
+    fig = go.Figure(go.Bar(x=[f"key {int(k)}" for k in keys], y=values[keys], marker_color="#c0392b",
+                           hovertemplate="%{x}: Δ mass %{y:.3g}<extra></extra>"))
+    fig.update_layout(title=dict(text=f"{ab.token_metric}<br><sup>the {len(keys)} text keys that moved most, mean "
+                                      "over sites, steps, heads and image queries</sup>", font=dict(size=13)),
+                      height=260, margin=dict(l=40, r=10, t=70, b=40))
+    return tag(fig, cap)
+
+
+__all__ = ["HEAD_VIEW_LINES", "MAP_TEXT", "NOTES", "VISION_MAP_TEXT", "ablated_image_figure", "daam_figure",
+           "diffusion_heads_figure", "head_view_figure", "heads_figure", "image_figure", "mark_image_span",
+           "model_view_figure", "note", "tag", "text_key_change_figure", "token_mass_values", "vlm_heads_figure",
+           "vlm_map_figure"]

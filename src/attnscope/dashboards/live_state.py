@@ -5,8 +5,9 @@ A capture of at most ``DENSE_LIMIT`` tokens keeps every layer's full pattern (an
 queries and keys of every layer (``LayerInputs``, one extra forward); a longer input keeps only its tokens: the
 long-sequence view computes its block pattern from one layer's queries and keys on demand, row chunk by row chunk.
 Every forward of a shared model holds ``MODEL_LOCK`` (the ablation panel's lock: its hooks live on the model).
-Image + question (VLM) and prompt + steps (diffusion) captures come from ``LiveSession.media_capture``, a hook the
-media callbacks install (``live_media``); their ``LiveCapture.media`` says what they hold.
+Image + question (VLM), image only (vision encoder) and prompt + steps (diffusion) captures come from
+``LiveSession.media_capture``, a hook the media callbacks install (``live_media``); their ``LiveCapture.media``
+says what they hold.
 
 Example:
     >>> from attnscope.dashboards.live_state import parse_ids
@@ -76,7 +77,7 @@ class LiveCapture:
 
     @property
     def kind(self) -> str:
-        """``text``, ``vlm`` or ``diffusion``."""
+        """``text``, ``vlm``, ``vision`` or ``diffusion``."""
         return self.media.kind if self.media is not None else "text"
 
     @property

@@ -73,7 +73,7 @@ def head_view_figure(cap: LiveCapture, layer: int, head: int, scope: str,
 def pattern_figure(cap: LiveCapture, layer: int, head: int, focus: tuple[str, int] | None) -> go.Figure:
     if cap.kind == "diffusion":
         return media.note(cap, "pattern", 300)
-    fig = attention_pattern(cap.trace, layer, head)
+    fig = attention_pattern(cap.trace, layer, head, tower=cap.tower)
     if cap.n_tokens > 40:  # every token keeps its label
         fig.update_layout(height=int(min(900, 220 + 10.5 * cap.n_tokens)))
         fig.update_xaxes(tickfont=dict(size=9))

@@ -22,7 +22,7 @@ from ..probes.heads import HeadSet
 from ..probes.interventions import MODES
 from ..tasks.generated_suites import GENERATORS, generator
 from ..tasks.references import SuiteRef
-from ..tasks.suites import check_suite_params
+from ..tasks.suites import INPUT_SUITES, check_suite_params
 
 _MODEL_KEYS = {"model", "label", "attn_implementation", "device_map", "max_memory", "offload_folder", "dtype",
                "resources"}
@@ -193,9 +193,13 @@ class SuiteEntry:
             raise _err(f"{where}.generator", "a suite entry needs generator or path", ", ".join(GENERATORS),
                        repr(name), fix="or give path: SUITE.json")
         try:
-            resolved, fn = generator(name)
-            if "seed" in inspect.signature(fn).parameters:
+            if name in INPUT_SUITES:  # images / latents: built for the cell's model
+                resolved = name
                 params.setdefault("seed", seed)
+            else:
+                resolved, fn = generator(name)
+                if "seed" in inspect.signature(fn).parameters:
+                    params.setdefault("seed", seed)
             check_suite_params(SuiteRef(name, params=params))
         except InputError as exc:
             what = "unknown suite generator" if exc.got == name else exc.what

@@ -22,7 +22,7 @@ from ..errors import InputError
 ZOO_PREFIX = "zoo:"
 # suite names every front end offers (attnscope.tasks.suites builds them; its generators' own names work too)
 SUITE_NAMES = ("induction", "needle", "needle-text", "recall", "mqar", "ioi", "agreement", "bigram", "sentences",
-               "shapes", "default")
+               "shapes", "images", "latents", "default")
 
 
 @dataclass(frozen=True)

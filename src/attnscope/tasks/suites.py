@@ -3,7 +3,9 @@
 A ``SuiteRef`` names a suite file or a suite with parameters. Names: ``induction``, ``needle`` (token needles),
 ``needle-text`` (a grid of text needles), ``recall`` (associative recall / MQAR), ``ioi``, ``agreement``,
 ``bigram`` (Bigram-Backcopy), ``sentences``, ``shapes`` (VQA for a VLM, captions for a diffusion pipeline),
-``default`` (a zoo organism's own task), and every generator of ``attnscope.datasets`` by its function name
+``images`` (shapes scenes as ``pixel_values`` for a vision encoder), ``latents`` (noisy latents and velocity
+targets for a Flux / SD3 denoiser), ``default`` (a zoo organism's own task; ``images`` / ``latents`` for a vision
+encoder / denoiser), and every generator of ``attnscope.datasets`` by its function name
 (``attnscope.tasks.generated_suites`` fits them to the model).
 
 Example:
@@ -17,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from ..datasets import PromptSuite, ShapesVLMSuite, shapes_scenes
+from ..datasets.image_suite import image_suite
+from ..datasets.latent_suite import FLOW_DENOISERS, latent_suite
 from ..errors import InputError
 from ..probes.adapter import ModelAdapter
 from ..probes.capturing import vocab_size_of
@@ -33,6 +37,11 @@ def check_suite_params(ref: SuiteRef) -> None:
         if ref.params:
             raise InputError("a suite file takes no generator parameters", expected="only path and label",
                              got=sorted(ref.params))
+    elif ref.name in INPUT_SUITES:
+        unknown = sorted(set(ref.params) - set(INPUT_SUITE_PARAMS[ref.name]))
+        if unknown:
+            raise InputError(f"bad parameters for suite {ref.name!r}", expected=INPUT_SUITE_PARAMS[ref.name],
+                             got=unknown, fix="see attnscope.datasets.image_suite / latent_suite")
     elif ref.name not in ("shapes", "default"):
         check_generator_params(ref)
 
@@ -56,7 +65,31 @@ def build_suite(ref: "SuiteRef | str", model: ModelAdapter | None = None, *, n_i
         return suite
     if ref.name == "shapes":
         return shapes_suite(model, n, 0 if seed is None else int(seed))
-    return generate(ref.name, model, n_items=n, seed=seed, params=merged)
+    name = ref.name
+    if name == "default" and model is not None and model.card is None:  # the organism's task: generate("default")
+        name = default_input_suite(model) or "sentences"
+    if name in INPUT_SUITES:
+        if model is None:
+            raise InputError(f"the {name} suite is built for a model", expected="a model", got=None,
+                             fix="pass the model the suite is for")
+        return INPUT_SUITES[name](model, n_items=n, seed=0 if seed is None else int(seed), **merged)
+    return generate(name, model, n_items=n, seed=seed, params=merged)
+
+
+INPUT_SUITES = {"images": image_suite, "latents": latent_suite}  # suites of model inputs that are not token ids
+INPUT_SUITE_PARAMS = {"images": ("n_items", "seed", "min_objects", "max_objects"),
+                      "latents": ("n_items", "seed", "grid", "n_text")}
+
+
+def default_input_suite(model: ModelAdapter) -> str | None:
+    """``images`` for a vision encoder, ``latents`` for a Flux / SD3 denoiser, else None (a token suite)."""
+    module = model.module
+    if type(module).__name__ in FLOW_DENOISERS:
+        return "latents"
+    config = getattr(module, "config", None)
+    if getattr(module, "main_input_name", None) == "pixel_values" and getattr(config, "image_size", None):
+        return "images"
+    return None
 
 
 def check_suite_ids(suite: Any, model: ModelAdapter) -> None:

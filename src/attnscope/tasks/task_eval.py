@@ -28,7 +28,8 @@ from .suites import build_suite
 
 @dataclass(frozen=True)
 class EvalSpec:
-    """A model, a suite (None: the organism's own task for ``zoo:NAME``, else ``sentences``) with ``n_items``,
+    """A model, a suite (None: ``default``: the organism's own task for ``zoo:NAME``, ``images`` / ``latents`` for a
+    vision encoder / denoiser, else ``sentences``) with ``n_items``,
     ``seed`` (None: a zoo card's held-out seed, or 0) and generator arguments, a metric (None: picked from the
     model and suite) and the batch size."""
 
@@ -42,7 +43,7 @@ class EvalSpec:
 
     def suite_ref(self) -> SuiteRef:
         """The suite named, or the default one for the model."""
-        return self.suite or SuiteRef("default" if self.model.kind == "zoo" else "sentences")
+        return self.suite or SuiteRef("default")  # build_suite: the organism's task, images, latents or sentences
 
 
 @dataclass
@@ -63,9 +64,9 @@ def prepare_evaluation(spec: EvalSpec) -> Evaluation:
     return Evaluation(model, suite, batches, metric)
 
 
-def reference_inputs(spec: EvalSpec, evaluation: Evaluation, seed: int | None = None) -> list[list[int]]:
-    """The token ids mean / resample ablation draw from: the suite drawn again with ``seed`` (default: the suite's
-    seed + 1), or a suite file itself; unpadded, as evaluated."""
+def reference_inputs(spec: EvalSpec, evaluation: Evaluation, seed: int | None = None) -> list[Any]:
+    """The inputs mean / resample ablation draw from: the suite drawn again with ``seed`` (default: the suite's
+    seed + 1), or a suite file itself; token ids unpadded, as evaluated (images / latents: forward tensors)."""
     suite = evaluation.suite
     if not spec.suite_ref().path:
         seed = seed if seed is not None else (suite.seed or 0) + 1

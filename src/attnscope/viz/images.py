@@ -67,12 +67,13 @@ def _grid_positions(trace: AttentionTrace, meta: dict, n_query: int, n_key: int,
     if "image" in blocks:
         start, end = blocks["image"]
         return tuple(grid) if grid else (_square(end - start), _square(end - start)), list(range(start, end))
-    if grid and grid[0] * grid[1] <= n_key:
-        return tuple(grid), list(range(grid[0] * grid[1]))
     image = trace.tokens.positions("image") if tower == "text" else []
     if image and _square(len(image)) and image[-1] < n_key:
         side = _square(len(image))
         return (side, side), image
+    if grid and grid[0] * grid[1] <= n_key:  # a vision tower's prefix tokens ([CLS], registers) precede the patches
+        cells = grid[0] * grid[1]
+        return tuple(grid), list(range(n_key - cells, n_key))
     side = _square(n_key - 1)
     if side:  # a vision tower: [CLS] + side x side patches
         return (side, side), list(range(1, n_key))
@@ -103,7 +104,7 @@ def attention_map(trace: AttentionTrace, layer: int = 0, heads: "int | Sequence[
         return GridMap(sub.mean(0).reshape(grid), f"{heads_text}: mean attention received per pixel")
     rows = p.query_positions
     if query is None:
-        query = 0 if tower != "text" and positions[0] == 1 else rows[-1]
+        query = 0 if tower != "text" and positions[0] >= 1 else rows[-1]  # a vision tower: from [CLS]
     if query not in rows:
         raise InputError("query position not captured", expected=rows[:16], got=query)
     label = p.query_tokens[rows.index(query)] if p.query_tokens else f"query {query}"

@@ -149,9 +149,9 @@ def _patched_sdpa(query: Tensor, key: Tensor, *args: Any, **kwargs: Any) -> Tens
     active = _take_active()
     if active is not None:
         active.observe_sdpa(query, key, *args, **kwargs)
-    edit = getattr(_LOCAL, "edit", None)  # a head edit (diffusers_edits) of the module in flight
-    if edit is not None and not edit.done and query.ndim == 4:
-        out = edit.apply(query, key, args, kwargs, out)
+    for edit in getattr(_LOCAL, "edits", None) or ():  # head edits (diffusers_edits) of the module in flight,
+        if not edit.done and query.ndim == 4:  # nested ones (a plan and a sweep's edit) in the order they were armed
+            out = edit.apply(query, key, args, kwargs, out)
     return out
 
 

@@ -84,13 +84,26 @@ def head_layout(module: nn.Module) -> tuple[int, int]:
 def _arm(edit: _Edit) -> Callable:
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
         edit.done, edit.skipped = False, 0
-        dc._LOCAL.edit = edit
+        _armed().append(edit)
     return hook
+
+
+def _armed() -> list[_Edit]:
+    """The edits of the attention module whose forward is running (this thread)."""
+    if getattr(dc._LOCAL, "edits", None) is None:
+        dc._LOCAL.edits = []
+    return dc._LOCAL.edits
+
+
+def _disarm(edit: _Edit) -> None:
+    armed = _armed()
+    if edit in armed:
+        armed.remove(edit)
 
 
 def _check(edit: _Edit) -> Callable:
     def hook(module: nn.Module, args: tuple, output: Any) -> None:
-        dc._LOCAL.edit = None
+        _disarm(edit)
         if not edit.done:
             raise UnsupportedAttentionError("the head edit did not reach this attention module's SDPA call",
                                             expected="an SDPA-based processor (AttnProcessor2_0 and kin)",
@@ -118,16 +131,18 @@ def edit_denoiser(denoiser: nn.Module, editors: dict[int, Editor]) -> Iterator[N
                                         expected="SDPA-based processors", got=hidden,
                                         fix="model.set_attn_processor(AttnProcessor2_0()) before editing")
     skip_calls = _skip_rule(denoiser)
-    handles = []
+    handles, edits = [], []
     dc._install()
     try:
         for m in modules:
             edit = _Edit(m, editors[id(m)], skip=skip_calls(m))
+            edits.append(edit)
             handles.append(m.register_forward_pre_hook(_arm(edit), with_kwargs=True))
             handles.append(m.register_forward_hook(_check(edit)))
         yield
     finally:
         for h in handles:
             h.remove()
-        dc._LOCAL.edit = None
+        for edit in edits:  # a forward that raised left its edits armed
+            _disarm(edit)
         dc._uninstall()
