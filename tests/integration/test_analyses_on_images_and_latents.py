@@ -22,6 +22,8 @@ from attnscope.datasets.image_suite import image_suite
 from attnscope.datasets.latent_suite import latent_suite
 from attnscope.errors import InputError
 from attnscope.probes.coverage import ARCHITECTURES
+from attnscope.probes.heads import HeadSet
+from attnscope.probes.tower_heads import resolve_heads
 from attnscope.sweeps.cells import run_cell
 from attnscope.sweeps.spec import parse_spec
 from attnscope.tasks.ablation_job import AblationRequest, run_ablation_job
@@ -218,6 +220,12 @@ def test_ablation_sweep_rows_equal_plain_hook_ablations(name, request):
         assert row.clean == pytest.approx(clean, abs=1e-6)
         assert row.value == pytest.approx(metric_value(model, suite, [(row.layer, row.head)]), abs=1e-5)
     assert table.df.delta.abs().max() > 1e-3
+    if name == "flux":  # two towers: every row also named per tower, and the name resolves to the row's head
+        assert sorted(table.df.tower_head) == [f"flux.{b}.joint.L0H{h}" for b in ("double", "single") for h in (0, 1)]
+        for row in table.df.itertuples():
+            assert resolve_heads(row.tower_head, model) == HeadSet([(row.layer, row.head)])
+    else:
+        assert "tower_head" not in table.df
 
 
 def reference_importance(model, suite):

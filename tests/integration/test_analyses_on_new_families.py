@@ -25,6 +25,7 @@ from attnscope.datasets import induction
 from attnscope.errors import AnalysisError, InputError, UnsupportedModelError
 from attnscope.probes.coverage import ARCHITECTURES
 from attnscope.probes.heads import HeadSet
+from attnscope.probes.tower_heads import resolve_heads
 from attnscope.sweeps.cells import run_cell
 from attnscope.sweeps.spec import parse_spec
 from attnscope.tasks.analyses import get_analysis, run_analysis
@@ -172,7 +173,10 @@ def test_ablation_sweep_rows_equal_plain_hook_ablations(models, name):
     n_layers = len(out_projections(model, name))
     assert len(table) == n_layers * N_HEADS
     clean = reference_loss(model, name)
+    towers = {"bart": {"encoder", "decoder"}, "idefics3": {"text"}}[name]  # idefics3: text-only prompts
+    assert {name.split(".")[0] for name in table.df.tower_head} == towers
     for row in table.df.itertuples():
+        assert resolve_heads(row.tower_head, model) == HeadSet([(row.layer, row.head)])
         assert row.clean == pytest.approx(clean, abs=1e-5)
         assert row.value == pytest.approx(reference_loss(model, name, [(row.layer, row.head)]), abs=1e-5)
     assert table.df.delta.abs().max() > 1e-4

@@ -1,7 +1,9 @@
 """Per-tower head names (``encoder.L0H1``, ``vision.L1H0``, ``text.L0H0``, ``text.cross.L0H1``) on real tiny
 models: the tower-qualified edit equals the same edit addressed globally and an independent reference (a forward
 pre-hook zeroing / scaling that head's slice of the input of that tower's own output projection, named here per
-family); unknown towers and layers are refused; plans keep the names through JSON; the CLI takes them."""
+family); unknown towers and layers are refused; plans keep the names through JSON; the CLI takes them. The vision
+towers of LLaVA-class VLMs (LLaVA, Idefics3, Qwen2-VL: CLIP / SigLIP / packed attention) are edited too; their
+layers come after the language model's in the global numbering."""
 
 import json
 from contextlib import contextmanager
@@ -78,6 +80,11 @@ CASES = {
                     0, 8),
     "clip-text": ("clip", "text.L0H3", "L0H3", lambda m: m.text_model.encoder.layers[0].self_attn.out_proj, 3, 8),
     "llava-text": ("llava", "text.L1H2", "L1H2", lambda m: m.model.language_model.layers[1].self_attn.o_proj, 2, 8),
+    "llava-vision": ("llava", "vision.L1H1", "L3H1", lambda m: m.model.vision_tower.encoder.layers[1].self_attn.out_proj,
+                     1, 8),
+    "idefics3-vision": ("idefics3", "vision.L0H2", "L2H2",
+                        lambda m: m.model.vision_model.encoder.layers[0].self_attn.out_proj, 2, 8),
+    "qwen2_vl-vision": ("qwen2_vl", "vision.L1H3", "L3H3", lambda m: m.model.visual.blocks[1].attn.proj, 3, 8),
     "mllama-text": ("mllama", "text.L0H0", "L3H0", lambda m: m.model.language_model.layers[0].self_attn.o_proj,
                     0, 8),
     "mllama-text-self-after-cross": ("mllama", "text.L1H3", "L4H3",
@@ -131,7 +138,8 @@ def test_mllama_layers_are_ordered_per_tower():
     (_t5, "encoder.L2H0", "layer out of range"),
     (_t5, "decoder.L0H4", "head out of range"),
     (_t5, "decoder.cross.L1H0", "cross-attention of 'decoder' is not editable"),
-    ("llava", "vision.L0H0", "no such editable tower"),
+    ("llava", "vision.L2H0", "layer out of range"),
+    ("llava", "audio.L0H0", "no such editable tower"),
     ("mllama", "text.cross.L1H0", "layer out of range"),
     (_t5, "encoder.L0X1", "malformed head spec"),
 ])

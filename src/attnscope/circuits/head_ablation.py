@@ -32,9 +32,11 @@ from torch import Tensor, nn
 
 from ..errors import InputError
 from ..probes.adapter import ModelLike, module_of
-from ..probes.head_slices import OutputProjection, check_heads, edit_head_outputs, head_grid, output_projections
+from ..probes.head_slices import (OutputProjection, check_heads, edit_head_outputs, head_grid, layers_run,
+                                  output_projections)
 from ..probes.heads import Head, HeadSet
 from ..probes.interventions import InterventionPlan, apply_plan, mean_head_outputs
+from ..probes.tower_heads import tower_head_column
 from ..results import ResultTable
 from .registry import register_analysis
 from .task_metrics import IGNORE, EvalBatch, TaskMetric, decoder_reads_input, metric_for, metric_totals, reference_ids
@@ -208,7 +210,8 @@ def single_head_sweep(model: ModelLike, batches: Sequence[EvalBatch], metric: Ta
                       heads: HeadSet | None = None, mean_values: "dict[Head, Any] | None" = None,
                       scale: float | None = None, memory_mb: float | None = None, heads_per_pass: int | None = None,
                       share_prefix: bool = True, progress: bool = False) -> ResultTable:
-    """The metric with each head of ``heads`` (default: all) ablated alone, in batched passes.
+    """The metric with each head of ``heads`` (default: every head of the layers the first batch runs: a VLM's
+    vision tower is left out on text-only prompts) ablated alone, in batched passes.
 
     mode: ``zero``, ``mean`` (token mean over the batches' inputs unless ``mean_values`` is given, see
     ``mean_head_outputs``) or ``rescale`` (``scale``). memory_mb: activation budget of one pass (sets how many
@@ -227,18 +230,24 @@ def single_head_sweep(model: ModelLike, batches: Sequence[EvalBatch], metric: Ta
     if mode == "rescale" and scale is None:
         raise InputError("rescale needs a scale", expected="scale=<float>", got=None)
     projections = output_projections(module)
-    order = list(check_heads(heads, projections) if heads is not None else head_grid(projections))
-    means = _mean_tables(module, order, batches, mean_values) if mode == "mean" else {}
+    order = list(check_heads(heads, projections)) if heads is not None else None
     # prefix sharing replays cached projection inputs: only where the projection is known (not route-only families)
     replayable = share_prefix and all(p.module is not None for p in projections)
     blocks = layer_blocks(module, projections) if replayable else None
     device = next(module.parameters()).device
     clean_totals = torch.zeros(2, dtype=torch.float64)
-    totals = torch.zeros(len(order), 2, dtype=torch.float64)
-    passes, bar = 0, _bar(progress, len(batches) * len(order))
-    for batch in batches:
+    passes, ran = 0, set()
+    for index_of_batch, batch in enumerate(batches):
         batch = batch.to(device)
-        clean, cached, z = _clean_pass(module, blocks, projections, batch, metric)
+        with layers_run(projections) as ran_now:
+            clean, cached, z = _clean_pass(module, blocks, projections, batch, metric)
+        ran |= ran_now
+        if order is None:  # every head of the layers the inputs reach (a VLM's text-only prompt: not its vision)
+            order = [(layer, head) for layer, head in head_grid(projections) if layer in ran_now]
+        if index_of_batch == 0:
+            means = _mean_tables(module, order, batches, mean_values) if mode == "mean" else {}
+            totals = torch.zeros(len(order), 2, dtype=torch.float64)
+            bar = _bar(progress, len(batches) * len(order))
         clean_totals += clean
         per = heads_per_pass or _heads_per_pass(module, batch, memory_mb, len(order))
         for layer in sorted({layer for layer, _ in order}):
@@ -270,6 +279,7 @@ def single_head_sweep(model: ModelLike, batches: Sequence[EvalBatch], metric: Ta
     return ResultTable.from_records(records, provenance={
         "analysis": "ablation_sweep", "mode": mode, "metric": metric.name, "forward_passes": passes,
         "clean_passes": len(batches), "heads": len(order), "scale": scale, "share_prefix": blocks is not None,
+        "layers_run": sorted(ran),
         "model": getattr(model, "name", type(module).__name__)})
 
 
@@ -313,4 +323,5 @@ def ablation_sweep(model: ModelLike, suite: Any, *, mode: str = "zero", metric: 
     table = single_head_sweep(model, batches, task_metric, mode=mode, memory_mb=memory_mb, scale=scale,
                               heads=heads, progress=progress)
     table.provenance["suite"] = suite.name
+    tower_head_column(table.df, model)
     return table

@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from ..errors import InputError
 from ..probes.adapter import ModelLike, module_of
 from ..probes.head_slices import edit_head_outputs, output_projections
+from ..probes.tower_heads import tower_head_column
 from ..results import ResultTable
 from .registry import register_analysis
 from .task_metrics import EvalBatch, TaskMetric, forward, metric_for
@@ -132,7 +133,8 @@ def _accumulate(variant: str, grad: Tensor) -> Tensor:
 
 def gate_gradients(model: nn.Module, batches: Sequence[EvalBatch], metric: TaskMetric, *,
                    variant: str = "abs_per_example", head_mask: Tensor | None = None) -> tuple[Tensor, int]:
-    """Summed per-batch contributions ``[layer, max_heads]`` (NaN where a layer has fewer heads) and item count."""
+    """Summed per-batch contributions ``[layer, max_heads]`` (NaN where a layer has fewer heads, and on layers the
+    loss does not depend on: they did not run) and item count."""
     if variant not in VARIANTS:
         raise InputError("unknown importance variant", expected=", ".join(VARIANTS), got=variant)
     module = module_of(model)
@@ -143,6 +145,7 @@ def gate_gradients(model: nn.Module, batches: Sequence[EvalBatch], metric: TaskM
                          got=tuple(head_mask.shape))
     device = next(module.parameters()).device
     totals = torch.zeros(len(projections), width, dtype=torch.float64)
+    reached = torch.zeros(len(projections), dtype=torch.bool)  # layers the loss depends on (ran on the inputs)
     n_items = 0
     with frozen_parameters(module), torch.enable_grad():
         for batch in batches:
@@ -158,11 +161,13 @@ def gate_gradients(model: nn.Module, batches: Sequence[EvalBatch], metric: TaskM
                 loss = metric.loss(output, batch).sum()
             grads = torch.autograd.grad(loss, gates, allow_unused=True)
             for p, g, gate in zip(projections, grads, gates):
+                reached[p.layer] |= g is not None
                 g = torch.zeros_like(gate) if g is None else g
                 totals[p.layer, :p.n_heads] += _accumulate(variant, g.double()).cpu()
             n_items += len(batch)
     for p in projections:
         totals[p.layer, p.n_heads:] = math.nan
+    totals[~reached] = math.nan  # e.g. a VLM's vision tower on text-only prompts: not scored, never pruned
     return totals, n_items
 
 
@@ -195,4 +200,5 @@ def importance_analysis(model: ModelLike, suite: Any, *, variant: str = "abs_per
                           global_minmax=global_minmax)
     table = imp.table()
     table.provenance.update({"model": getattr(model, "name", ""), "suite": suite.name, "metric": task_metric.name})
+    tower_head_column(table.df, model)
     return table

@@ -80,6 +80,10 @@ def ablation_importance(model: ModelLike, batches: Sequence[EvalBatch], metric: 
         out[row.layer, row.head] = sign * (row.clean - row.value)
     for layer, head in masked:
         out[layer, head] = 0.0
+    ran = set(table.provenance.get("layers_run", range(len(projections))))
+    for p in projections:
+        if p.layer not in ran:  # e.g. a VLM's vision tower on text-only prompts: not scored, never pruned
+            out[p.layer] = math.nan
     return out
 
 
@@ -148,7 +152,6 @@ def iterative_pruning(model: ModelLike, batches: Sequence[EvalBatch], metric: Ta
     projections = output_projections(module_of(model))
     width = max(p.n_heads for p in projections)
     units = _units(model, granularity)
-    per_step = max(1, int(len(units) * masking_amount))
     opts = {"masking_amount": masking_amount, "threshold": threshold, "variant": variant, "granularity": granularity,
             "normalize_layers": normalize_layers, "global_minmax": global_minmax, "reestimate": reestimate,
             "metric": metric.name, "importance_method": importance_method}
@@ -168,6 +171,8 @@ def iterative_pruning(model: ModelLike, batches: Sequence[EvalBatch], metric: Ta
     if "first_importance" not in state:
         state["first_importance"] = importance.tolist()
     first = torch.tensor(state["first_importance"], dtype=torch.float32)
+    units = [u for u in units if not any(math.isnan(float(first[l, h])) for l, h in u)]  # layers that never ran
+    per_step = max(1, int(len(units) * masking_amount))
     score = steps[-1]["metric"] if steps else original
     finished = True
     while _ok(metric, score, original, threshold) and not state.get("done"):

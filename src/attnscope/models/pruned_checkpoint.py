@@ -136,12 +136,14 @@ def apply_layer_plans(model: nn.Module, plans: Sequence[LayerPlan]) -> None:
     if len(plans) != len(projections):
         raise InputError("one layer plan per layer", expected=len(projections), got=len(plans))
     for proj, plan in zip(projections, plans):
-        if proj.family not in _SURGERY:
-            raise UnsupportedModelError("structural pruning not supported", expected="GPT-2, Llama class, BERT",
-                                        got=proj.family)
         if plan.query_heads == list(range(proj.n_heads)) and plan.kv_heads == list(range(proj.n_kv_heads)) \
                 and not plan.placeholders:
-            continue
+            continue  # nothing removed here (e.g. a VLM's vision tower when text heads are pruned)
+        if proj.family not in _SURGERY:
+            raise UnsupportedModelError("structural pruning not supported", expected="GPT-2, Llama class, BERT",
+                                        got=f"{proj.family} layer {proj.name}",
+                                        fix="prune heads of the supported layers only, or bake a mask instead "
+                                        "(attnscope prune without --structural)")
         _SURGERY[proj.family](proj, plan)
 
 

@@ -152,6 +152,21 @@ def _routed_projections(model: nn.Module) -> list[OutputProjection]:
     return out
 
 
+def _with_other_towers(model: nn.Module, found: list[OutputProjection]) -> list[OutputProjection]:
+    """``found`` (layers of a known module shape) followed by the routed self-attention layers of other towers they
+    miss: a LLaVA-class VLM's vision encoder (CLIP / SigLIP attention has ``out_proj``, not ``o_proj``). Appended,
+    so the language model keeps its global layer numbers; ``vision.L0H1`` names them per tower."""
+    if is_encoder_decoder(model) or shared_layers(model) is not None:
+        return found
+    covered = {id(p.attention) for p in found} | {id(p.block) for p in found}
+    try:
+        extra = [p for p in _routed_projections(model) if id(p.attention) not in covered]
+    except UnsupportedModelError:
+        return found
+    return found + [OutputProjection(len(found) + k, p.name, None, p.n_heads, p.d_head, p.n_kv_heads, p.attention,
+                                     p.block, p.family, p.application) for k, p in enumerate(extra)]
+
+
 def _self_before_cross(found: list[OutputProjection]) -> list[OutputProjection]:
     """Projections found by layout whose attention is cross-attention (Mllama's text ``cross_attn``) go after the
     self-attention layers, so every tower's layers are contiguous: vision, text self, text cross."""
@@ -197,6 +212,8 @@ def output_projections(model: nn.Module) -> list[OutputProjection]:
                                           described.n_kv_heads, described.attention, described.block,
                                           described.family))
     found = _self_before_cross(found)
+    if found and isinstance(model, nn.Module):
+        found = _with_other_towers(model, found)
     if not found and isinstance(model, nn.Module):
         found = _routed_projections(model)
     if not found and isinstance(model, nn.Module) and type(model).__module__.startswith("diffusers"):
@@ -207,6 +224,26 @@ def output_projections(model: nn.Module) -> list[OutputProjection]:
                                     got=type(model).__name__,
                                     fix="intervene through a model adapter for this family")
     return found
+
+
+@contextmanager
+def layers_run(projections: list[OutputProjection]) -> Iterator[set[int]]:
+    """The global layers whose attention module ran inside the block (a VLM's vision tower does not run on a
+    text-only prompt); hooks removed on exit."""
+    ran: set[int] = set()
+    by_module: dict[int, list[int]] = {}
+    modules = {}
+    for p in projections:
+        if p.attention is not None:
+            by_module.setdefault(id(p.attention), []).append(p.layer)
+            modules[id(p.attention)] = p.attention
+    handles = [module.register_forward_hook(lambda m, a, o, layers=tuple(by_module[key]): ran.update(layers))
+               for key, module in modules.items()]
+    try:
+        yield ran
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 # ---- GQA --------------------------------------------------------------------------------------------------------

@@ -5,7 +5,9 @@ least as long as the row (token lengths from the attention masks; every row when
 else among the longest, and among those not identical to the row when there are any. Text-aligned layers give
 positions past the drawn reference's length that reference's token mean; every other layer needs as many
 positions on the reference as on the input (``check_positions``). An attention batch that folds windows into
-the rows batch-first (Swin: row ``b``, window ``w`` at ``b * windows + w``) takes the drawn row's windows.
+the rows batch-first (Swin: row ``b``, window ``w`` at ``b * windows + w``) takes the drawn row's windows; one that
+packs every row into one attention row (Qwen2-VL's vision tower: image ``b``'s patches at ``[b * P, (b + 1) * P)``)
+takes the drawn images' segments, packed the same way.
 
 Example:
     >>> import torch
@@ -70,6 +72,10 @@ class Draw:
             token_mean = (source * weights).sum(1) / weights.sum(1).clamp_min(1)  # [ref, h, d]
 
         def values(x: Tensor) -> Tensor:
+            if valid is None and self._packed(x.shape, source.shape):
+                per = x.shape[1] // len(self.rows)
+                segments = source.reshape(len(self.refs.rows), per, *source.shape[2:])
+                return segments.index_select(0, self.rows.to(source.device)).reshape(1, -1, *source.shape[2:])
             rows = self._folded(x.shape[0], source.shape[0]).to(source.device)
             picked = source.index_select(0, rows)
             if valid is None:
@@ -83,6 +89,14 @@ class Draw:
             picked, ok = picked[:, :seq], ok[:, :seq]
             return torch.where(ok[..., None, None], picked, token_mean.index_select(0, rows)[:, None])
         return values
+
+    def _packed(self, run: torch.Size, source: torch.Size) -> bool:
+        """Whether the layer packs every input row into one attention row, in order and of one length each (a
+        Qwen2-VL vision tower: image ``b``'s patches at ``[b * P, (b + 1) * P)``), and the references alike."""
+        n_rows, n_ref = (0 if self.rows is None else len(self.rows)), len(self.refs.rows)
+        if run[0] != 1 or not n_rows or run[1] % n_rows or (n_rows == 1 and source[0] == n_ref):
+            return False
+        return source[0] * source[1] == n_ref * (run[1] // n_rows)
 
     def _folded(self, n_run: int, n_source: int) -> Tensor:
         """Attention-batch indices into the reference outputs: the drawn rows, each with its folded windows."""

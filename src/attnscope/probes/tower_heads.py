@@ -172,5 +172,16 @@ def tower_names(heads: HeadSet, model: ModelLike, projections: "list[OutputProje
     return ",".join(out)
 
 
-__all__ = ["describe_towers", "editable_sites", "is_multi_tower", "layer_label", "resolve_heads", "tower_layers",
-           "tower_names"]
+def tower_head_column(df: Any, model: ModelLike) -> None:
+    """Add ``tower_head`` (``vision.L0H1``) to a per-head table in global numbering (``layer`` / ``head`` columns),
+    in place, on models with several editable towers; nothing on the others."""
+    projections = output_projections(module_of(model))
+    sites = editable_sites(model, projections)
+    if len(tower_layers(sites)) < 2 or not len(df):
+        return
+    df["tower_head"] = [f"{layer_label(sites[int(layer)])}H{int(head)}" if 0 <= int(layer) < len(sites) else ""
+                        for layer, head in zip(df["layer"], df["head"])]
+
+
+__all__ = ["describe_towers", "editable_sites", "is_multi_tower", "layer_label", "resolve_heads", "tower_head_column",
+           "tower_layers", "tower_names"]

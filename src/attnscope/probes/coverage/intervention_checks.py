@@ -7,7 +7,8 @@
 speech, VLMs, diffusion denoisers) takes a second seeded batch of its own inputs (``inputs_for(seed=7)``) as
 ``reference_inputs``, and the reference edit states the documented draw itself: row ``b`` takes reference row
 ``numpy.random.default_rng([0, b])`` picks among the reference rows at least as long as the row (token lengths
-from the attention masks), each of which differs from the row (the redrawn images / features / latents).
+from the attention masks), each of which differs from the row (the redrawn images / features / latents). A layer
+that packs every image into one attention row (Qwen2-VL's vision tower) takes the drawn images' segments.
 """
 
 from collections.abc import Callable
@@ -189,9 +190,14 @@ def _drawn_edits(subject: Subject) -> dict[int, Edit]:
     recorded = _recorded(subject, source, "resample-source")
     mask = source.get("attention_mask")
     values: dict[int, dict[int, torch.Tensor]] = {}
+    rows = int(_clean(subject)[0][0].shape[0])
     for mid, heads_out in recorded.items():
         values[mid] = {}
         for head, out in heads_out.items():  # [n_ref, query, d]
+            if out.shape[0] == 1 and rows > 1:  # every image packed into one attention row (Qwen2-VL's vision)
+                segments = out.reshape(rows, out.shape[1] // rows, *out.shape[2:])
+                values[mid][head] = segments[_drawn_rows(subject, source, rows, rows)].reshape(1, -1, *out.shape[2:])
+                continue
             if torch.is_tensor(mask) and mask.shape == out.shape[:2]:
                 keep = mask.bool()[..., None].to(out.device)
                 mean = (out.double() * keep).sum(1) / keep.sum(1).clamp_min(1)
