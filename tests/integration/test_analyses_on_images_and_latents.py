@@ -1,5 +1,5 @@
 """The existing head analyses, run unchanged (task layer, CLI jobs, sweep cells) on a vision encoder (ViT, on the
-``images`` suite) and on Flux (its denoiser, on the ``latents`` suite).
+``images`` suite) and on Flux (its denoiser, on the ``latents`` suite; the sweep and importance on SD3 too).
 
 References written here, without attnscope code: the ViT's own eager attentions; Flux attention weights recorded
 from ``softmax(q k^T * scale) v`` in place of its SDPA call; head ablation by plain forward pre-hooks that zero a
@@ -44,6 +44,11 @@ def vit():
 @pytest.fixture(scope="module")
 def flux():
     return ARCHITECTURES["flux"].builder()
+
+
+@pytest.fixture(scope="module")
+def sd3():
+    return ARCHITECTURES["sd3"].builder()
 
 
 def suite_of(model):
@@ -109,8 +114,9 @@ def head_readers(model):
         d = model.config.hidden_size // model.config.num_attention_heads
         return [[layer.attention.o_proj] for layer in model.layers], d
     d = model.config.attention_head_dim
-    double = [[b.attn.to_out[0], b.attn.to_add_out] for b in model.transformer_blocks]
-    return double + [[b.proj_out] for b in model.single_transformer_blocks], d
+    joint = [[b.attn.to_out[0]] + ([b.attn.to_add_out] if b.attn.to_add_out is not None else [])  # SD3's last
+             for b in model.transformer_blocks]                                                     # block: no text out
+    return joint + [[b.proj_out] for b in getattr(model, "single_transformer_blocks", [])], d
 
 
 @contextmanager
@@ -207,7 +213,7 @@ def test_token_identity_detectors_refuse_images_and_latents(name, request):
 # ---- ablation sweep, importance ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["vit", "flux"])
+@pytest.mark.parametrize("name", ["vit", "flux", "sd3"])
 def test_ablation_sweep_rows_equal_plain_hook_ablations(name, request):
     model = request.getfixturevalue(name)
     suite = suite_of(model)
@@ -215,6 +221,8 @@ def test_ablation_sweep_rows_equal_plain_hook_ablations(name, request):
     n_layers = len(head_readers(model)[0])
     assert len(table) == n_layers * model.config.num_attention_heads
     assert set(table.df.metric) == {"embedding_cosine" if name == "vit" else "denoising_loss"}
+    if name == "sd3":  # one tower of joint blocks: no per-tower names
+        assert "tower_head" not in table.df
     clean = metric_value(model, suite)
     for row in table.df.itertuples():
         assert row.clean == pytest.approx(clean, abs=1e-6)
@@ -224,7 +232,7 @@ def test_ablation_sweep_rows_equal_plain_hook_ablations(name, request):
         assert sorted(table.df.tower_head) == [f"flux.{b}.joint.L0H{h}" for b in ("double", "single") for h in (0, 1)]
         for row in table.df.itertuples():
             assert resolve_heads(row.tower_head, model) == HeadSet([(row.layer, row.head)])
-    else:
+    elif name == "vit":
         assert "tower_head" not in table.df
 
 
@@ -244,7 +252,7 @@ def reference_importance(model, suite):
     return gates.grad.abs().numpy()
 
 
-@pytest.mark.parametrize("name", ["vit", "flux"])
+@pytest.mark.parametrize("name", ["vit", "flux", "sd3"])
 def test_importance_equals_autograd_through_plain_head_gates(name, request):
     model = request.getfixturevalue(name)
     suite = suite_of(model)

@@ -314,9 +314,10 @@ def _row_selection(templates: list[Tensor], normalise: str) -> tuple[int, int] |
 
 
 def suite_template_scores(model: ModelLike, suite: "PromptSuite | InputSuite", template: "Template | Any", *,
-                          analysis: str = "pattern", normalise: str = "tl", exclude_bos: bool = False, exclude_current_token: bool = False,
-                          heads: "HeadSet | str | None" = None, batch_size: int = 8, add_special_tokens: bool = True,
-                          progress: bool = True, tower: str | None = None) -> ResultTable:
+                          analysis: str = "pattern", normalise: str = "tl", exclude_bos: bool = False,
+                          exclude_current_token: bool = False, heads: "HeadSet | str | None" = None,
+                          batch_size: int = 8, add_special_tokens: bool = True, progress: bool = True,
+                          tower: str | None = None) -> ResultTable:
     """Mean over the suite's items of each head's template score (metric ``score``; ``n_items`` = items with rows).
 
     template: a function ``(ids, item) -> [n, n]`` tensor, or one fixed ``[query, key]`` array. tower: the

@@ -78,8 +78,9 @@ ABLATE_EXAMPLES = """examples:
   attnscope ablate --model zoo:recall-llama --heads L1H0 --select kv --mode resample --save-plan plan.json
   attnscope ablate --model ./t5-small --suite sentences --heads encoder.L0H1,decoder.L1H*
 heads: L<layer>H<head> numbers the editable self-attention layers globally in forward order (encoder-decoders: the
-encoder's, then the decoder's; LLaVA-class VLMs: the language model's, then the vision tower's); TOWER[.KIND].L<layer>H<head> numbers them per tower (vision.L0H3, text.L2H*,
-encoder.L1H2, decoder.L0H*, text.cross.L0H1 on Mllama). On models with several towers the output also names the
+encoder's, then the decoder's; LLaVA-class VLMs: the language model's, then the vision tower's);
+TOWER[.KIND].L<layer>H<head> numbers them per tower (vision.L0H3, text.L2H*, encoder.L1H2, decoder.L0H*,
+text.cross.L0H1 on Mllama). On models with several towers the output also names the
 heads per tower (a tower_heads column in --out).
 modes: zero (head output set to 0), mean (its mean over a reference suite), resample (from another item of the
 reference suite), uniform (uniform attention), rescale (output times --scale).

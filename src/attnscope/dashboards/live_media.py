@@ -231,7 +231,7 @@ def capture_media(uploads: Uploads, handle: Any, name: str, raw: Any, media: Any
 
 def pixel_values(handle: Any, image: np.ndarray) -> torch.Tensor:
     """``[1, 3, s, s]`` pixel values of ``image`` for a vision encoder: its own image processor when the handle
-    has one, else ``transformers.ViTImageProcessor`` at the model's size (rescale, normalise with mean / std 0.5)."""
+    has one, else a ViT image processor at the model's size (``datasets.image_suite.image_processor_for``)."""
     processor = image_processor_for(handle, image_size(handle) or image.shape[0])  # what the images suite uses
     return processor(images=[image], return_tensors="pt")["pixel_values"].to(torch.float32)
 
