@@ -375,3 +375,36 @@ def test_suite_built_for_another_model_and_wrong_kind_are_refused(vit, flux):
     assert info.value.fix
     sigmas = [float(item.inputs["timestep"]) for item in latent_suite(flux, 8, seed=3).items]
     assert all(0.2 <= s <= 0.8 for s in sigmas) and len(set(sigmas)) == 8 and not math.isnan(sum(sigmas))
+
+
+def test_a_classifier_is_scored_by_agreement_with_its_own_clean_predictions():
+    """A ViT classifier on the images suite: labels are its clean top-1 classes, so the sweep's clean accuracy is
+    1 and each row is the fraction of images whose top-1 class survives the head's edit (plain hooks; a rescale by
+    10, which flips predictions of this random-init model where a zeroed head would not)."""
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                 image_size=16, patch_size=4, num_labels=5)
+    model = transformers.ViTForImageClassification(cfg).eval()
+    suite = image_suite(model, 16, seed=0)
+    pixels = batch_inputs(suite)["pixel_values"]
+    with torch.no_grad():
+        clean = model(pixel_values=pixels).logits.argmax(-1)
+    assert [item.label for item in suite.items] == clean.tolist()
+    table = run_analysis(get_analysis("ablation-sweep"), attnscope.load(model), suite,
+                         {"mode": "rescale", "scale": 10.0}, offered={"batch_size": 16})
+    assert set(table.df.metric) == {"classification_accuracy"} and (table.df.clean == 1.0).all()
+    d = cfg.hidden_size // cfg.num_attention_heads
+    for row in table.df.itertuples():
+        projection = model.vit.layers[row.layer].attention.o_proj
+        hook = projection.register_forward_pre_hook(
+            lambda m, args, h=row.head: (args[0] * torch.cat([torch.ones(h * d), torch.full((d,), 10.0),
+                                                               torch.ones(args[0].shape[-1] - (h + 1) * d)]),))
+        try:
+            with torch.no_grad():
+                kept = (model(pixel_values=pixels).logits.argmax(-1) == clean).double().mean()
+        finally:
+            hook.remove()
+        assert row.value == pytest.approx(float(kept), abs=1e-9)
+    assert table.df.value.min() < 0.5 and table.df.value.max() == 1.0

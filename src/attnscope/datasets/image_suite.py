@@ -1,7 +1,9 @@
 """Images for a vision encoder (ViT, DeiT, DINOv2, BEiT, CLIP / SigLIP vision towers): seeded shapes scenes at the
 model's resolution, preprocessed by its image processor (a ``transformers`` ViT image processor at the model's
-size when it was loaded without one: resize, rescale, normalise with mean and std 0.5), labelled with the first
-object's shape (``SHAPES`` index, modulo the classifier's ``num_labels``).
+size when it was loaded without one: resize, rescale, normalise with mean and std 0.5), described by their captions.
+A classifier's label is its own top-1 class on the unmodified model (the shapes are no class of a real
+classifier): its accuracy on the suite is the agreement with the clean model, 1.0 before any edit, and importance
+differentiates the cross-entropy against those predictions.
 
 Example:
     >>> import transformers
@@ -22,7 +24,7 @@ from .._extras import require
 from ..errors import InputError
 from ..probes.adapter import ModelLike, module_of, tokenizer_of
 from .input_suite import InputItem, InputSuite
-from .shapes import SHAPES, shapes_scenes
+from .shapes import shapes_scenes
 
 NO_CLS = ("SiglipVisionModel",)  # vision towers without a class token
 
@@ -62,14 +64,14 @@ def image_suite(model: ModelLike, n_items: int = 16, seed: int = 0, min_objects:
     size, patch = _size(config.image_size), _size(config.patch_size)
     scene_size = max(8, size + size % 2)
     processor = image_processor_for(model, size)
-    n_labels = int(getattr(module.config, "num_labels", 0) or 0) if hasattr(module, "classifier") else 0
     items = []
     for scene in shapes_scenes(int(n_items), seed=int(seed), image_size=scene_size, min_objects=min_objects,
                                max_objects=max_objects):
         pixels = processor(images=[np.asarray(scene.image)], return_tensors="pt")["pixel_values"]
-        shape = SHAPES.index(scene.objects[0].shape)
-        label = shape % n_labels if n_labels else None
-        items.append(InputItem({"pixel_values": pixels.to(torch.float32)}, label=label, description=scene.caption))
+        items.append(InputItem({"pixel_values": pixels.to(torch.float32)}, description=scene.caption))
+    if hasattr(module, "classifier"):
+        for item, label in zip(items, clean_predictions(module, items)):
+            item.label = label
     height, width = items[0].inputs["pixel_values"].shape[-2:]
     n_tokens = (height // patch) * (width // patch) + (0 if type(module).__name__ in NO_CLS else 1) \
         + int(getattr(config, "num_register_tokens", 0) or 0)
@@ -78,4 +80,15 @@ def image_suite(model: ModelLike, n_items: int = 16, seed: int = 0, min_objects:
                       model_class=type(module).__name__)
 
 
-__all__ = ["image_processor_for", "image_suite", "vision_config"]
+@torch.no_grad()
+def clean_predictions(module: Any, items: list[InputItem], batch_size: int = 16) -> list[int]:
+    """The classifier's top-1 class of every item (the pseudo-labels of its agreement metric)."""
+    device = next(module.parameters()).device
+    out = []
+    for start in range(0, len(items), batch_size):
+        pixels = torch.cat([item.inputs["pixel_values"] for item in items[start:start + batch_size]]).to(device)
+        out += [int(i) for i in module(pixel_values=pixels).logits.argmax(-1).tolist()]
+    return out
+
+
+__all__ = ["clean_predictions", "image_processor_for", "image_suite", "vision_config"]

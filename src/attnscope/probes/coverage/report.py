@@ -117,7 +117,9 @@ def render_markdown(matrix: dict[str, Any]) -> str:
     help_lines = ["## Checks", ""] + [f"- **{c}**: {COLUMN_HELP.get(c, '')}." for c in columns] + [
         "",
         "Interventions edit head 0 of layer 0 and the last head of the last self-attention layer (as "
-        "`output_projections` numbers them; encoder-decoders: encoder layers first). `apply_plan` runs on the "
+        "`output_projections` numbers them; encoder-decoders: encoder layers first; LLaVA-class VLMs: the language "
+        "model's layers, then the vision tower's, so the last layer edited is a vision layer). `apply_plan` runs "
+        "on the "
         "model's own attention kernel (SDPA), the reference on eager attention (or attention from its "
         "definition); outputs are compared within atol 1e-5 x the output's scale (max |x|, at least 1) plus "
         "rtol 1e-5, wherever the two kernels agree without any edit (they may differ on padded rows whose keys "
