@@ -5,7 +5,7 @@ import pytest
 
 from attnscope.dashboards import ResultsRoot
 from attnscope.dashboards.callbacks import diff_view
-from attnscope.dashboards.data import sweep_cell
+from attnscope.dashboards.sweep_cells import sweep_cell
 from attnscope.sweeps import load_sweep, store
 from attnscope.sweeps.spec import parse_spec
 

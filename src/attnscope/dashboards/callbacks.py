@@ -19,7 +19,8 @@ from ..viz.attribution import attribution_by_layer, token_attribution
 from ..viz.heads import head_grid, head_grid_diff
 from ..viz.pattern import attention_pattern, top_attended, trace_pattern
 from .ablation import run_ablation
-from .data import load_site, load_table, read_json, sweep_cell, trace_header
+from .data import load_site, load_table, read_json, trace_header
+from .sweep_cells import sweep_cell
 from .estimates import estimate_grid, has_estimate_flags, split_rows
 from .files import PathRefused, ResultsRoot
 from .layout import MAP_MODE, PATTERN_MODES

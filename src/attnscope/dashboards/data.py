@@ -19,10 +19,8 @@ Example:
 """
 
 import json
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from threading import Lock
 from typing import Any
 
 from ..errors import CorruptResultError, SiteError
@@ -30,38 +28,15 @@ from ..probes.site import Site
 from ..probes.tokens import TokenInfo
 from ..probes.trace import FORMAT, AttentionTrace, SiteRecord
 from ..results import ResultTable
+from .file_cache import LRU, stamp
 
 
-class _LRU:
-    """A small thread-safe LRU cache keyed by (path, mtime, size, extra)."""
-
-    def __init__(self, size: int):
-        self.size, self.items, self.lock = size, OrderedDict(), Lock()
-
-    def get(self, key: tuple, make):
-        with self.lock:
-            if key in self.items:
-                self.items.move_to_end(key)
-                return self.items[key]
-        value = make()
-        with self.lock:
-            self.items[key] = value
-            while len(self.items) > self.size:
-                self.items.popitem(last=False)
-        return value
-
-
-_TABLES, _HEADERS, _SITES, _CELLS = _LRU(32), _LRU(32), _LRU(8), _LRU(4096)
-
-
-def _stamp(path: Path) -> tuple:
-    stat = path.stat()
-    return str(path), stat.st_mtime_ns, stat.st_size
+_TABLES, _HEADERS, _SITES = LRU(32), LRU(32), LRU(8)
 
 
 def _stamp_or_refuse(path: Path) -> tuple:
     try:
-        return _stamp(path)
+        return stamp(path)
     except OSError as exc:
         raise CorruptResultError("result file cannot be read", expected="a readable file", got=f"{path.name} "
                                  f"({type(exc).__name__})", fix="rescan: the file may have been removed") from None
@@ -85,48 +60,6 @@ def load_table(path: Path) -> ResultTable:
     return _TABLES.get(_stamp_or_refuse(path), lambda: _checked_table(path))
 
 
-SWEEP_PART = "part.parquet"  # attnscope.sweeps.store.PART (not imported: the store pulls in the sweep spec)
-CELL_AXES = ("model", "suite", "analysis", "intervention")
-
-
-@dataclass(frozen=True)
-class SweepCell:
-    """A cell of an ``attnscope sweep`` folder (``cell=<id>/part.parquet``): its id and its spec labels."""
-
-    id: str
-    labels: dict[str, str]
-    seed: int | None = None
-
-    @property
-    def label(self) -> str:
-        """The readable name, e.g. ``minilm · sentences · sinks · zero:L1H*`` (the spec entries' labels)."""
-        return " · ".join(self.labels[axis] for axis in CELL_AXES if self.labels.get(axis))
-
-
-def _read_sweep_cell(path: Path) -> SweepCell | None:
-    import pyarrow.parquet as pq
-
-    try:
-        meta = json.loads((pq.read_schema(path).metadata or {}).get(b"attnscope", b"{}"))
-        cell = meta["provenance"]["cell"]
-        labels = {axis: str(cell["labels"][axis]) for axis in CELL_AXES if cell["labels"].get(axis) is not None}
-        seed = cell.get("seed")
-        return SweepCell(str(cell.get("id") or path.parent.name.removeprefix("cell=")), labels,
-                         int(seed) if isinstance(seed, int) and not isinstance(seed, bool) else None)
-    except Exception:  # noqa: BLE001 - a cell without readable labels is listed by its folder name
-        return None
-
-
-def sweep_cell(path: Path) -> SweepCell | None:
-    """The labels of a sweep cell's ``part.parquet`` (only its footer is read; cached), None for any other file
-    or a cell whose metadata cannot be read."""
-    if path.name != SWEEP_PART or not path.parent.name.startswith("cell="):
-        return None
-    try:
-        stamp = _stamp(path)
-    except OSError:
-        return None
-    return _CELLS.get(stamp, lambda: _read_sweep_cell(path))
 
 
 @dataclass
@@ -256,4 +189,4 @@ def read_json(path: Path, limit: int = 200_000) -> Any:
                                  got=path.name, fix="download it instead") from None
 
 
-__all__ = ["SweepCell", "TraceHeader", "load_site", "load_table", "read_json", "sweep_cell", "trace_header"]
+__all__ = ["TraceHeader", "load_site", "load_table", "read_json", "trace_header"]

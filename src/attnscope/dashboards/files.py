@@ -27,6 +27,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ..errors import InputError
+from .sweep_cells import SWEEP_PART, sweep_cell
 
 RESULT_TYPES = {".parquet": "table", ".safetensors": "trace", ".json": "json"}
 IMAGE_TYPES = {".png": "image", ".jpg": "image", ".jpeg": "image"}  # drawn under maps; never listed
@@ -52,7 +53,7 @@ class Run:
     tables: list[str] = field(default_factory=list)
     traces: list[str] = field(default_factory=list)
     json: list[str] = field(default_factory=list)
-    cell: Any = None  # a sweep cell folder (``cell=<id>``): its ``data.SweepCell`` (spec labels), else None
+    cell: Any = None  # a sweep cell folder (``cell=<id>``): its ``sweep_cells.SweepCell`` (spec labels), else None
     display: str = ""  # the readable name ``ResultsRoot.runs`` gives a sweep cell
 
     @property
@@ -76,8 +77,6 @@ class Run:
     def table_options(self) -> list[dict[str, str]]:
         """Options of the table pickers (result table, compare with): a sweep cell's result is named by the cell's
         labels, like the run picker; every other table by its path. The value (and hover) is the path."""
-        from .data import SWEEP_PART  # data reads traces (torch): `attnscope --help` imports this module
-
         return [{"label": self.display if self.display and PurePosixPath(t).name == SWEEP_PART else t, "value": t,
                  "title": t} for t in self.tables]
 
@@ -176,8 +175,6 @@ def _label_cells(root: Path, runs: list[Run]) -> list[Run]:
     ``SWEEP › model · suite · analysis · intervention`` (``SWEEP`` only when the sweep is not the results
     directory itself). Cells whose names collide (e.g. an earlier spec's cells left in the folder) get their short
     id appended; a cell without readable labels keeps its folder name."""
-    from .data import SWEEP_PART, sweep_cell  # torch, pandas: not at import (see Run.table_options)
-
     for run in runs:
         folder = PurePosixPath(run.path)
         part = (folder / SWEEP_PART).as_posix()
