@@ -365,13 +365,15 @@ def suite_template_scores(model: ModelLike, suite: "PromptSuite | InputSuite", t
     return ResultTable.from_records(records, provenance=provenance)
 
 
-def attention_sites(trace: Any, tower: str | None) -> list[tuple[int, Site]]:
-    """(layer, site) of the self-attention of ``tower`` (default: the only self-attention tower); a model without
-    self-attention (an MMDiT such as Flux: joint attention) gives every site, numbered in forward order."""
-    if tower is not None or len({s.tower for s in trace.sites if s.kind == "self"}) == 1:
-        kinds = [s for s in trace.sites if s.kind == "self"]
-        return [(site.layer, site) for site in self_sites(trace, tower or kinds[0].tower)]
-    return list(enumerate(trace.sites))
+def attention_sites(trace: Any, tower: str | None = None) -> list[tuple[int, Site]]:
+    """(layer, site) of the self-attention of ``tower`` (default: the only self-attention tower, else ``text``;
+    AnalysisError naming the towers when there is none of that name); a model without self-attention (an MMDiT such
+    as Flux: joint attention only) gives every site, numbered in forward order."""
+    towers = sorted({s.tower for s in trace.sites if s.kind == "self"})
+    if tower is None and not towers:
+        return list(enumerate(trace.sites))
+    chosen = tower or (towers[0] if len(towers) == 1 else "text")
+    return [(site.layer, site) for site in self_sites(trace, chosen)]
 
 
 def input_template_scores(model: ModelLike, suite: InputSuite, make: Template, *, analysis: str, normalise: str,

@@ -25,16 +25,15 @@ from ..probes.adapter import ModelLike, as_adapter
 from ..probes.capturing import capture
 from ..probes.remote import remote_adapter
 from ..results import ResultTable
+from .detectors import attention_sites
 from .registry import register_analysis
 from .task_metrics import require_suite_fits
 
 
 def _stat(trace: Any, name: str, tower: str | None) -> torch.Tensor:
-    """``[layer, batch, head, query, ...]`` of a tower's self-attention; without self-attention and a tower (an
-    MMDiT such as Flux: joint attention only), of every site in forward order (the layers interventions number)."""
-    if tower is not None or any(site.kind == "self" for site in trace.sites):
-        return trace.stat(name, tower)
-    return torch.stack([trace.get(site).stats[name] for site in trace.sites])
+    """``[layer, batch, head, query, ...]`` over ``detectors.attention_sites`` (a tower's self-attention, or every
+    joint-attention site of an MMDiT such as Flux)."""
+    return torch.stack([trace.get(site).stats[name] for _, site in attention_sites(trace, tower)])
 
 
 @register_analysis("head-stats", description="per head: mean attention mass on position 0 (sink) and mean "

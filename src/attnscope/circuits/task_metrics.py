@@ -186,16 +186,21 @@ def reference_ids(batches: Sequence[EvalBatch]) -> "list[list[int]] | list[dict[
 
 # ---- metrics ------------------------------------------------------------------------------------------------------
 
-def _logits(output: Any) -> Tensor:
+def _output(output: Any, name: str, expected: str, fix: str) -> Tensor:
+    """``output`` itself (a tensor), its ``name`` field, or its first element; AnalysisError when there is none."""
     if torch.is_tensor(output):
         return output
-    logits = getattr(output, "logits", None)
-    if logits is None and isinstance(output, (tuple, list)):
-        logits = output[0]
-    if logits is None:
-        raise AnalysisError("the model returned no logits", expected="a model with an LM or classification head",
-                            got=type(output).__name__, fix="use the embedding metric for encoders without a head")
-    return logits
+    value = getattr(output, name, None)
+    if value is None and isinstance(output, (tuple, list)):
+        value = output[0]
+    if value is None:
+        raise AnalysisError(f"the model returned no {name}", expected=expected, got=type(output).__name__, fix=fix)
+    return value
+
+
+def _logits(output: Any) -> Tensor:
+    return _output(output, "logits", "a model with an LM or classification head",
+                   "use the embedding metric for encoders without a head")
 
 
 def _upcast(x: Tensor) -> Tensor:
@@ -322,13 +327,7 @@ class EmbeddingCosine(TaskMetric):
 
 
 def _prediction(output: Any) -> Tensor:
-    sample = output if torch.is_tensor(output) else getattr(output, "sample", None)
-    if sample is None and isinstance(output, (tuple, list)):
-        sample = output[0]
-    if sample is None:
-        raise AnalysisError("the model returned no prediction", expected="a denoiser output (.sample)",
-                            got=type(output).__name__, fix="use the denoising loss with a diffusion denoiser")
-    return sample
+    return _output(output, "sample", "a denoiser output (.sample)", "use the denoising loss with a diffusion denoiser")
 
 
 class DenoisingLoss(TaskMetric):
