@@ -15,6 +15,7 @@ Example:
     ('associative_recall', 3, 2)
 """
 
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +39,10 @@ def check_suite_params(ref: SuiteRef) -> None:
             raise InputError("a suite file takes no generator parameters", expected="only path and label",
                              got=sorted(ref.params))
     elif ref.name in INPUT_SUITES:
-        unknown = sorted(set(ref.params) - set(INPUT_SUITE_PARAMS[ref.name]))
+        accepted = list(inspect.signature(INPUT_SUITES[ref.name]).parameters)[1:]  # after the model
+        unknown = sorted(set(ref.params) - set(accepted))
         if unknown:
-            raise InputError(f"bad parameters for suite {ref.name!r}", expected=INPUT_SUITE_PARAMS[ref.name],
+            raise InputError(f"bad parameters for suite {ref.name!r}", expected=accepted,
                              got=unknown, fix="see attnscope.datasets.image_suite / latent_suite")
     elif ref.name not in ("shapes", "default"):
         check_generator_params(ref)
@@ -77,8 +79,6 @@ def build_suite(ref: "SuiteRef | str", model: ModelAdapter | None = None, *, n_i
 
 
 INPUT_SUITES = {"images": image_suite, "latents": latent_suite}  # suites of model inputs that are not token ids
-INPUT_SUITE_PARAMS = {"images": ("n_items", "seed", "min_objects", "max_objects"),
-                      "latents": ("n_items", "seed", "grid", "n_text")}
 
 
 def default_input_suite(model: ModelAdapter) -> str | None:
